@@ -1,0 +1,97 @@
+"""Every training knob as one validated pydantic model: errors name the field before any compute starts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flow_pipeline.core.data import AUGMENTATIONS, DATASET_SIZES
+from flow_pipeline.core.flows import FLOWS
+from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
+
+DEFAULT_MODEL_SIZE = "small"
+DEFAULT_SEED = 42
+
+
+def _one_of(field: str, value: str, valid) -> str:
+    if value not in valid:
+        raise ValueError(f"{field}: unknown value {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+class TrainConfig(BaseModel):
+    """Resolved configuration of one training run (architecture, flow, data, optimisation, runtime)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # what is trained
+    arch: str = "mlp"
+    flow: str = "icfm"
+    model_size: str = DEFAULT_MODEL_SIZE
+    dim: int = Field(1024, gt=0)
+    sigma: float = Field(0.0, ge=0, description="icfm/otcfm path noise; 0 is rectified flow")
+    sigma_min: float = Field(1e-4, ge=0, lt=1, description="fm path minimum std")
+    # data
+    dataset: str = "full"
+    aug: str = "none"
+    noise_std: float = Field(0.1, ge=0)
+    mixup_max: float = Field(0.2, ge=0, le=1)
+    dropout_p: float = Field(0.1, ge=0, lt=1)
+    # optimisation
+    max_epochs: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(200, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    patience: int = Field(20, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    seed: int = Field(DEFAULT_SEED, ge=0)
+    # runtime
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    log_every: int = Field(10, ge=1)
+    save_every_steps: int = Field(0, ge=0, description="also write last.pt every N steps (0: once per epoch)")
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "TrainConfig":
+        _one_of("arch", self.arch, ARCHITECTURES)
+        _one_of("flow", self.flow, tuple(FLOWS))
+        _one_of("model_size", self.model_size, MODEL_SIZES)
+        _one_of("dataset", self.dataset, tuple(DATASET_SIZES))
+        _one_of("aug", self.aug, AUGMENTATIONS)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: unknown value {self.device!r}; valid: auto, cpu, cuda, cuda:N")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        """``{arch}-{flow}-{dataset}-{aug}``, plus model size and seed when they differ from the defaults,
+        so two runs never share a checkpoint directory."""
+        name = f"{self.arch}-{self.flow}-{self.dataset}-{self.aug}"
+        if self.model_size != DEFAULT_MODEL_SIZE:
+            name += f"-{self.model_size}"
+        if self.seed != DEFAULT_SEED:
+            name += f"-seed{self.seed}"
+        return name
+
+    def flow_params(self) -> dict[str, float]:
+        if self.flow in ("icfm", "otcfm"):
+            return {"sigma": self.sigma}
+        if self.flow == "fm":
+            return {"sigma_min": self.sigma_min}
+        return {}
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per bad field: ``field: message``."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        lines.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
+    return "invalid training config: " + "; ".join(lines)

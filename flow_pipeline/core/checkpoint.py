@@ -1,0 +1,108 @@
+"""Checkpoint files: atomic writes, sha256, safe loads with clear errors.
+
+``best.pt`` keeps the keys the research code's consumers read (:data:`REQUIRED_KEYS`) plus resume state;
+``last.pt`` beside it is the rolling resume point while a run is in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+BEST_NAME = "best.pt"
+LAST_NAME = "last.pt"
+TEMP_PREFIX = ".tmp-"
+
+REQUIRED_KEYS = (
+    "epoch",
+    "model_state_dict",
+    "ema_shadow",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "best_loss",
+    "config",
+    "normalization_stats",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not one of ours; the message names the file."""
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
+    """Write ``state`` to ``path`` atomically and return the file's sha256.
+
+    Temp file in the same directory -> flush -> fsync -> ``os.replace`` -> fsync the directory: a crash at any
+    point leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        digest = sha256_file(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return digest
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by writes that were killed midway; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = sorted(directory.glob(TEMP_PREFIX + "*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; raise :class:`CheckpointError` naming the file and the fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    # Arbitrary bytes make torch.load fail in open-ended ways (OSError on a cut zip, IndexError from the unpickler on
+    # text, ...): any failure to read an existing file is reported as a bad checkpoint naming the file.
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint is truncated, corrupt or not a safe torch file: {path} ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint holds a {type(state).__name__}, not a checkpoint dict: {path}")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"not a flow_pipeline checkpoint (missing keys {missing}): {path}")
+    version = state.get("format_version")
+    if version is not None and version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format {version} is newer than this code's {FORMAT_VERSION}: {path}")
+    return state

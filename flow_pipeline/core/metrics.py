@@ -1,0 +1,242 @@
+"""Sample-quality metrics between generated and real embeddings.
+
+All inputs are numpy arrays (n, dim), converted to float64. Distances are Euclidean, computed in row chunks with
+``torch.cdist`` so that memory stays at (chunk, m) whatever n is.
+
+The metrics are chosen so that no single degenerate generator can game them: Fréchet distance (relative to the floor
+of two real sets of the same size), precision/recall/density/coverage (Naeem et al. 2020), a memorization ratio, and
+norm / nearest-neighbour cosine diagnostics. There is deliberately no "distribution MSE" that mode collapse would
+win.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Rows of the left operand per distance chunk: a (chunk, m) float64 block, 1024 x 10k = 80 MB at most.
+_CHUNK = 1024
+
+
+def _as_float64(x: np.ndarray) -> np.ndarray:
+    """Validate a (n, dim) array and return it as float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"expected a non-empty (n, dim) array, got shape {x.shape}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------- Fréchet distance
+
+
+def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
+    """tr sqrt(S_a S_b) for S_a = a^T a (dim, dim), S_b = b^T b, with a (n_a, dim), b (n_b, dim).
+
+    Two exact routes, picked by a rough cost estimate (the Gram SVD is cheaper per flop than the covariance route's
+    two eigendecompositions and three dim^3 products, hence the factor 2). Neither forms a non-symmetric matrix
+    square root (as scipy.linalg.sqrtm would), so no imaginary parts arise to be discarded, and both stay exact when
+    the covariances are singular (n < dim):
+
+    * Gram route, O(n_a n_b min(n_a, n_b)): the non-zero eigenvalues of S_a S_b = a^T (a b^T) b equal those of
+      (a b^T)(a b^T)^T, so tr sqrt(S_a S_b) is the nuclear norm (sum of singular values) of a b^T (n_a, n_b).
+    * Covariance route, O(dim^3): with R = S_a^{1/2} (symmetric PSD, from eigh, negative round-off clipped),
+      S_a S_b = R (R S_b) has the eigenvalues of (R S_b) R = R S_b R, which is symmetric PSD (also when S_a is
+      singular); sum the square roots of its eigenvalues.
+    """
+    n_a, dim = a.shape
+    n_b = b.shape[0]
+    if n_a * n_b * min(n_a, n_b) <= 2 * dim**3:
+        return float(np.linalg.svd(a @ b.T, compute_uv=False).sum())
+    s_a, s_b = a.T @ a, b.T @ b
+    eigval, eigvec = np.linalg.eigh(s_a)
+    root_a = (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
+    middle = root_a @ s_b @ root_a
+    middle = 0.5 * (middle + middle.T)  # symmetrise away round-off before eigvalsh
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum())
+
+
+def _scaled_centred(x: np.ndarray) -> np.ndarray:
+    """(n, dim) -> (x - mean) / sqrt(n - 1), so that its Gram a^T a is the unbiased covariance (dim, dim)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("Fréchet distance needs at least 2 samples per set")
+    return (x - x.mean(axis=0)) / np.sqrt(n - 1)
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to x (n_x, dim) and y (n_y, dim).
+
+    FD = ||mu_x - mu_y||^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x S_y), with unbiased (ddof=1) covariances. Exact and
+    stable for singular covariances (n < dim); see :func:`_trace_sqrt_product`. Clipped at 0 against round-off.
+    Note: FD is biased upwards at small n (two finite real samples give FD > 0); compare against a floor at the
+    same n, as :func:`evaluate_samples` does.
+    """
+    x, y = _as_float64(x), _as_float64(y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
+    a, b = _scaled_centred(x), _scaled_centred(y)
+    mean_term = float(np.sum((x.mean(axis=0) - y.mean(axis=0)) ** 2))
+    trace_term = float(np.sum(a * a) + np.sum(b * b)) - 2.0 * _trace_sqrt_product(a, b)
+    return max(mean_term + trace_term, 0.0)
+
+
+# --------------------------------------------------------------------------------------------- distances
+
+
+def _torch(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+
+
+def _distance_chunks(a: np.ndarray, b: np.ndarray):
+    """Yield (row_slice, distances (chunk, n_b)) of Euclidean distances from row chunks of a (n_a, dim) to b."""
+    ta, tb = _torch(a), _torch(b)
+    for start in range(0, ta.shape[0], _CHUNK):
+        rows = slice(start, min(start + _CHUNK, ta.shape[0]))
+        yield rows, torch.cdist(ta[rows], tb)
+
+
+def kth_neighbour_distance(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row of x (n, dim) to its k-th nearest other row, excluding itself: (n,).
+
+    The self-distance is the smallest entry of each row, so this is the (k+1)-th smallest distance (as in the
+    reference PRDC code); exact duplicates of a row count as neighbours at distance 0.
+    """
+    if not 1 <= k < x.shape[0]:
+        raise ValueError(f"k must be in [1, n-1] = [1, {x.shape[0] - 1}], got {k}")
+    radii = np.empty(x.shape[0])
+    for rows, dist in _distance_chunks(x, x):
+        radii[rows] = torch.topk(dist, k + 1, dim=1, largest=False).values[:, -1].numpy()
+    return radii
+
+
+def nearest_distance(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Distance from each row of x (n, dim) to its nearest row of reference (m, dim): (n,)."""
+    out = np.empty(x.shape[0])
+    for rows, dist in _distance_chunks(x, reference):
+        out[rows] = dist.min(dim=1).values.numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- PRDC
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Precision, recall, density and coverage of fake (M, dim) against real (N, dim), Naeem et al. 2020.
+
+    With r_i the distance from real_i to its k-th nearest other real point, s_j the same for fake_j within fake,
+    and B(c, r) the open ball {x : ||x - c|| < r}:
+
+    * precision = (1/M) sum_j 1[exists i: fake_j in B(real_i, r_i)]
+    * recall    = (1/N) sum_i 1[exists j: real_i in B(fake_j, s_j)]
+    * density   = (1/(kM)) sum_j sum_i 1[fake_j in B(real_i, r_i)]   (can exceed 1)
+    * coverage  = (1/N) sum_i 1[exists j: fake_j in B(real_i, r_i)]
+    """
+    real, fake = _as_float64(real), _as_float64(fake)
+    real_radii = kth_neighbour_distance(real, k)
+    fake_radii = torch.from_numpy(kth_neighbour_distance(fake, k))
+    fake_in_some_real_ball = torch.zeros(fake.shape[0], dtype=torch.bool)
+    fake_ball_count = torch.zeros(fake.shape[0], dtype=torch.float64)
+    real_in_some_fake_ball = np.empty(real.shape[0], dtype=bool)
+    real_ball_has_fake = np.empty(real.shape[0], dtype=bool)
+    for rows, dist in _distance_chunks(real, fake):  # dist: (chunk of real, M)
+        inside_real_ball = dist < torch.from_numpy(real_radii[rows])[:, None]
+        fake_in_some_real_ball |= inside_real_ball.any(dim=0)
+        fake_ball_count += inside_real_ball.sum(dim=0)
+        real_ball_has_fake[rows] = inside_real_ball.any(dim=1).numpy()
+        real_in_some_fake_ball[rows] = (dist < fake_radii[None, :]).any(dim=1).numpy()
+    return {
+        "precision": float(fake_in_some_real_ball.double().mean()),
+        "recall": float(real_in_some_fake_ball.mean()),
+        "density": float(fake_ball_count.mean()) / k,
+        "coverage": float(real_ball_has_fake.mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------- memorization
+
+
+def memorization_ratio(
+    generated: np.ndarray, train: np.ndarray, test: np.ndarray, eps: float = 1e-12, seed: int = 0
+) -> float:
+    """Median over generated rows g of  d(g, train) / (d(g, test) + eps), d = distance to the nearest row.
+
+    generated (n, dim), train (n_train, dim), test (n_test, dim). The larger of train/test is first subsampled
+    (seeded, without replacement) to the size of the smaller, because nearest-neighbour distances shrink with the
+    reference set's size. Then samples from the data distribution that are not in train give about 1, and copies
+    of training points give about 0 (their train distance vanishes). ``eps`` only guards against division by zero.
+    """
+    generated, train, test = _as_float64(generated), _as_float64(train), _as_float64(test)
+    rng = np.random.default_rng(seed)
+    size = min(train.shape[0], test.shape[0])
+    train, test = subsample(train, size, rng), subsample(test, size, rng)
+    ratios = nearest_distance(generated, train) / (nearest_distance(generated, test) + eps)
+    return float(np.median(ratios))
+
+
+# --------------------------------------------------------------------------------------------- diagnostics
+
+
+def norm_stats(x: np.ndarray) -> dict[str, float]:
+    """Mean and (population) standard deviation of the L2 norms of the rows of x (n, dim)."""
+    norms = np.linalg.norm(_as_float64(x), axis=1)
+    return {"mean": float(norms.mean()), "std": float(norms.std())}
+
+
+def _unit_rows(x: np.ndarray) -> torch.Tensor:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return _torch(x / np.maximum(norms, 1e-12))  # zero rows stay zero (cosine 0) instead of NaN
+
+
+def nn_cosine(generated: np.ndarray, test: np.ndarray) -> float:
+    """Mean over generated rows (n, dim) of the largest cosine similarity to any test row (m, dim)."""
+    g, t = _unit_rows(_as_float64(generated)), _unit_rows(_as_float64(test))
+    best = torch.cat([(g[s : s + _CHUNK] @ t.T).max(dim=1).values for s in range(0, g.shape[0], _CHUNK)])
+    return float(best.mean())
+
+
+# --------------------------------------------------------------------------------------------- all together
+
+
+def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Return n rows of x (m, dim) drawn without replacement, or x itself when m <= n."""
+    if x.shape[0] <= n:
+        return x
+    return x[np.sort(rng.choice(x.shape[0], size=n, replace=False))]
+
+
+def evaluate_samples(
+    generated: np.ndarray, train: np.ndarray, test: np.ndarray, k: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """All metrics of generated (n, dim) against held-out test (and train, for the floor and memorization).
+
+    Every comparison uses the same n: test and train are subsampled (seeded by ``seed``, without replacement) to n
+    rows when they are larger, because FD and the k-NN metrics depend strongly on sample size. The real reference
+    for FD, PRDC, norms and nn_cosine is the test subsample, so memorizing train is not rewarded there.
+
+    Returns a flat dict:
+    fd: FD(generated, test_n); fd_floor: FD(train_n, test_n), what two real sets of this size score, since FD is far
+    from 0 when n ~ dim; fd_ratio = fd / fd_floor (about 1 is as good as real data); precision, recall, density,
+    coverage (:func:`prdc` with real = test_n); memorization_ratio (about 1 for fresh samples, near 0 for train
+    copies); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
+    generated to test_n; n = len(generated).
+    """
+    generated, train, test = _as_float64(generated), _as_float64(train), _as_float64(test)
+    n = generated.shape[0]
+    rng = np.random.default_rng(seed)
+    test_n, train_n = subsample(test, n, rng), subsample(train, n, rng)
+    fd = frechet_distance(generated, test_n)
+    fd_floor = frechet_distance(train_n, test_n)
+    gen_norms, real_norms = norm_stats(generated), norm_stats(test_n)
+    return {
+        "fd": fd,
+        "fd_floor": fd_floor,
+        "fd_ratio": fd / fd_floor if fd_floor > 0 else float("inf"),
+        **prdc(test_n, generated, k=k),
+        "memorization_ratio": memorization_ratio(generated, train_n, test_n, seed=seed),
+        "norm_mean": gen_norms["mean"],
+        "norm_std": gen_norms["std"],
+        "real_norm_mean": real_norms["mean"],
+        "real_norm_std": real_norms["std"],
+        "nn_cosine": nn_cosine(generated, test_n),
+        "n": n,
+    }

@@ -1,0 +1,51 @@
+"""Velocity-field architectures for flow matching on embedding vectors.
+
+Every model maps ``x_t`` (batch, dim) and ``t`` (batch,) in [0, 1] to a
+velocity ``v_t`` (batch, dim). Build one with :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import dit, mlp, unet
+
+ARCHITECTURES = ("mlp", "dit", "unet")
+MODEL_SIZES = ("tiny", "small", "base")
+
+# Parameter counts of every (architecture, size) preset at dim=1024, as stated
+# in each module's preset comments.
+PRESET_PARAM_COUNTS: dict[tuple[str, str], int] = {
+    (arch, size): count
+    for arch, module in (("mlp", mlp), ("dit", dit), ("unet", unet))
+    for size, count in module.PRESET_PARAM_COUNTS.items()
+}
+
+
+def build_model(arch: str, dim: int = 1024, size: str = "small") -> nn.Module:
+    """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; valid: {', '.join(MODEL_SIZES)}")
+    if dim < 1:
+        raise ValueError(f"dim must be positive; got {dim}")
+    if arch == "mlp":
+        return mlp.ResidualMLP(dim, mlp.MLP_PRESETS[size])
+    if arch == "dit":
+        return dit.DiT(dim, dit.DIT_PRESETS[size])
+    return unet.MLPUNet(dim, unet.UNET_PRESETS[size])
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (those with requires_grad)."""
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "MODEL_SIZES",
+    "PRESET_PARAM_COUNTS",
+    "build_model",
+    "count_parameters",
+]

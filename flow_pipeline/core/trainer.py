@@ -1,0 +1,354 @@
+"""The training loop: flow-matching regression with EMA, warmup-cosine LR, early stopping and resumable checkpoints.
+
+``train(config, data, run_dir, tracker)`` never opens Wandb, reads environment variables or picks paths: side
+effects come in as arguments and results go out as a :class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flow_pipeline.config import TrainConfig
+from flow_pipeline.core import checkpoint as ckpt
+from flow_pipeline.core.data import DATASET_SIZES, EpochBatchSampler, Normalizer, augment
+from flow_pipeline.core.distributed import DistInfo
+from flow_pipeline.core.early_stopping import EarlyStopping
+from flow_pipeline.core.ema import EMA
+from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.models import build_model, count_parameters
+from flow_pipeline.core.schedule import warmup_cosine_schedule
+from flow_pipeline.core.tracking import NullTracker, Tracker
+
+logger = logging.getLogger(__name__)
+
+# Seeds of the dedicated generators derive from the run seed with fixed offsets so the streams never coincide.
+_NOISE_SEED_OFFSET = 1
+_VAL_SEED_OFFSET = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became non-finite; the last good checkpoint on disk is untouched."""
+
+
+@dataclass
+class TrainData:
+    """Raw (un-normalised) embeddings: train (n_train, dim), val (n_val, dim); normalisation stats (dim,)."""
+
+    train: Tensor
+    val: Tensor
+    normalizer: Normalizer
+
+
+@dataclass
+class TrainResult:
+    best_loss: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    global_step: int
+    checkpoint_path: Path
+    sha256: str
+    size_bytes: int
+    train_seconds: float
+    device: str
+    num_params: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU (with a warning); ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        logger.warning("device=auto: no CUDA device visible, training on the CPU")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def select_training_rows(train: Tensor, dataset: str) -> Tensor:
+    """The first N training rows for ``dataset`` (``1k``, ``5k``, ``10k``; ``full`` keeps all)."""
+    n = DATASET_SIZES[dataset]
+    if n is None:
+        return train
+    if train.shape[0] < n:
+        raise ValueError(f"dataset={dataset!r} needs {n} training rows, the train split has {train.shape[0]}")
+    return train[:n]
+
+
+def flow_matching_loss(model: nn.Module, flow: Flow, x_0: Tensor, x_1: Tensor, t: Tensor,
+                       generator: torch.Generator | None, autocast: contextlib.AbstractContextManager) -> Tensor:
+    """MSE between the model's prediction at x_t and the flow's regression target (scalar tensor)."""
+    path = flow.sample(x_0, x_1, t, generator=generator)
+    with autocast:
+        prediction = model(path.x_t, path.t)
+    return F.mse_loss(prediction.float(), path.target)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, flow: Flow, val: Tensor, batch_size: int, seed: int,
+             autocast: contextlib.AbstractContextManager, dist: DistInfo) -> float:
+    """Mean flow-matching loss on ``val`` (normalised, (n_val, dim)) with x_0, t drawn from a generator seeded
+    with ``seed``: the same weights always give the same value. Rows are split across ranks and summed."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=val.device).manual_seed(seed)
+    total = torch.zeros((), device=val.device, dtype=torch.float64)
+    for start in range(0, val.shape[0], batch_size):
+        x_1 = val[start : start + batch_size]
+        # Every rank draws the full noise stream so that the value does not depend on the world size.
+        x_0 = torch.randn(x_1.shape, generator=generator, device=val.device)
+        t = torch.rand(x_1.shape[0], generator=generator, device=val.device)
+        mine = slice(dist.rank, None, dist.world_size)
+        if x_1[mine].shape[0] == 0:
+            continue
+        loss = flow_matching_loss(model, flow, x_0[mine], x_1[mine], t[mine], generator, autocast)
+        total += loss.double() * x_1[mine].shape[0]
+    total = dist.all_reduce_sum(total)
+    model.train(was_training)
+    return float(total) / val.shape[0]
+
+
+def _rng_state(noise_generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "noise": noise_generator.get_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def _set_rng_state(state: dict, noise_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    noise_generator.set_state(state["noise"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# Config fields that must match for a resume to continue the same trajectory.
+_RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug")
+
+
+def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    wrong = [f"{key}: checkpoint {saved.get(key)!r} vs run {getattr(config, key)!r}"
+             for key in _RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
+    if wrong:
+        raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(wrong)})")
+
+
+def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tracker | None = None,
+          dist: DistInfo | None = None) -> TrainResult:
+    """Train one model; ``best.pt`` (and, while running, ``last.pt``) are written to ``run_dir``.
+
+    With ``config.resume`` the run continues from ``last.pt`` (or ``best.pt`` if there is no ``last.pt``) with every
+    piece of state restored, so an interrupted run ends bit-identical to an uninterrupted one on the CPU.
+    Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm.
+    """
+    tracker = tracker or NullTracker()
+    dist = dist or DistInfo()
+    run_dir = Path(run_dir)
+    best_path, last_path = run_dir / ckpt.BEST_NAME, run_dir / ckpt.LAST_NAME
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.remove_stale_temp_files(run_dir):
+            logger.warning("removed temp file of an interrupted checkpoint write: %s", stale)
+    device = dist.device if dist.device is not None else resolve_device(config.device)
+
+    # --- data: normalised once, resident on the device; batches are index selections ---------------------------
+    if data.normalizer.dim != config.dim or data.train.shape[1] != config.dim:
+        raise ValueError(f"dim: config says {config.dim}, data has {data.train.shape[1]} columns")
+    train_rows = select_training_rows(data.train, config.dataset)
+    train_z = data.normalizer.normalize(torch.as_tensor(train_rows, dtype=torch.float32)).to(device)
+    val_z = data.normalizer.normalize(torch.as_tensor(data.val, dtype=torch.float32)).to(device)
+    batch_size = min(config.batch_size, train_z.shape[0] - train_z.shape[0] % dist.world_size)
+    if batch_size != config.batch_size:
+        logger.warning("batch_size %d > %d training rows: using %d", config.batch_size, train_z.shape[0], batch_size)
+    sampler = EpochBatchSampler(train_z.shape[0], batch_size, config.seed, dist.rank, dist.world_size)
+
+    # --- model, EMA, optimiser, schedule -----------------------------------------------------------------------
+    torch.manual_seed(config.seed)  # model init is the only user of the global RNG
+    model = build_model(config.arch, dim=config.dim, size=config.model_size).to(device)
+    ema = EMA(model, decay=config.ema_decay)  # after .to(device): the shadow lives where the weights live
+    ema_model = build_model(config.arch, dim=config.dim, size=config.model_size).to(device).eval()
+    train_model = dist.wrap(model)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    # Fused AdamW runs one kernel per parameter group instead of a Python loop (CPU and CUDA in torch >= 2.4).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    total_steps = config.max_epochs * sampler.steps_per_epoch
+    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    stopper = EarlyStopping(patience=config.patience, min_delta=config.min_delta)
+    flow = get_flow(config.flow, **config.flow_params())
+    noise_generator = torch.Generator(device=device).manual_seed(config.seed + _NOISE_SEED_OFFSET)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    epoch, global_step, best_epoch, train_seconds, history = 0, 0, 0, 0.0, []
+    stopped_early = False
+    # Running sum of the current epoch's losses, part of the state so a mid-epoch resume reports the same mean.
+    loss_sum = torch.zeros((), device=device)
+    steps_this_epoch = 0
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    if config.resume:
+        source = last_path if last_path.exists() else best_path if best_path.exists() else None
+        if source is None:
+            logger.warning("resume requested but %s has no last.pt or best.pt: starting from scratch", run_dir)
+        else:
+            state = ckpt.load_checkpoint(source, map_location=device)
+            _check_resumable(state["config"], config, source)
+            model.load_state_dict(state["model_state_dict"])
+            ema.load_state_dict(state["ema_state"])
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+            scheduler.load_state_dict(state["scheduler_state_dict"])
+            stopper.load_state_dict(state["early_stopping"])
+            sampler.load_state_dict(state["sampler"])
+            _set_rng_state(state["rng"], noise_generator)
+            epoch, global_step = state["epoch"], state["global_step"]
+            best_epoch, train_seconds = state["best_epoch"], state["train_seconds"]
+            history = list(state["history"])
+            loss_sum = state["epoch_loss_sum"].to(device)
+            steps_this_epoch = state["epoch_steps"]
+            stopped_early = stopper.should_stop
+            logger.info("resumed from %s at epoch %d, step %d (best %.4f)", source, epoch, global_step, stopper.best_loss)
+
+    def checkpoint_state() -> dict:
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "epoch": epoch,
+            "global_step": global_step,
+            "model_state_dict": model.state_dict(),
+            "ema_shadow": ema.shadow_dict(),
+            "ema_state": ema.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(),
+            "best_loss": stopper.best_loss,
+            "best_epoch": best_epoch,
+            "config": config.model_dump(),
+            "normalization_stats": data.normalizer.state_dict(),
+            "early_stopping": stopper.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": _rng_state(noise_generator),
+            "history": history,
+            "epoch_loss_sum": loss_sum.detach().cpu(),
+            "epoch_steps": steps_this_epoch,
+            "train_seconds": train_seconds,
+            "num_params": count_parameters(model),
+        }
+
+    def save(path: Path) -> str | None:
+        return ckpt.save_checkpoint(checkpoint_state(), path) if dist.is_main else None
+
+    def diverged(what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"{what} at step {global_step} (epoch {epoch + 1}) of run {config.run_name}; "
+                                f"the last good checkpoint {best_path} was left untouched")
+
+    # On the CPU a host read is free, so every step is checked; on CUDA only at logging intervals (a sync point).
+    check_every_step = device.type == "cpu"
+    started = time.perf_counter()
+    segment_start_seconds = train_seconds
+
+    # --- training loop -----------------------------------------------------------------------------------------
+    while epoch < config.max_epochs and not stopped_early:
+        epoch_start = time.perf_counter()
+        train_model.train()
+        for rows in sampler.epoch_batches(device):
+            x_1 = augment(train_z[rows], config.aug, noise_generator, config.noise_std, config.mixup_max, config.dropout_p)
+            x_0 = torch.randn(x_1.shape, generator=noise_generator, device=device)
+            t = torch.rand(x_1.shape[0], generator=noise_generator, device=device)
+            loss = flow_matching_loss(train_model, flow, x_0, x_1, t, noise_generator, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if check_every_step and not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                raise diverged(f"non-finite loss {loss.item()} / grad norm {grad_norm.item()}")
+            optimizer.step()
+            scheduler.step()
+            ema.update(model)
+            global_step += 1
+            steps_this_epoch += 1
+            loss_sum += loss.detach()
+            if global_step % config.log_every == 0:
+                loss_value, norm_value = loss.item(), grad_norm.item()  # host sync only at logging intervals
+                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                    raise diverged(f"non-finite loss {loss_value} / grad norm {norm_value}")
+                if dist.is_main:
+                    tracker.log({"train/loss": loss_value, "train/grad_norm": norm_value,
+                                 "train/lr": scheduler.get_last_lr()[0], "epoch": epoch + 1}, step=global_step)
+            if config.save_every_steps and global_step % config.save_every_steps == 0:
+                train_seconds = segment_start_seconds + time.perf_counter() - started
+                save(last_path)
+
+        # --- end of epoch: validate raw and EMA weights, select on EMA ------------------------------------------
+        epoch += 1
+        train_loss = float(dist.all_reduce_mean(loss_sum / max(1, steps_this_epoch)))
+        if not math.isfinite(train_loss):
+            raise diverged(f"non-finite mean training loss {train_loss}")
+        loss_sum = torch.zeros((), device=device)
+        steps_this_epoch = 0
+        val_seed = config.seed + _VAL_SEED_OFFSET
+        val_loss = validate(model, flow, val_z, batch_size, val_seed, autocast, dist)
+        ema.copy_to(ema_model)
+        ema_val_loss = validate(ema_model, flow, val_z, batch_size, val_seed, autocast, dist)
+        if not math.isfinite(ema_val_loss):
+            raise diverged(f"non-finite EMA validation loss {ema_val_loss}")
+        improved = stopper.update(ema_val_loss, counting=global_step >= config.warmup_steps)
+        train_seconds = segment_start_seconds + time.perf_counter() - started
+        lr = scheduler.get_last_lr()[0]
+        history.append({"epoch": epoch, "step": global_step, "train_loss": train_loss, "val_loss": val_loss,
+                        "ema_val_loss": ema_val_loss, "lr": lr, "seconds": train_seconds})
+        if improved:
+            best_epoch = epoch
+            save(best_path)  # before the patience check: the best weights are on disk before we may stop
+        stopped_early = stopper.should_stop
+        save(last_path)
+        if dist.is_main:
+            tracker.log({"val/loss": val_loss, "val/ema_loss": ema_val_loss, "val/best_loss": stopper.best_loss,
+                         "epoch": epoch}, step=global_step)
+        epoch_seconds = time.perf_counter() - epoch_start
+        eta = epoch_seconds * (config.max_epochs - epoch)
+        logger.info("epoch %d/%d train_loss=%.4f val_loss=%.4f ema_val_loss=%.4f%s lr=%.2e epoch_s=%.1f elapsed_s=%.1f eta_s=%.0f",
+                    epoch, config.max_epochs, train_loss, val_loss, ema_val_loss, " *best*" if improved else "",
+                    lr, epoch_seconds, train_seconds, 0 if stopped_early else eta)
+        if stopped_early:
+            logger.info("early stopping at epoch %d: no EMA val improvement for %d epochs", epoch, stopper.bad_epochs)
+
+    # --- finish: best-only on disk ----------------------------------------------------------------------------
+    dist.barrier()
+    if not best_path.exists():
+        raise RuntimeError(f"run {config.run_name} finished without writing {best_path}")
+    if dist.is_main:
+        last_path.unlink(missing_ok=True)
+    return TrainResult(
+        best_loss=stopper.best_loss,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        stopped_early=stopped_early,
+        global_step=global_step,
+        checkpoint_path=best_path,
+        sha256=ckpt.sha256_file(best_path),
+        size_bytes=best_path.stat().st_size,
+        train_seconds=train_seconds,
+        device=str(device),
+        num_params=count_parameters(model),
+        history=history,
+    )

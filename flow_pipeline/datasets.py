@@ -1,0 +1,43 @@
+"""Turn the ``dataset_splits`` config into a validated split set (pure: no Dagster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flow_pipeline.core.sources import (
+    DataError,
+    Splits,
+    load_embeddings,
+    load_split_dir,
+    split_array,
+    synthetic_sonar_like,
+    validate_embeddings,
+)
+
+SYNTHETIC = "synthetic"
+# A split with fewer rows than this cannot train, validate or be evaluated meaningfully.
+MIN_SPLIT_ROWS = 2
+
+
+def build_splits(source: str, dim: int, n_synthetic: int, seed: int, fractions: tuple[float, float, float]) -> Splits:
+    """Splits from ``source``: ``synthetic``, an embeddings file (``.npy``/``.pt``), or a directory of split files.
+
+    Every split is validated (dimension, finite values, at least :data:`MIN_SPLIT_ROWS` rows) before anything is
+    written, so bad input never replaces an existing split set.
+    """
+    if source == SYNTHETIC:
+        embeddings = synthetic_sonar_like(n_synthetic, dim=dim, seed=seed)
+        splits = split_array(embeddings, fractions, seed, source=f"synthetic SONAR-like (n={n_synthetic}, seed={seed})")
+    else:
+        path = Path(source).expanduser().resolve()
+        if path.is_dir():
+            splits = load_split_dir(path)
+        elif path.exists():
+            embeddings = load_embeddings(path)
+            validate_embeddings(embeddings, dim, str(path), min_rows=3 * MIN_SPLIT_ROWS)
+            splits = split_array(embeddings, fractions, seed, source=str(path))
+        else:
+            raise DataError(f"{path}: source not found (expected 'synthetic', an .npy/.pt file or a split directory)")
+    for name, array in splits.arrays().items():
+        validate_embeddings(array, dim, f"{splits.source} [{name} split]", min_rows=MIN_SPLIT_ROWS)
+    return splits

@@ -1,0 +1,168 @@
+"""The pipeline's assets: thin wrappers that validate config, call the pure code and report metadata."""
+
+
+import json
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+from pydantic import Field, ValidationError
+
+from flow_pipeline.ablations import PARTITION_KEYS, ablation_for
+from flow_pipeline.artifacts import save_normalization_stats
+from flow_pipeline.config import TrainConfig, format_validation_error
+from flow_pipeline.core.sources import DataError, load_saved_splits, save_splits, validate_embeddings
+from flow_pipeline.core.stats import floor_std, streaming_mean_std
+from flow_pipeline.datasets import SYNTHETIC, build_splits
+from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
+from flow_pipeline.defs.tracking import WandbResource
+from flow_pipeline.train import FAILURE_NAME, TrainJob
+
+ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
+OWNERS = ["team:flow-matching"]
+
+
+class DatasetConfig(dg.Config):
+    source: str = Field(
+        default=SYNTHETIC,
+        description="'synthetic' (built-in SONAR-like generator), an N x D .npy/.pt file, or a directory with "
+        "train.pt/val.pt/test.pt split files (used as given)",
+    )
+    dim: int = Field(default=1024, description="embedding dimension every split must have")
+    n_synthetic: int = Field(default=12_000, description="rows drawn by the synthetic generator")
+    seed: int = Field(default=0, description="seed of the generator and of the split permutation")
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dg.asset(group_name="data", owners=OWNERS, kinds={"numpy"})
+def dataset_splits(context: dg.AssetExecutionContext, config: DatasetConfig, artifacts: ArtifactsResource) -> dg.MaterializeResult:
+    """Seeded train/val/test split of the embeddings source, saved as memory-mappable .npy files with row indices."""
+    fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
+    try:
+        splits = build_splits(config.source, config.dim, config.n_synthetic, config.seed, fractions)
+    except (DataError, ValueError) as exc:
+        raise dg.Failure(description=f"dataset_splits: {exc}") from exc
+    splits_dir = artifacts.layout.splits_dir
+    save_splits(splits, splits_dir)
+    counts = {name: int(array.shape[0]) for name, array in splits.arrays().items()}
+    return dg.MaterializeResult(metadata={
+        "source": splits.source,
+        "dim": splits.dim,
+        **{f"n_{name}": count for name, count in counts.items()},
+        "splits_dir": dg.MetadataValue.path(str(splits_dir)),
+    })
+
+
+@dg.asset(deps=[dataset_splits], group_name="data", owners=OWNERS, kinds={"numpy"})
+def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
+    """Per-dimension mean/std of the train split only (streamed in chunks; std floored for near-constant dims)."""
+    layout = artifacts.layout
+    try:
+        train = load_saved_splits(layout.splits_dir).train
+        validate_embeddings(train, train.shape[1], f"{layout.splits_dir / 'train.npy'}", min_rows=2)
+    except DataError as exc:
+        raise dg.Failure(description=f"normalization_stats: {exc}") from exc
+    mean, std, n = streaming_mean_std(train)
+    floored = floor_std(std)
+    save_normalization_stats(layout.stats_path, mean, floored, n)
+    return dg.MaterializeResult(metadata={
+        "dim": int(mean.shape[0]),
+        "n": int(n),
+        "min_std": float(std.min()),
+        "median_std": float(np.median(std)),
+        "min_std_after_floor": float(floored.min()),
+        "n_floored_dims": int((floored > std).sum()),
+        "stats_path": dg.MetadataValue.path(str(layout.stats_path)),
+    })
+
+
+class TrainRunConfig(dg.Config):
+    """Run-level switches of one training run; validated by :class:`TrainConfig` before any compute."""
+
+    max_epochs: int = TrainConfig.model_fields["max_epochs"].default
+    batch_size: int = TrainConfig.model_fields["batch_size"].default
+    lr: float = TrainConfig.model_fields["lr"].default
+    weight_decay: float = TrainConfig.model_fields["weight_decay"].default
+    warmup_steps: int = TrainConfig.model_fields["warmup_steps"].default
+    patience: int = TrainConfig.model_fields["patience"].default
+    min_delta: float = TrainConfig.model_fields["min_delta"].default
+    ema_decay: float = TrainConfig.model_fields["ema_decay"].default
+    grad_clip: float = TrainConfig.model_fields["grad_clip"].default
+    seed: int = TrainConfig.model_fields["seed"].default
+    dataset: str = Field(default="full", description="training subset: 1k, 5k, 10k or full (first N train rows)")
+    aug: str = Field(default="none", description="data augmentation: none, noise, mixup, dropout, mixup+noise")
+    model_size: str = Field(default="small", description="tiny (tests), small (CPU), base (GPU)")
+    resume: bool = Field(default=False, description="continue from the run's last.pt (or best.pt)")
+    device: str = Field(default="auto", description="auto (the compute resource decides), cpu, cuda")
+    precision: str = TrainConfig.model_fields["precision"].default
+    compile: bool = TrainConfig.model_fields["compile"].default
+    log_every: int = TrainConfig.model_fields["log_every"].default
+    save_every_steps: int = TrainConfig.model_fields["save_every_steps"].default
+
+    def to_train_config(self, partition_key: str, dim: int, device: str) -> TrainConfig:
+        ablation = ablation_for(partition_key)
+        values = self.model_dump()
+        values["device"] = device if values["device"] == "auto" else values["device"]
+        return TrainConfig(arch=ablation.arch, flow=ablation.flow, dim=dim, **values)
+
+
+def _read_failure(run_dir: Path) -> str:
+    path = run_dir / FAILURE_NAME
+    if not path.exists():
+        return "the training process exited with an error (see the run's logs)"
+    failure = json.loads(path.read_text())
+    return f"{failure['error']}: {failure['message']}"
+
+
+@dg.asset(
+    partitions_def=ablation_partitions,
+    deps=[normalization_stats],
+    pool="gpu",
+    group_name="training",
+    owners=OWNERS,
+    kinds={"pytorch", "wandb"},
+)
+def trained_checkpoint(
+    context: dg.AssetExecutionContext,
+    config: TrainRunConfig,
+    artifacts: ArtifactsResource,
+    compute: ComputeResource,
+    wandb: WandbResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """Flow-matching model of one ablation partition ({arch}-{flow}), trained in its own process via Dagster Pipes;
+    best.pt (EMA selected on validation loss) with its sha256, training metadata and the tracking link."""
+    layout = artifacts.layout
+    partition = context.partition_key
+    try:
+        dim = int(np.load(layout.stats_path)["mean"].shape[0]) if layout.stats_path.exists() else 0
+        if not dim:
+            raise dg.Failure(f"normalization stats not found at {layout.stats_path}: materialize normalization_stats first")
+        train_config = config.to_train_config(partition, dim, compute.resolve_device(context.log))
+    except ValidationError as exc:
+        raise dg.Failure(description=f"partition {partition}: {format_validation_error(exc)}") from exc
+    except ValueError as exc:
+        raise dg.Failure(description=f"partition {partition}: {exc}") from exc
+
+    run_dir = layout.run_dir(train_config.run_name)
+    job = TrainJob(
+        config=train_config.model_dump(),
+        splits_dir=str(layout.splits_dir),
+        stats_path=str(layout.stats_path),
+        run_dir=str(run_dir),
+        partition_key=partition,
+        tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),
+    )
+    job_path = job.save()
+    context.log.info(f"training {train_config.run_name} on {train_config.device} in {run_dir}")
+    try:
+        invocation = pipes_subprocess_client.run(
+            context=context,
+            command=[sys.executable, "-m", "flow_pipeline.train", "--job", str(job_path)],
+            env={**compute.environment(), **wandb.environment()},
+        )
+    except Exception as exc:  # the process failed: report its own error, not Pipes' exit-code message
+        raise dg.Failure(description=f"partition {partition} ({train_config.run_name}): {_read_failure(run_dir)}") from exc
+    return invocation.get_materialize_result()

@@ -1,0 +1,57 @@
+"""Resources: where files go, which device trains, how runs are tracked. Swapped per environment, not in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import torch
+
+from flow_pipeline.artifacts import ArtifactLayout
+
+ROOT_ENV_VAR = "FLOW_PIPELINE_ROOT"
+DEFAULT_ROOT = "artifacts"
+
+
+class ArtifactsResource(dg.ConfigurableResource):
+    """Root directory of every file the pipeline writes (splits, stats, checkpoints, Wandb, reports).
+
+    Point it at a shared volume or a mounted bucket to share checkpoints between machines.
+    """
+
+    root: str = DEFAULT_ROOT
+
+    @property
+    def layout(self) -> ArtifactLayout:
+        return ArtifactLayout(Path(self.root).expanduser().resolve())
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Which device the training processes of a run use.
+
+    device: ``auto`` (CUDA when present, else CPU with a warning), ``cpu`` or ``cuda``.
+    visible_devices: passed to the training process as ``CUDA_VISIBLE_DEVICES`` (e.g. ``"0"`` or ``"2,3"``);
+    empty keeps the inherited value. The ``gpu`` pool limit should equal the number of GPUs shared this way.
+    """
+
+    device: str = "auto"
+    visible_devices: str = ""
+
+    def resolve_device(self, log) -> str:
+        if self.device == "auto":
+            if torch.cuda.is_available():
+                return "cuda"
+            log.warning("compute.device=auto and no CUDA device is visible: training on the CPU")
+            return "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise dg.Failure(f"compute.device: unknown value {self.device!r}; valid: auto, cpu, cuda")
+        return self.device
+
+    def environment(self) -> dict[str, str]:
+        """Environment overrides for the training process."""
+        return {"CUDA_VISIBLE_DEVICES": self.visible_devices} if self.visible_devices else {}
+
+
+def default_root() -> str:
+    return os.environ.get(ROOT_ENV_VAR, DEFAULT_ROOT)

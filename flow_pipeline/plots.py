@@ -1,0 +1,46 @@
+"""Figures and small Markdown renderings of training curves (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from flow_pipeline.artifacts import write_atomic  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path:
+    """Train / val / EMA-val loss per epoch of one run, with the zero predictor's 2.0 for reference."""
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
+        ax.plot(epochs, [row[key] for row in history], marker=".", label=label)
+    ax.axhline(2.0, color="grey", linestyle=":", label="zero predictor")
+    ax.set(xlabel="epoch", ylabel="flow-matching loss", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def loss_curve_markdown(history: list[dict], max_rows: int = 25) -> str:
+    """The loss curve as a Markdown table (evenly thinned to ``max_rows`` rows, last epoch always kept)."""
+    stride = max(1, -(-len(history) // max_rows))
+    rows = history[::stride]
+    if history and rows[-1] is not history[-1]:
+        rows.append(history[-1])
+    lines = ["| epoch | train loss | val loss | EMA val loss | lr |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['ema_val_loss']:.4f} | {r['lr']:.2e} |"
+              for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""The training process: ``python -m flow_pipeline.train --job <run_dir>/job.json``.
+
+Dagster launches it through Pipes (one process per run, so a crash or kill cannot take the run worker down and GPU
+memory is freed at exit); it also runs by hand, and under ``torchrun --nproc_per_node=N`` where every rank reads
+the same job file and rank 0 alone reports to Dagster, writes checkpoints and logs to Wandb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from flow_pipeline.artifacts import load_normalizer, write_json
+from flow_pipeline.config import TrainConfig
+from flow_pipeline.core.checkpoint import load_checkpoint
+from flow_pipeline.core.distributed import DistInfo
+from flow_pipeline.core.sources import load_saved_splits
+from flow_pipeline.core.tracking import NullTracker
+from flow_pipeline.core.trainer import TrainData, TrainResult, train
+from flow_pipeline.plots import loss_curve_markdown, plot_loss_curve
+
+JOB_NAME = "job.json"
+RESULT_NAME = "result.json"
+FAILURE_NAME = "failure.json"
+LOSS_CURVE_NAME = "loss_curve.png"
+
+logger = logging.getLogger("flow_pipeline")
+
+
+@dataclass
+class TrainJob:
+    """Everything one training process needs, written by the orchestrator as ``job.json`` in the run directory."""
+
+    config: dict
+    splits_dir: str
+    stats_path: str
+    run_dir: str
+    partition_key: str | None = None
+    tracking: dict = field(default_factory=lambda: {"mode": "disabled"})
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / JOB_NAME
+        write_json(path, asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def init_distributed(device: str) -> DistInfo:
+    """A ``DistInfo`` for this process: single-process unless started by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device != "cpu" and torch.cuda.is_available():
+        local_device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(local_device)
+    else:
+        local_device, backend = torch.device("cpu"), "gloo"
+    torch_dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, device=local_device)
+
+
+def load_train_data(job: TrainJob) -> TrainData:
+    splits = load_saved_splits(job.splits_dir)
+    return TrainData(
+        train=torch.from_numpy(splits.train[:].copy()),
+        val=torch.from_numpy(splits.val[:].copy()),
+        normalizer=load_normalizer(Path(job.stats_path)),
+    )
+
+
+def open_tracker(job: TrainJob, config: TrainConfig, dist: DistInfo):
+    """(tracker, tracking metadata). Only rank 0 tracks; Wandb is imported only when tracking is on."""
+    if not dist.is_main or job.tracking.get("mode", "disabled") == "disabled":
+        return NullTracker(), {"tracking": "disabled"}
+    from flow_pipeline.tracking_wandb import open_wandb_tracker
+
+    return open_wandb_tracker(job.tracking, config, job.partition_key)
+
+
+def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dict, loss_curve: Path) -> dict:
+    """Materialization metadata in Dagster Pipes' typed form."""
+
+    def typed(value, kind):
+        return {"raw_value": value, "type": kind}
+
+    metadata = {
+        "checkpoint_path": typed(str(result.checkpoint_path), "path"),
+        "sha256": typed(result.sha256, "text"),
+        "size_bytes": typed(result.size_bytes, "int"),
+        "best_val_loss": typed(result.best_loss, "float"),
+        "best_epoch": typed(result.best_epoch, "int"),
+        "epochs_run": typed(result.epochs_run, "int"),
+        "stopped_early": typed(result.stopped_early, "bool"),
+        "global_step": typed(result.global_step, "int"),
+        "train_seconds": typed(round(result.train_seconds, 2), "float"),
+        "device": typed(result.device, "text"),
+        "num_params": typed(result.num_params, "int"),
+        "run_name": typed(config.run_name, "text"),
+        "config": typed(config.model_dump(), "json"),
+        "loss_curve_png": typed(str(loss_curve), "path"),
+        "loss_curve": typed(loss_curve_markdown(result.history), "md"),
+    }
+    for key, value in tracking_info.items():
+        kind = "url" if key == "wandb_url" else "text"
+        metadata[key] = typed(str(value), kind)
+    return metadata
+
+
+class _ForwardToPipes(logging.Handler):
+    """Streams the trainer's log lines (one per epoch) into the Dagster run's log."""
+
+    def __init__(self, pipes):
+        super().__init__(logging.INFO)
+        self.pipes = pipes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno >= logging.WARNING else "info"
+        getattr(self.pipes.log, level)(self.format(record))
+
+
+def run_job(job: TrainJob, pipes=None) -> TrainResult:
+    """Train, write ``result.json`` (or ``failure.json``) and, under Pipes, report the materialization."""
+    config = TrainConfig(**job.config)
+    dist = init_distributed(config.device)
+    run_dir = Path(job.run_dir)
+    tracker, tracking_info = open_tracker(job, config, dist)
+    failed = True
+    try:
+        result = train(config, load_train_data(job), run_dir, tracker, dist)
+        failed = False
+    except BaseException as exc:
+        if dist.is_main:
+            write_json(run_dir / FAILURE_NAME, {"error": type(exc).__name__, "message": str(exc),
+                                                "partition": job.partition_key, "run_name": config.run_name})
+        raise
+    finally:
+        tracker.finish(failed=failed)
+        if dist.active:
+            torch_dist.destroy_process_group()
+    if dist.is_main:
+        load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
+        loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name)
+        metadata = result_metadata(result, config, tracking_info, loss_curve)
+        write_json(run_dir / RESULT_NAME, {key: value["raw_value"] for key, value in metadata.items()})
+        (run_dir / FAILURE_NAME).unlink(missing_ok=True)
+        if pipes is not None:
+            pipes.report_asset_materialization(metadata=metadata)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flow_pipeline.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", required=True, help="path of the job.json written by the orchestrator")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    job = TrainJob.load(args.job)
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if is_rank0 and PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        with open_dagster_pipes() as pipes:
+            handler = _ForwardToPipes(pipes)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            try:
+                run_job(job, pipes)
+            finally:
+                logger.removeHandler(handler)
+    else:
+        try:
+            run_job(job)
+        except Exception:
+            traceback.print_exc()
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny configs that train in seconds, temp artifact roots and Dagster instances."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "sonar_embeddings_real.npy"
+
+# Small enough to train in seconds on two CPU cores, large enough to learn something.
+TINY_DATASET = {"n_synthetic": 640, "dim": 1024, "seed": 0}
+TINY_TRAIN = {"model_size": "tiny", "max_epochs": 2, "batch_size": 64, "warmup_steps": 4, "log_every": 2,
+              "device": "cpu", "lr": 0.002}
+
+
+def run_config(dataset: dict | None = None, train: dict | None = None) -> dict:
+    """Dagster run config for the pipeline assets (only the ops given)."""
+    ops = {}
+    if dataset is not None:
+        ops["dataset_splits"] = {"config": dataset}
+    if train is not None:
+        ops["trained_checkpoint"] = {"config": train}
+    return {"ops": ops}
+
+
+@pytest.fixture
+def artifacts_root(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("FLOW_PIPELINE_ROOT", str(root))
+    return root
+
+
+@pytest.fixture
+def dagster_home(tmp_path, monkeypatch) -> Path:
+    """A persistent sqlite instance in a temp DAGSTER_HOME, with the project's dagster.yaml and gpu pool limit 1."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO_ROOT / "dagster_home" / "dagster.yaml").read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    subprocess.run([dagster_cli(), "instance", "concurrency", "set", "gpu", "1"], check=True, cwd=REPO_ROOT,
+                   capture_output=True)
+    return home
+
+
+def dagster_cli() -> str:
+    return str(Path(sys.executable).parent / "dagster")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env.pop("WANDB_API_KEY", None)
+    return env

@@ -1,0 +1,280 @@
+"""Checkpoint files: round trip, sha256, atomic replacement (also under SIGKILL), clear errors for bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flow_pipeline.core import checkpoint as ckpt
+from flow_pipeline.core.checkpoint import (
+    REQUIRED_KEYS,
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+    sha256_file,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hashlib_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _state(seed: int, n: int = 1000) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "format_version": ckpt.FORMAT_VERSION,
+        "epoch": 3,
+        "global_step": 120,
+        "model_state_dict": {"layer.weight": torch.randn(n, 8, generator=g), "layer.bias": torch.randn(8, generator=g)},
+        "ema_shadow": {"layer.weight": torch.randn(n, 8, generator=g)},
+        "optimizer_state_dict": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.randn(8, generator=g)}},
+                                 "param_groups": [{"lr": 1e-3, "params": [0]}]},
+        "scheduler_state_dict": {"last_epoch": 5, "_last_lr": [1e-3]},
+        "best_loss": 1.2345,
+        "config": {"arch": "mlp", "batch_size": 32, "lr": 1e-3},
+        "normalization_stats": {"mean": torch.randn(8, generator=g), "std": torch.rand(8, generator=g) + 0.1},
+        "rng": {"numpy": ["MT19937", list(range(5)), 3, 0, 0.0]},
+    }
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b)
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_save_load_round_trip_and_sha256(tmp_path):
+    state = _state(0)
+    path = tmp_path / "run" / ckpt.BEST_NAME  # the directory is created
+    digest = save_checkpoint(state, path)
+    assert digest == _hashlib_sha256(path) == sha256_file(path)
+    loaded = load_checkpoint(path)
+    _assert_same(state, loaded)
+    assert all(key in loaded for key in REQUIRED_KEYS)
+    # Overwrite with a different state: a new file, a new hash.
+    digest2 = save_checkpoint(_state(1), path)
+    assert digest2 != digest and digest2 == _hashlib_sha256(path)
+    _assert_same(_state(1), load_checkpoint(path))
+    assert [p.name for p in path.parent.iterdir()] == [ckpt.BEST_NAME]  # no temp files left behind
+
+
+def test_sha256_file_reads_in_chunks(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(10_000))
+    assert sha256_file(path, chunk_bytes=333) == _hashlib_sha256(path)
+
+
+def test_stale_temp_file_is_removed_and_never_replaces_best(tmp_path):
+    best = tmp_path / ckpt.BEST_NAME
+    digest = save_checkpoint(_state(2), best)
+    # Simulate a write killed midway: half of another checkpoint under the temp prefix.
+    other = tmp_path / "other.pt"
+    save_checkpoint(_state(3), other)
+    stale = tmp_path / f"{ckpt.TEMP_PREFIX}{ckpt.BEST_NAME}.abc123"
+    stale.write_bytes(other.read_bytes()[: other.stat().st_size // 2])
+    other.unlink()
+    removed = remove_stale_temp_files(tmp_path)
+    assert removed == [stale]
+    assert not stale.exists()
+    assert _hashlib_sha256(best) == digest
+    _assert_same(_state(2), load_checkpoint(best))
+    assert remove_stale_temp_files(tmp_path) == []
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_failed_save_leaves_the_old_file_and_no_temp(tmp_path):
+    best = tmp_path / ckpt.BEST_NAME
+    digest = save_checkpoint(_state(4), best)
+    bad = _state(5)
+    bad["config"] = {"not_picklable": lambda: None}
+    with pytest.raises(Exception):
+        save_checkpoint(bad, best)
+    assert _hashlib_sha256(best) == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.BEST_NAME]
+
+
+# --- errors that name the file ---------------------------------------------------------------------------------
+
+def _expect_error(path: Path, *fragments: str) -> None:
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file(tmp_path):
+    _expect_error(tmp_path / "nope.pt", "not found")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.touch()
+    _expect_error(path, "empty")
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "cut.pt"
+    save_checkpoint(_state(6), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _expect_error(path, "truncated")
+
+
+def test_torch_file_holding_a_list(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.randn(3), torch.randn(2)], path)
+    _expect_error(path, "list")
+
+
+def test_dict_without_the_keys(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.randn(4), "epoch": 1}, path)
+    _expect_error(path, "missing keys", "model_state_dict", "ema_shadow")
+
+
+GARBAGE = {
+    "random_bytes": random.Random(0).randbytes(5000),
+    "text": b"this is not a checkpoint\n" * 10,
+    "zip_magic": b"PK\x03\x04" + random.Random(1).randbytes(3000),
+    "pickle_header": b"\x80\x02" + random.Random(2).randbytes(3000),
+    "json": b'{"epoch": 1, "model_state_dict": {}}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_non_torch_garbage(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    path.write_bytes(GARBAGE[kind])
+    _expect_error(path)
+
+
+def test_unsafe_objects_are_refused(tmp_path):
+    """A pickle holding arbitrary objects (here a Path) is refused by weights_only=True."""
+    path = tmp_path / "unsafe.pt"
+    state = _state(7)
+    state["config"] = {"run_dir": Path("/tmp")}
+    torch.save(state, path)
+    _expect_error(path)
+
+
+def test_newer_format_version(tmp_path):
+    path = tmp_path / "future.pt"
+    state = _state(8)
+    state["format_version"] = ckpt.FORMAT_VERSION + 1
+    torch.save(state, path)
+    _expect_error(path, "newer")
+
+
+# --- SIGKILL in the middle of save_checkpoint ----------------------------------------------------------------
+
+_WRITER = r"""
+import hashlib, io, sys
+import torch
+from flow_pipeline.core.checkpoint import save_checkpoint
+
+path, seed = sys.argv[1], int(sys.argv[2])
+g = torch.Generator().manual_seed(seed)
+base = {"epoch": 0, "model_state_dict": {"w": torch.randn(6_000_000, generator=g)}, "ema_shadow": {},
+        "optimizer_state_dict": {}, "scheduler_state_dict": {}, "best_loss": 1.0, "config": {},
+        "normalization_stats": {}}
+i = 0
+while True:
+    i += 1
+    base["epoch"] = i
+    base["model_state_dict"]["w"][i % 1000] = float(i)
+    buffer = io.BytesIO()
+    torch.save(base, buffer)
+    pending = hashlib.sha256(buffer.getvalue()).hexdigest()
+    print("pending", pending, flush=True)
+    done = save_checkpoint(base, path)
+    assert done == pending
+    print("done", done, flush=True)
+"""
+
+
+def _start_writer(path: Path, seed: int) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(seed)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.strip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_leaves_a_complete_best(tmp_path):
+    best = tmp_path / ckpt.BEST_NAME
+    rng = random.Random(1234)
+    completed: set[str] = set()
+    kills = mid_write_kills = 0
+    while kills < 4 or (mid_write_kills == 0 and kills < 10):
+        proc, lines, reader = _start_writer(best, seed=kills)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(line.startswith("done") for line in lines):
+                assert proc.poll() is None, f"writer died: {proc.stderr.read()}"
+                assert time.monotonic() < deadline, "writer never completed a save"
+                time.sleep(0.01)
+            # A random moment, biased towards the write: shortly after the writer announces its next save.
+            time.sleep(rng.uniform(0.0, 0.3))
+            announced = len(lines)
+            while len(lines) == announced or not lines[-1].startswith("pending"):
+                assert proc.poll() is None, f"writer died: {proc.stderr.read()}"
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.08))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reader.join(timeout=10)
+        kills += 1
+        assert proc.returncode == -signal.SIGKILL
+        completed.update(line.split()[1] for line in lines if line.startswith("done"))
+        pending = [line.split()[1] for line in lines if line.startswith("pending")]
+        temps = list(tmp_path.glob(ckpt.TEMP_PREFIX + "*"))
+        mid_write_kills += bool(temps)
+
+        # best.pt is always one complete save: loadable with weights_only, and its hash is a completed save's
+        # (or the one whose os.replace had finished but whose "done" line the kill cut off).
+        digest = _hashlib_sha256(best)
+        assert digest in completed or digest == pending[-1], f"best.pt is not a completed save after kill {kills}"
+        state = torch.load(best, weights_only=True)
+        assert state["model_state_dict"]["w"].shape == (6_000_000,)
+        load_checkpoint(best)
+
+        removed = remove_stale_temp_files(tmp_path)
+        assert sorted(removed) == sorted(temps)
+        assert _hashlib_sha256(best) == digest
+        assert [p.name for p in tmp_path.iterdir()] == [ckpt.BEST_NAME]
+    print(f"kills={kills} mid_write={mid_write_kills} completed_saves={len(completed)}")
+    assert mid_write_kills >= 1, "no kill landed while a temp file was being written"
