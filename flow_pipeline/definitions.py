@@ -1,13 +1,30 @@
 """The one ``dg.Definitions`` of the project: ``dagster dev`` / ``dagster asset materialize -m flow_pipeline.definitions``."""
 
+import os
+
 import dagster as dg
 
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
+from flow_pipeline.defs.checks import trained_checkpoint_checks
+from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource, default_root
+from flow_pipeline.defs.schedules import (
+    build_retry_schedule,
+    fail_orphaned_runs,
+    retrain_job,
+    retry_settings_from_env,
+)
 from flow_pipeline.defs.tracking import WandbResource
 
+# FLOW_PIPELINE_RERUN_CRON / FLOW_PIPELINE_MAX_ATTEMPTS: when failed partitions are retried, and how often.
+retry_schedule = build_retry_schedule(retry_settings_from_env(os.environ))
+
 defs = dg.Definitions(
-    assets=[dataset_splits, normalization_stats, trained_checkpoint],
+    assets=[dataset_splits, normalization_stats, trained_checkpoint, evaluation, ablation_report],
+    asset_checks=trained_checkpoint_checks,
+    jobs=[retrain_job],
+    schedules=[retry_schedule],
+    sensors=[fail_orphaned_runs],
     resources={
         "artifacts": ArtifactsResource(root=default_root()),
         "compute": ComputeResource(),

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,6 +134,7 @@ class _ForwardToPipes(logging.Handler):
 
 def run_job(job: TrainJob, pipes=None) -> TrainResult:
     """Train, write ``result.json`` (or ``failure.json``) and, under Pipes, report the materialization."""
+    started_at = time.time()
     config = TrainConfig(**job.config)
     dist = init_distributed(config.device)
     run_dir = Path(job.run_dir)
@@ -140,6 +142,8 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
     failed = True
     try:
         result = train(config, load_train_data(job), run_dir, tracker, dist)
+        tracker.summary(final_epoch=result.epochs_run, best_val_loss=result.best_loss,
+                        checkpoint_path=str(result.checkpoint_path), stopped_early=result.stopped_early)
         failed = False
     except BaseException as exc:
         if dist.is_main:
@@ -154,7 +158,9 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
         loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name)
         metadata = result_metadata(result, config, tracking_info, loss_curve)
-        write_json(run_dir / RESULT_NAME, {key: value["raw_value"] for key, value in metadata.items()})
+        process = {"pid": os.getpid(), "started_at": started_at, "finished_at": time.time()}
+        write_json(run_dir / RESULT_NAME, {**{key: value["raw_value"] for key, value in metadata.items()},
+                                           "process": process})
         (run_dir / FAILURE_NAME).unlink(missing_ok=True)
         if pipes is not None:
             pipes.report_asset_materialization(metadata=metadata)

@@ -91,10 +91,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
     # Arbitrary bytes make torch.load fail in open-ended ways (OSError on a cut zip, IndexError from the unpickler on
     # text, ...): any failure to read an existing file is reported as a bad checkpoint naming the file.
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint is truncated, corrupt or not a safe torch file: {path} ({exc})") from exc
     if not isinstance(state, dict):

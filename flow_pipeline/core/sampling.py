@@ -3,7 +3,7 @@
 Contract of the inputs:
 
 * ``model`` is an ``nn.Module`` with ``forward(x_t (batch, dim), t (batch,)) -> output (batch, dim)``; it must
-  already live on ``device``.
+  already live on ``device`` and accept float32 inputs.
 * ``flow`` is any object with ``to_velocity(output (batch, dim), t (batch,)) -> dx/dt (batch, dim)``, which undoes
   any rescaling of the training target (see :mod:`flow_pipeline.core.flows`).
 

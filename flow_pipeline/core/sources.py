@@ -35,8 +35,9 @@ MANIFEST_VERSION = 1
 DEFAULT_CHUNK_ROWS = 65536
 _TMP_PREFIX = ".tmp-"
 
-# Targets for the synthetic generator, measured on real SONAR text embeddings (1024-d, unnormalised). They are
-# per-dimension quantities so that other ``dim`` values keep the same per-dimension scale.
+# Synthetic generator. The first two are targets measured on real SONAR text embeddings (1024-d, unnormalised),
+# stated per dimension so other ``dim`` values keep the same per-dimension scale; the rest were fitted so that the
+# eigen-spectrum, per-dimension std spread and norm spread match the real file (see synthetic_sonar_like).
 _TOTAL_VARIANCE_PER_DIM = 2.84e-5  # trace(cov) / dim; median per-dimension std is then ~0.0053
 _MEAN_SQ_NORM_PER_DIM = 0.113**2 / 1024  # ||E[x]||^2 / dim
 _LATENT_RANK_FRACTION = 0.375  # 384 latent directions at dim 1024
@@ -95,22 +96,24 @@ def synthetic_sonar_like(n: int, dim: int = 1024, seed: int = 0, n_clusters: int
 
     Construction (all randomness from ``np.random.default_rng(seed)``, so a seed fixes the output):
 
-    1. Two dimensions (for ``dim >= 8``) are near-constant: their value is the mean plus noise with std 2e-5 and 2e-4,
-       as in real SONAR vectors. The other ``dim - 2`` "free" dimensions carry the structure.
+    1. Two dimensions (for ``dim >= 8``) are near-constant: the mean plus noise with std 2e-5 and 2e-4, as in the real
+       vectors (1.8e-5 and 2.2e-4). The other ``dim - 2`` "free" dimensions carry the structure.
     2. A low-rank latent space of ``r = 0.375 * dim`` directions (384 at 1024) with variances
-       ``lambda_i ~ (i + 4)^-1.05``, embedded by a random orthonormal basis (free_dims, r). This power law gives a
-       participation ratio of ~68 for the population covariance (~63 measured on 800 rows, like the real file) and
-       spreads the variance evenly over dimensions (per-dimension std 0.0053 with ~10% spread).
-    3. A Gaussian mixture in that latent space: ``n_clusters`` centres that carry 30% of each latent direction's
-       variance (centred and rescaled per direction so the total covariance stays on target), rows assigned uniformly
-       at random, within-cluster Gaussian noise for the other 70%.
+       ``lambda_i ~ (i + 4)^-1.05``, embedded by a random orthonormal basis (r, free dims). This power law, fitted to
+       the real eigen-spectrum, gives a covariance participation ratio of ~67 (~62 when estimated from 800 rows, as
+       on the real file) and spreads the variance evenly over dimensions (per-dimension std 0.0053, 5-95% range
+       0.0046-0.0061 as in the real vectors).
+    3. A Gaussian mixture in that latent space: ``n_clusters`` centres that carry 15% of each latent direction's
+       variance (centred and rescaled per direction, so the covariance stays on target whatever the seed), rows
+       assigned uniformly at random, within-cluster Gaussian noise for the other 85%.
     4. An isotropic noise floor over the free dimensions with 2% of the variance: the long tail of the real spectrum.
     5. A mean vector in a random direction with norm 0.113 * sqrt(dim / 1024).
-    6. A per-row gain ``1 + 0.035 * N(0, 1)`` on the free dimensions, which widens the norm distribution to the real
-       0.204 +- 0.016 (a pure Gaussian gives +- 0.013) and adds variance along the mean, as the real data has.
+    6. A per-row gain ``1 + 0.048 * N(0, 1)`` on the free dimensions: widens the norm distribution to the real
+       0.204 +- 0.016 (the Gaussian alone gives +- 0.013) and puts extra variance along the mean, as real data has.
 
-    The total variance is budgeted so that ``trace(cov) = 2.84e-5 * dim`` after the gain. Cost: one
-    (n, r) x (r, dim) matrix product plus (n, dim) normal draws (~0.3 s for 14,000 x 1024 on two cores).
+    The variance is budgeted so that ``trace(cov) = 2.84e-5 * dim`` after the gain (median per-dimension std 0.0053).
+    Cost: one (n, r) x (r, dim) float32 matrix product and (n, dim) normal draws, ~0.4 s for 14,000 x 1024 on an idle
+    2-core CPU.
     """
     _check_generator_args(n, dim, n_clusters)
     rng = np.random.default_rng(seed)
@@ -120,11 +123,7 @@ def synthetic_sonar_like(n: int, dim: int = 1024, seed: int = 0, n_clusters: int
     rank = max(1, min(len(free_dims), round(_LATENT_RANK_FRACTION * dim)))
 
     mean = _random_direction(rng, dim) * math.sqrt(_MEAN_SQ_NORM_PER_DIM * dim)
-    gain_var = _ROW_GAIN_STD**2
-    # Var[g * (mu + y)] summed over free dims = (1 + s^2) trace(cov_y) + s^2 ||mu_free||^2: solve for trace(cov_y).
-    structured_var = (_TOTAL_VARIANCE_PER_DIM * dim - gain_var * float(mean[free_dims] @ mean[free_dims])) / (
-        1.0 + gain_var
-    )
+    structured_var = _structured_variance(dim, float(mean[free_dims] @ mean[free_dims]))
     latent_var = _power_law_spectrum(rank) * (1.0 - _NOISE_FRACTION) * structured_var
     noise_std = math.sqrt(_NOISE_FRACTION * structured_var / len(free_dims))
 
@@ -148,6 +147,15 @@ def _check_generator_args(n: int, dim: int, n_clusters: int) -> None:
         raise ValueError(f"dim must be >= 1, got {dim}")
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+
+
+def _structured_variance(dim: int, mean_free_sq_norm: float) -> float:
+    """trace(cov) of the latent + noise part such that the total after the row gain is on target.
+
+    With gain ``g = 1 + s * eps``: sum over free dims of Var[g * (mu + y)] = (1 + s^2) trace(cov_y) + s^2 ||mu_free||^2.
+    """
+    gain_var = _ROW_GAIN_STD**2
+    return (_TOTAL_VARIANCE_PER_DIM * dim - gain_var * mean_free_sq_norm) / (1.0 + gain_var)
 
 
 def _power_law_spectrum(rank: int) -> np.ndarray:
@@ -429,6 +437,12 @@ def validate_embeddings(
         raise DataError(f"{name}: {bad_count} of {rows} rows contain NaN or inf (first row indices: {shown})")
 
 
+def validate_splits(splits: Splits, expected_dim: int, min_rows: int = 2, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    """:func:`validate_embeddings` on each split, named "<source> [<split> split]"; every split needs ``min_rows``."""
+    for name, array in splits.arrays().items():
+        validate_embeddings(array, expected_dim, f"{splits.source} [{name} split]", min_rows, chunk_rows)
+
+
 def _scan_nonfinite_rows(array: np.ndarray, chunk_rows: int, keep: int = 5) -> tuple[int, list[int]]:
     """(number of rows with a non-finite value, the first ``keep`` such row indices), one chunk in memory at a time."""
     count, first = 0, []
@@ -474,8 +488,12 @@ def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = 
     manifest = _manifest(splits, {final: tmp.stat().st_size for final, tmp in staged.items()})
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
     _fsync_dir(directory)
-    for final, tmp in staged.items():
-        os.replace(tmp, directory / final)
+    try:
+        for final, tmp in staged.items():
+            os.replace(tmp, directory / final)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)  # only temps that were not moved into place remain
     _atomic_write_bytes(directory / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return directory / MANIFEST_NAME
 

@@ -258,8 +258,10 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
     def save(path: Path) -> str | None:
         return ckpt.save_checkpoint(checkpoint_state(), path) if dist.is_main else None
 
-    def diverged(what: str) -> TrainingDiverged:
-        return TrainingDiverged(f"{what} at step {global_step} (epoch {epoch + 1}) of run {config.run_name}; "
+    def diverged(what: str, step: int | None = None) -> TrainingDiverged:
+        # ``step`` numbers steps as the tracker does (the k-th optimizer step is step k); default: the last one.
+        step = global_step if step is None else step
+        return TrainingDiverged(f"{what} at step {step} (epoch {epoch + 1}) of run {config.run_name}; "
                                 f"the last good checkpoint {best_path} was left untouched")
 
     # On the CPU a host read is free, so every step is checked; on CUDA only at logging intervals (a sync point).
@@ -280,7 +282,8 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             if check_every_step and not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-                raise diverged(f"non-finite loss {loss.item()} / grad norm {grad_norm.item()}")
+                raise diverged(f"non-finite loss {loss.item()} / grad norm {grad_norm.item()}", step=global_step + 1)
+            step_lr = optimizer.param_groups[0]["lr"]  # the LR this step uses; the scheduler moves on below
             optimizer.step()
             scheduler.step()
             ema.update(model)
@@ -293,7 +296,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
                     raise diverged(f"non-finite loss {loss_value} / grad norm {norm_value}")
                 if dist.is_main:
                     tracker.log({"train/loss": loss_value, "train/grad_norm": norm_value,
-                                 "train/lr": scheduler.get_last_lr()[0], "epoch": epoch + 1}, step=global_step)
+                                 "train/lr": step_lr, "epoch": epoch + 1}, step=global_step)
             if config.save_every_steps and global_step % config.save_every_steps == 0:
                 train_seconds = segment_start_seconds + time.perf_counter() - started
                 save(last_path)

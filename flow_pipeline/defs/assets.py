@@ -2,6 +2,7 @@
 
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from flow_pipeline.train import FAILURE_NAME, TrainJob
 
 ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
 OWNERS = ["team:flow-matching"]
+# Run tag naming the host that trains: the fail_orphaned_runs sensor judges a run worker's pid only on that host.
+RUN_HOST_TAG = "flow_pipeline/host"
 
 
 class DatasetConfig(dg.Config):
@@ -136,6 +139,7 @@ def trained_checkpoint(
     best.pt (EMA selected on validation loss) with its sha256, training metadata and the tracking link."""
     layout = artifacts.layout
     partition = context.partition_key
+    context.instance.add_run_tags(context.run_id, {RUN_HOST_TAG: socket.gethostname()})
     try:
         dim = int(np.load(layout.stats_path)["mean"].shape[0]) if layout.stats_path.exists() else 0
         if not dim:

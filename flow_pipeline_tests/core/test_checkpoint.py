@@ -191,45 +191,82 @@ def test_newer_format_version(tmp_path):
 
 # --- SIGKILL in the middle of save_checkpoint ----------------------------------------------------------------
 
-_WRITER = r"""
-import hashlib, io, sys
+# One child python imports torch once and forks a fresh writer process per round (so the test does not pay the
+# torch import per kill). Each writer repeatedly overwrites best.pt with a big state via save_checkpoint, printing
+# the sha256 of the bytes it is about to write ("pending") and the digest save_checkpoint returned ("done").
+_WRITER_HOST = r"""
+import hashlib, io, os, sys
 import torch
 from flow_pipeline.core.checkpoint import save_checkpoint
 
-path, seed = sys.argv[1], int(sys.argv[2])
-g = torch.Generator().manual_seed(seed)
-base = {"epoch": 0, "model_state_dict": {"w": torch.randn(6_000_000, generator=g)}, "ema_shadow": {},
-        "optimizer_state_dict": {}, "scheduler_state_dict": {}, "best_loss": 1.0, "config": {},
-        "normalization_stats": {}}
-i = 0
-while True:
-    i += 1
-    base["epoch"] = i
-    base["model_state_dict"]["w"][i % 1000] = float(i)
-    buffer = io.BytesIO()
-    torch.save(base, buffer)
-    pending = hashlib.sha256(buffer.getvalue()).hexdigest()
-    print("pending", pending, flush=True)
-    done = save_checkpoint(base, path)
-    assert done == pending
-    print("done", done, flush=True)
+def writer(path, seed):
+    print("pid", os.getpid(), flush=True)
+    g = torch.Generator().manual_seed(seed)
+    state = {"epoch": 0, "model_state_dict": {"w": torch.randn(6_000_000, generator=g)}, "ema_shadow": {},
+             "optimizer_state_dict": {}, "scheduler_state_dict": {}, "best_loss": 1.0, "config": {},
+             "normalization_stats": {}}
+    i = 0
+    while True:
+        i += 1
+        state["epoch"] = i
+        state["model_state_dict"]["w"][i % 1000] = float(i)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        pending = hashlib.sha256(buffer.getvalue()).hexdigest()
+        print("pending", pending, flush=True)
+        done = save_checkpoint(state, path)
+        assert done == pending
+        print("done", done, flush=True)
+
+print("ready", flush=True)
+for command in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            writer(sys.argv[1], int(command))
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    print("exited", os.waitstatus_to_exitcode(status), flush=True)
 """
 
 
-def _start_writer(path: Path, seed: int) -> tuple[subprocess.Popen, list[str], threading.Thread]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(seed)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
+class _WriterHost:
+    def __init__(self, path: Path):
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-c", _WRITER_HOST, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.wait_for(lambda line: line == "ready", start=0, timeout=120)
 
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line.strip())
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    return proc, lines, reader
+    def wait_for(self, predicate, start: int, timeout: float = 60) -> int:
+        """Index of the first line at or after ``start`` that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(start, len(self.lines)):
+                if predicate(self.lines[i]):
+                    return i
+                if self.lines[i].startswith("exited "):
+                    raise AssertionError(f"writer exited unexpectedly: {self.lines[start:i + 1][-5:]}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"writer host died: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, f"timed out; last lines: {self.lines[-5:]}"
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.mark.slow
@@ -238,43 +275,43 @@ def test_sigkill_during_save_leaves_a_complete_best(tmp_path):
     rng = random.Random(1234)
     completed: set[str] = set()
     kills = mid_write_kills = 0
-    while kills < 4 or (mid_write_kills == 0 and kills < 10):
-        proc, lines, reader = _start_writer(best, seed=kills)
-        try:
-            deadline = time.monotonic() + 60
-            while not any(line.startswith("done") for line in lines):
-                assert proc.poll() is None, f"writer died: {proc.stderr.read()}"
-                assert time.monotonic() < deadline, "writer never completed a save"
-                time.sleep(0.01)
-            # A random moment, biased towards the write: shortly after the writer announces its next save.
-            time.sleep(rng.uniform(0.0, 0.3))
-            announced = len(lines)
-            while len(lines) == announced or not lines[-1].startswith("pending"):
-                assert proc.poll() is None, f"writer died: {proc.stderr.read()}"
-                time.sleep(0.001)
-            time.sleep(rng.uniform(0.0, 0.08))
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            reader.join(timeout=10)
-        kills += 1
-        assert proc.returncode == -signal.SIGKILL
-        completed.update(line.split()[1] for line in lines if line.startswith("done"))
-        pending = [line.split()[1] for line in lines if line.startswith("pending")]
-        temps = list(tmp_path.glob(ckpt.TEMP_PREFIX + "*"))
-        mid_write_kills += bool(temps)
+    host = _WriterHost(best)
+    try:
+        while kills < 5 or (mid_write_kills == 0 and kills < 12):
+            start = len(host.lines)
+            host.proc.stdin.write(f"{kills}\n")
+            host.proc.stdin.flush()
+            pid_line = host.wait_for(lambda line: line.startswith("pid "), start)
+            pid = int(host.lines[pid_line].split()[1])
+            try:
+                host.wait_for(lambda line: line.startswith("done "), pid_line)
+                # A random moment, biased towards the write: shortly after the writer announces its next save.
+                time.sleep(rng.uniform(0.0, 0.3))
+                announced = host.wait_for(lambda line: line.startswith("pending "), len(host.lines))
+                time.sleep(rng.uniform(0.0, 0.08))
+            finally:
+                os.kill(pid, signal.SIGKILL)
+            exited = host.wait_for(lambda line: line.startswith("exited "), announced)
+            assert host.lines[exited] == f"exited {-signal.SIGKILL}"
+            kills += 1
+            round_lines = host.lines[pid_line:exited]
+            completed.update(line.split()[1] for line in round_lines if line.startswith("done "))
+            pending = [line.split()[1] for line in round_lines if line.startswith("pending ")]
+            temps = list(tmp_path.glob(ckpt.TEMP_PREFIX + "*"))
+            mid_write_kills += bool(temps)
 
-        # best.pt is always one complete save: loadable with weights_only, and its hash is a completed save's
-        # (or the one whose os.replace had finished but whose "done" line the kill cut off).
-        digest = _hashlib_sha256(best)
-        assert digest in completed or digest == pending[-1], f"best.pt is not a completed save after kill {kills}"
-        state = torch.load(best, weights_only=True)
-        assert state["model_state_dict"]["w"].shape == (6_000_000,)
-        load_checkpoint(best)
+            # best.pt is always one complete save: loadable with weights_only, and its hash is a completed save's
+            # (or the last announced one, if the kill came after its os.replace but before its "done" line).
+            digest = _hashlib_sha256(best)
+            assert digest in completed or digest == pending[-1], f"best.pt is not a completed save after kill {kills}"
+            state = torch.load(best, weights_only=True)
+            assert state["model_state_dict"]["w"].shape == (6_000_000,)
+            load_checkpoint(best)
 
-        removed = remove_stale_temp_files(tmp_path)
-        assert sorted(removed) == sorted(temps)
-        assert _hashlib_sha256(best) == digest
-        assert [p.name for p in tmp_path.iterdir()] == [ckpt.BEST_NAME]
-    print(f"kills={kills} mid_write={mid_write_kills} completed_saves={len(completed)}")
-    assert mid_write_kills >= 1, "no kill landed while a temp file was being written"
+            removed = remove_stale_temp_files(tmp_path)
+            assert sorted(removed) == sorted(temps)
+            assert _hashlib_sha256(best) == digest
+            assert [p.name for p in tmp_path.iterdir()] == [ckpt.BEST_NAME]
+    finally:
+        host.close()
+    assert mid_write_kills >= 1, f"none of {kills} kills landed while a temp file was being written"

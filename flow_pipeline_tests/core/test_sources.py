@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from flow_pipeline.core.sources import (
     split_array,
     synthetic_sonar_like,
     validate_embeddings,
+    validate_splits,
 )
 
 REAL_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -221,6 +223,14 @@ def test_validate_too_few_rows(rows, min_rows):
         validate_embeddings(_rows(rows, 8), expected_dim=8, name="val split", min_rows=min_rows)
 
 
+def test_validate_splits_names_the_empty_split():
+    splits = split_array(_rows(40, 8), seed=0, source="/data/e.npy")
+    empty_val = dataclasses.replace(splits, val=splits.val[:0], val_indices=splits.val_indices[:0])
+    validate_splits(splits, expected_dim=8)
+    with pytest.raises(DataError, match=re.escape("/data/e.npy [val split]: too few rows: has 0, needs at least 2")):
+        validate_splits(empty_val, expected_dim=8)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Split files from the earlier data phase
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,8 +287,8 @@ def test_load_split_dir_inconsistent_fields(tmp_path):
 
 def test_load_split_dir_different_dims(tmp_path):
     _write_split_dir(tmp_path)
-    torch.save({"embeddings": torch.ones(3, 9), "indices": torch.arange(3), "split": "test", "size": 3},
-               tmp_path / "test.pt")
+    other_dim = {"embeddings": torch.ones(3, 9), "indices": torch.arange(3), "split": "test", "size": 3}
+    torch.save(other_dim, tmp_path / "test.pt")
     with pytest.raises(DataError, match="splits have different dims"):
         load_split_dir(tmp_path)
 
@@ -361,6 +371,28 @@ def test_failed_save_leaves_previous_set_intact(tmp_path):
     np.testing.assert_array_equal(loaded.val, old.val)
 
 
+def test_interrupted_replace_is_reported_as_an_incomplete_set(tmp_path, monkeypatch):
+    save_splits(_splits(seed=0), tmp_path)
+    real_replace, calls = os.replace, []
+
+    def replace_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("simulated crash while moving files into place")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_splits(_splits(seed=1), tmp_path)
+    monkeypatch.undo()
+    # Two new files and four old ones are in place: the reader must refuse the mix, not read it.
+    with pytest.raises(DataError, match="splits.json: file not found"):
+        load_saved_splits(tmp_path)
+    save_splits(_splits(seed=1), tmp_path)
+    assert load_saved_splits(tmp_path).source == "gen-1"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_save_overwrites_a_previous_set(tmp_path):
     save_splits(_splits(seed=0), tmp_path)
     new = _splits(seed=1, n=200)
@@ -373,7 +405,8 @@ def test_save_overwrites_a_previous_set(tmp_path):
 def test_load_saved_splits_detects_incomplete_or_damaged_sets(tmp_path):
     save_splits(_splits(), tmp_path)
     _truncate(tmp_path / "test.npy")
-    with pytest.raises(DataError, match="^" + re.escape(str(tmp_path / "test.npy")) + r": size \d+ bytes does not match"):
+    damaged = "^" + re.escape(str(tmp_path / "test.npy")) + r": size \d+ bytes does not match"
+    with pytest.raises(DataError, match=damaged):
         load_saved_splits(tmp_path)
     (tmp_path / "splits.json").unlink()
     with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'splits.json'}: file not found")):

@@ -1,0 +1,217 @@
+"""Evaluate a trained ``best.pt``: EMA samples in raw embedding space against the held-out test split.
+
+Pure (no Dagster): the ``evaluation`` asset and the benchmark scripts call :func:`evaluate_checkpoint`.
+
+    checkpoint (best.pt) ──► EMA model + flow + normaliser ──► ODE samples (n, dim), denormalised
+        ──► metrics vs test (FD with its floor, PRDC, memorisation vs train, norms), one set per sampler
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from flow_pipeline.config import TrainConfig, format_validation_error
+from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
+from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.metrics import evaluate_samples
+from flow_pipeline.core.models import build_model
+from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
+
+ADAPTIVE_SOLVERS = ("dopri5",)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One ODE sampler setting: a fixed-step solver with its number of steps, or an adaptive one (steps 0)."""
+
+    solver: str
+    steps: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "SamplerSpec":
+        """``"euler:50"``, ``"midpoint:25"``, ``"rk4:10"`` or ``"dopri5"``; bad text raises ValueError naming it."""
+        solver, _, steps_text = text.strip().partition(":")
+        if solver not in SOLVERS:
+            raise ValueError(f"sampler {text!r}: unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+        if solver in ADAPTIVE_SOLVERS:
+            if steps_text:
+                raise ValueError(f"sampler {text!r}: {solver} is adaptive and takes no step count; write {solver!r}")
+            return cls(solver, 0)
+        try:
+            steps = int(steps_text)
+        except ValueError:
+            raise ValueError(f"sampler {text!r}: expected '{solver}:STEPS' with an integer STEPS >= 1") from None
+        if steps < 1:
+            raise ValueError(f"sampler {text!r}: steps must be >= 1")
+        return cls(solver, steps)
+
+    @property
+    def label(self) -> str:
+        return self.solver if self.solver in ADAPTIVE_SOLVERS else f"{self.solver}:{self.steps}"
+
+
+@dataclass
+class EMAModel:
+    """Everything needed to sample from one checkpoint.
+
+    model: the architecture with the checkpoint's EMA weights, in eval mode on the requested device.
+    flow: the flow method of the run (its ``to_velocity`` turns model output into dx/dt).
+    normalizer: the run's z-scoring, whose ``denormalize`` maps samples back to raw embedding space.
+    history: per-epoch dicts (epoch, train_loss, val_loss, ema_val_loss, ...) of the run.
+    """
+
+    model: nn.Module
+    flow: Flow
+    normalizer: Normalizer
+    config: TrainConfig
+    checkpoint_path: Path
+    sha256: str
+    best_loss: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _train_config(saved: dict, path: Path) -> TrainConfig:
+    try:
+        return TrainConfig(**saved)
+    except ValidationError as exc:
+        raise CheckpointError(f"{path}: the checkpoint's config is not valid: {format_validation_error(exc)}") from exc
+
+
+def _load_ema_weights(model: nn.Module, state: dict, path: Path) -> None:
+    """Raw weights first (they carry any buffers), then every trainable parameter from the EMA shadow."""
+    model.load_state_dict(state["model_state_dict"])
+    shadow = state["ema_shadow"]
+    params = dict(model.named_parameters())
+    missing = sorted(name for name, p in params.items() if p.requires_grad and name not in shadow)
+    unknown = sorted(set(shadow) - set(params))
+    if missing or unknown:
+        raise CheckpointError(f"{path}: ema_shadow does not match the {type(model).__name__} model "
+                              f"(missing {missing[:5]}, unexpected {unknown[:5]})")
+    with torch.no_grad():
+        for name, tensor in shadow.items():
+            params[name].copy_(tensor)
+
+
+def load_ema_model(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu",
+                   expected_sha256: str | None = None) -> EMAModel:
+    """Rebuild the run's model from ``best.pt`` with the EMA weights; raises CheckpointError naming the file, also
+    when the file's sha256 differs from ``expected_sha256`` (it was replaced since it was recorded)."""
+    path = Path(checkpoint_path)
+    sha256 = sha256_file(path) if path.is_file() else ""
+    if expected_sha256 is not None and sha256 and sha256 != expected_sha256:
+        raise CheckpointError(f"{path} has changed since it was recorded (sha256 {sha256[:12]}..., expected "
+                              f"{expected_sha256[:12]}...): re-materialize trained_checkpoint or wait for its run")
+    state = load_checkpoint(path, map_location="cpu")
+    config = _train_config(state["config"], path)
+    model = build_model(config.arch, dim=config.dim, size=config.model_size)
+    _load_ema_weights(model, state, path)
+    return EMAModel(
+        model=model.to(device).eval(),
+        flow=get_flow(config.flow, **config.flow_params()),
+        normalizer=Normalizer.from_state_dict(state["normalization_stats"]),
+        config=config,
+        checkpoint_path=path,
+        sha256=sha256,
+        best_loss=float(state["best_loss"]),
+        history=list(state.get("history", [])),
+    )
+
+
+def draw_samples(ema: EMAModel, spec: SamplerSpec, n: int, seed: int, device: str | torch.device = "cpu",
+                 batch_size: int = 1024) -> SampleResult:
+    """n samples (n, dim) in raw embedding space (denormalised), from noise seeded with ``seed``."""
+    return sample(ema.model, ema.flow, n=n, dim=ema.config.dim, solver=spec.solver, steps=spec.steps, seed=seed,
+                  device=device, batch_size=batch_size, denormalize=ema.normalizer.denormalize)
+
+
+@dataclass
+class SamplerEvaluation:
+    """Metrics of one sampler setting (see :func:`flow_pipeline.core.metrics.evaluate_samples` for their meaning)."""
+
+    sampler: str
+    solver: str
+    steps: int
+    nfe: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class Evaluation:
+    """All sampler settings of one checkpoint, evaluated on the same ``n`` and the same starting noise."""
+
+    checkpoint_path: str
+    sha256: str
+    run_name: str
+    arch: str
+    flow: str
+    n: int
+    seed: int
+    k: int
+    results: list[SamplerEvaluation]
+
+    @property
+    def primary(self) -> SamplerEvaluation:
+        """The first sampler: the one the pipeline reports as the partition's headline numbers."""
+        return self.results[0]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_count(n_test: int, cap: int) -> int:
+    """Evaluate on as many samples as the test split has rows, at most ``cap``."""
+    if cap < 2:
+        raise ValueError(f"n_samples cap must be >= 2 (FD needs two samples), got {cap}")
+    if n_test < 2:
+        raise ValueError(f"the test split has {n_test} rows; evaluation needs at least 2")
+    return min(n_test, cap)
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    train: np.ndarray,
+    test: np.ndarray,
+    samplers: Sequence[SamplerSpec],
+    n_samples: int = 1000,
+    seed: int = 0,
+    k: int = 5,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1024,
+    expected_sha256: str | None = None,
+) -> Evaluation:
+    """Sample the checkpoint's EMA model with each sampler and score the samples.
+
+    train (n_train, dim), test (n_test, dim): raw embeddings (the splits on disk). ``n = min(n_test, n_samples)``
+    samples per sampler, all starting from the same noise (``seed``); the metrics compare them with test (and train
+    for the FD floor and memorisation), subsampled to n rows with ``seed``. Raises CheckpointError for a bad file,
+    ValueError for a dimension mismatch, an empty sampler list or too few rows. ``expected_sha256``: see
+    :func:`load_ema_model`.
+    """
+    if not samplers:
+        raise ValueError("at least one sampler is needed (e.g. 'euler:50')")
+    ema = load_ema_model(checkpoint_path, device, expected_sha256)
+    for name, split in (("train", train), ("test", test)):
+        if split.ndim != 2 or split.shape[1] != ema.config.dim:
+            raise ValueError(f"{name} split has shape {split.shape}; the checkpoint {checkpoint_path} "
+                             f"was trained on dim={ema.config.dim}")
+    n = sample_count(test.shape[0], n_samples)
+    if not 1 <= k < n:
+        raise ValueError(f"k={k} nearest neighbours needs more than k samples; n={n}")
+    results = []
+    for spec in samplers:
+        drawn = draw_samples(ema, spec, n, seed, device, batch_size)
+        metrics = evaluate_samples(drawn.x.numpy(), np.asarray(train), np.asarray(test), k=k, seed=seed)
+        results.append(SamplerEvaluation(sampler=spec.label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
+                                         seconds=drawn.seconds, metrics=metrics))
+    return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,
+                      arch=ema.config.arch, flow=ema.config.flow, n=n, seed=seed, k=k, results=results)

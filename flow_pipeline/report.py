@@ -1,0 +1,195 @@
+"""The cross-partition ablation report: one row per partition, as Markdown, CSV and a PNG figure.
+
+Pure (no Dagster): rows are plain dicts built by :func:`build_row` from an evaluation's and a training's values;
+the ``ablation_report`` asset reads those from the Dagster instance.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from flow_pipeline import plots  # also selects the Agg backend before pyplot is imported
+from flow_pipeline.artifacts import write_atomic
+
+import matplotlib.pyplot as plt  # noqa: E402  (after flow_pipeline.plots chose the backend)
+
+PRIMARY_METRIC = "fd_ratio"
+PRIMARY_METRIC_MEANING = "FD / FD floor; 1.0 = as close to the test split as a second real sample"
+MISSING = "—"
+MARKDOWN_NAME, CSV_NAME, PNG_NAME = "ablation_report.md", "ablation_report.csv", "ablation_report.png"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One report column: the row key, its header, and the format spec of its value (``""``: as text)."""
+
+    key: str
+    header: str
+    fmt: str = ""
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("partition", "partition"),
+    Column("arch", "arch"),
+    Column("flow", "flow"),
+    Column("num_params", "params", ","),
+    Column("best_val_loss", "best val loss", ".4f"),
+    Column("fd", "FD", ".4g"),
+    Column("fd_floor", "FD floor", ".4g"),
+    Column("fd_ratio", "FD / floor", ".3f"),
+    Column("precision", "precision", ".3f"),
+    Column("recall", "recall", ".3f"),
+    Column("coverage", "coverage", ".3f"),
+    Column("memorization_ratio", "memorisation", ".3f"),
+    Column("train_seconds", "train time (s)", ".1f"),
+    Column("sampler", "sampler"),
+    Column("nfe", "NFE", "d"),
+    Column("n", "n", "d"),
+    Column("note", "note"),
+)
+COLUMN_KEYS = tuple(column.key for column in COLUMNS)
+# Keys a row takes from the evaluation's values and from the training's values (the rest come from the partition).
+EVALUATION_KEYS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "coverage", "memorization_ratio",
+                   "sampler", "nfe", "n")
+TRAINING_KEYS = ("num_params", "best_val_loss", "train_seconds")
+
+
+def build_row(partition: str, arch: str, flow: str, evaluation: dict, training: dict, note: str = "") -> dict:
+    """One report row: every key of :data:`COLUMNS`; values absent from ``evaluation``/``training`` are None."""
+    row = {"partition": partition, "arch": arch, "flow": flow, "note": note}
+    row.update({key: evaluation.get(key) for key in EVALUATION_KEYS})
+    row.update({key: training.get(key) for key in TRAINING_KEYS})
+    return row
+
+
+def is_missing(value) -> bool:
+    """None and NaN are missing; so is the empty string."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def sort_rows(rows: list[dict], metric: str = PRIMARY_METRIC, ascending: bool = True) -> list[dict]:
+    """Rows ordered by ``metric`` (ascending: best first for fd_ratio); rows missing it go last; ties by partition."""
+
+    def key(row: dict):
+        value = row.get(metric)
+        if is_missing(value):
+            return (1, 0.0, row["partition"])
+        return (0, value if ascending else -value, row["partition"])
+
+    return sorted(rows, key=key)
+
+
+def format_cell(value, fmt: str = "") -> str:
+    """A Markdown cell: missing values as an em dash, numbers with ``fmt``, text with ``|`` escaped."""
+    if is_missing(value):
+        return MISSING
+    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and math.isinf(value):
+            return "∞" if value > 0 else "-∞"
+        if fmt == "d" or fmt == ",":
+            return format(int(value), fmt)
+        return format(float(value), fmt)
+    return str(value).replace("|", "\\|")
+
+
+def sort_statement(metric: str = PRIMARY_METRIC, ascending: bool = True) -> str:
+    """The report's header line, naming the primary metric and the direction of the sort."""
+    direction = "ascending (lower is better)" if ascending else "descending (higher is better)"
+    meaning = f" ({PRIMARY_METRIC_MEANING})" if metric == PRIMARY_METRIC else ""
+    return f"Sorted by **{metric}**{meaning}, {direction}."
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows, in the given order, as a Markdown table with the :data:`COLUMNS` headers."""
+    lines = ["| " + " | ".join(column.header for column in COLUMNS) + " |",
+             "|" + "|".join("---:" if column.fmt else "---" for column in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(format_cell(row.get(c.key), c.fmt) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(rows: list[dict], metric: str = PRIMARY_METRIC, ascending: bool = True) -> str:
+    """Header line stating the sort, then the table of the rows sorted by ``metric``."""
+    return sort_statement(metric, ascending) + "\n\n" + markdown_table(sort_rows(rows, metric, ascending)) + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    """The rows, in the given order, as CSV with the :data:`COLUMN_KEYS` header; values unrounded, missing empty."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMN_KEYS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if is_missing(row.get(key)) else row.get(key) for key in COLUMN_KEYS})
+    return buffer.getvalue()
+
+
+def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, metric: str = PRIMARY_METRIC) -> Path:
+    """Left: EMA (solid) and raw (dashed) validation loss per epoch of every partition in ``curves``
+    (partition -> history rows with epoch, val_loss, ema_val_loss). Right: ``metric`` per row, in row order,
+    with the real-data level 1.0 marked for fd_ratio; rows missing the metric get no bar."""
+    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for index, (partition, history) in enumerate(sorted(curves.items())):
+        if not history:
+            continue
+        color = f"C{index % 10}"
+        epochs = [entry["epoch"] for entry in history]
+        ax_loss.plot(epochs, [entry["ema_val_loss"] for entry in history], color=color, label=partition)
+        ax_loss.plot(epochs, [entry["val_loss"] for entry in history], color=color, linestyle="--", alpha=0.4)
+    ax_loss.axhline(2.0, color="grey", linestyle=":", label="zero predictor")
+    ax_loss.set(xlabel="epoch", ylabel="val loss (solid: EMA, dashed: raw)", title="validation loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7)
+
+    labels = [row["partition"] for row in rows]
+    values = [float(row[metric]) if not is_missing(row.get(metric)) else math.nan for row in rows]
+    ax_bar.bar(range(len(rows)), [0.0 if math.isnan(v) else v for v in values],
+               color=["lightgrey" if math.isnan(v) else f"C{i % 10}" for i, v in enumerate(values)])
+    ax_bar.set_xticks(range(len(rows)), [f"{label}\n(n/a)" if math.isnan(v) else label
+                                         for label, v in zip(labels, values)], rotation=45, ha="right", fontsize=8)
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if metric == PRIMARY_METRIC:
+        ax_bar.axhline(1.0, color="grey", linestyle=":", label="real-data level")
+        ax_bar.legend(fontsize=7)
+    if finite and max(finite) / min(finite) > 30:
+        ax_bar.set_yscale("log")  # ratios spanning orders of magnitude would flatten the good ones
+    ax_bar.set(ylabel=metric, title=f"{metric} per partition (sorted)")
+    ax_bar.grid(alpha=0.3, axis="y")
+    return plots._save(fig, path)
+
+
+def sampler_table(results: list[dict]) -> str:
+    """One partition's sampler settings as Markdown: results are dicts with sampler, nfe, seconds and metrics."""
+    keys = (("fd_ratio", "FD / floor", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+            ("coverage", "coverage", ".3f"), ("memorization_ratio", "memorisation", ".3f"))
+    lines = ["| sampler | NFE | seconds | " + " | ".join(header for _, header, _ in keys) + " |",
+             "|---|---:|---:|" + "---:|" * len(keys)]
+    for result in results:
+        cells = [format_cell(result["sampler"]), format_cell(result["nfe"], "d"), format_cell(result["seconds"], ".2f")]
+        cells += [format_cell(result["metrics"].get(key), fmt) for key, _, fmt in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class ReportFiles:
+    markdown: str
+    markdown_path: Path
+    csv_path: Path
+    png_path: Path
+    rows: list[dict]
+
+
+def write_report(rows: list[dict], curves: dict[str, list[dict]], reports_dir: Path,
+                 metric: str = PRIMARY_METRIC, ascending: bool = True) -> ReportFiles:
+    """Sort the rows by ``metric`` and write Markdown, CSV and PNG atomically under ``reports_dir``."""
+    ordered = sort_rows(rows, metric, ascending)
+    markdown = markdown_report(ordered, metric, ascending)
+    markdown_path, csv_path = reports_dir / MARKDOWN_NAME, reports_dir / CSV_NAME
+    write_atomic(markdown_path, markdown.encode())
+    write_atomic(csv_path, csv_text(ordered).encode())
+    png_path = plot_report(ordered, curves, reports_dir / PNG_NAME, metric)
+    return ReportFiles(markdown=markdown, markdown_path=markdown_path, csv_path=csv_path, png_path=png_path,
+                       rows=ordered)

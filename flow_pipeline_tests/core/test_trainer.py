@@ -1,0 +1,459 @@
+"""The training loop end to end on tiny configs: results and files, bit-exact resume, tracking, divergence, config
+errors, and the rule that flow_pipeline.core never imports dagster or wandb."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import flow_pipeline.core.trainer as trainer_module
+from flow_pipeline.config import TrainConfig, format_validation_error
+from flow_pipeline.core import checkpoint as ckpt
+from flow_pipeline.core.data import AUGMENTATIONS
+from flow_pipeline.core.models import build_model, count_parameters
+from flow_pipeline.core.tracking import RecordingTracker
+from flow_pipeline.core.trainer import TrainingDiverged, TrainResult, train
+from flow_pipeline_tests.core.mixture_data import mixture_train_data
+
+DIM, N_TRAIN, N_VAL, BATCH = 64, 320, 64, 32
+STEPS_PER_EPOCH = N_TRAIN // BATCH  # 10
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CORE_DIR = REPO_ROOT / "flow_pipeline" / "core"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster than two fighting threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return mixture_train_data(N_TRAIN, N_VAL, DIM, seed=3)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(arch="mlp", model_size="tiny", dim=DIM, batch_size=BATCH, max_epochs=3, warmup_steps=5,
+                  log_every=1, device="cpu", lr=3e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- trackers ----------------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """Stands in for a crash (SIGKILL, pre-emption) at a chosen point of a run."""
+
+
+class InterruptingTracker(RecordingTracker):
+    """Records rows, then raises :class:`Interrupted` once ``when(step, metrics)`` is true."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.when = when
+
+    def log(self, metrics, step):
+        super().log(metrics, step)
+        if self.when(step, metrics):
+            raise Interrupted(f"interrupted at step {step}")
+
+
+def train_rows(tracker: RecordingTracker) -> list[tuple[int, dict]]:
+    return [(step, m) for step, m in tracker.rows if "train/loss" in m]
+
+
+def val_rows(tracker: RecordingTracker) -> list[tuple[int, dict]]:
+    return [(step, m) for step, m in tracker.rows if "val/loss" in m]
+
+
+# --- a finished run ----------------------------------------------------------------------------------------------
+
+
+def test_train_returns_result_with_verified_best_checkpoint(data, tmp_path):
+    config = tiny_config()
+    stale = tmp_path / f"{ckpt.TEMP_PREFIX}best.pt.killed"
+    stale.write_bytes(b"half a checkpoint")  # left by a killed write: removed at start
+    result = train(config, data, tmp_path)
+
+    assert isinstance(result, TrainResult)
+    assert not stale.exists()
+    best = tmp_path / ckpt.BEST_NAME
+    assert result.checkpoint_path == best
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.BEST_NAME]  # last.pt removed at the end
+    assert result.sha256 == _sha(best) and result.size_bytes == best.stat().st_size
+
+    state = ckpt.load_checkpoint(best)
+    torch.load(best, weights_only=True)
+    for key in ckpt.REQUIRED_KEYS:
+        assert key in state, key
+    assert result.epochs_run == 3 and not result.stopped_early
+    assert result.global_step == 3 * STEPS_PER_EPOCH
+    assert result.device == "cpu"
+
+    # History: one row per epoch, steps at epoch ends, the best EMA val loss is the result's.
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert [row["step"] for row in result.history] == [10, 20, 30]
+    ema_losses = [row["ema_val_loss"] for row in result.history]
+    assert all(math.isfinite(v) for v in ema_losses)
+    assert result.best_loss == min(ema_losses) == state["best_loss"]
+    assert result.best_epoch == ema_losses.index(min(ema_losses)) + 1 == state["epoch"]
+    assert result.best_loss < 2.0  # better than predicting zero, even after 30 tiny steps
+
+    # The weights load into the architecture; the EMA shadow covers every trainable parameter.
+    model = build_model("mlp", dim=DIM, size="tiny")
+    model.load_state_dict(state["model_state_dict"])
+    assert set(state["ema_shadow"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert result.num_params == count_parameters(model)
+    assert state["config"]["batch_size"] == BATCH and state["config"]["arch"] == "mlp"
+    assert torch.equal(state["normalization_stats"]["mean"], data.normalizer.mean)
+    assert torch.equal(state["normalization_stats"]["std"], data.normalizer.std)
+
+
+def test_early_stopping_ends_the_run(data, tmp_path):
+    # min_delta larger than any possible improvement: epoch 1 sets the best, every later epoch is bad.
+    config = tiny_config(max_epochs=6, patience=2, min_delta=100.0)
+    result = train(config, data, tmp_path)
+    assert result.stopped_early
+    assert result.epochs_run == 3 and len(result.history) == 3
+    assert result.best_epoch == 1
+    assert ckpt.load_checkpoint(result.checkpoint_path)["epoch"] == 1
+
+
+def test_tracker_rows(data, tmp_path):
+    config = tiny_config(log_every=3, max_epochs=3)
+    tracker = RecordingTracker()
+    result = train(config, data, tmp_path, tracker=tracker)
+    rows = train_rows(tracker)
+    assert [step for step, _ in rows] == list(range(3, 31, 3))
+    for step, metrics in rows:
+        assert {"train/loss", "train/grad_norm", "train/lr", "epoch"} <= set(metrics)
+        assert math.isfinite(metrics["train/loss"]) and metrics["train/lr"] > 0
+        assert metrics["epoch"] == (step - 1) // STEPS_PER_EPOCH + 1
+    vals = val_rows(tracker)
+    assert [step for step, _ in vals] == [10, 20, 30]
+    best_so_far = math.inf
+    for (step, metrics), row in zip(vals, result.history):
+        best_so_far = min(best_so_far, metrics["val/ema_loss"])
+        assert metrics["val/best_loss"] == best_so_far
+        assert metrics["val/loss"] == row["val_loss"] and metrics["val/ema_loss"] == row["ema_val_loss"]
+    steps = [step for step, _ in tracker.rows]
+    assert steps == sorted(steps)  # never decreasing (Wandb drops rows logged with a lower step)
+
+
+def test_logged_lr_is_the_lr_of_the_logged_step(data, tmp_path):
+    """train/lr at step s is the LR the s-th optimizer step used: linear warmup (s / warmup) * lr, then cosine."""
+    config = tiny_config(max_epochs=2, warmup_steps=8, min_lr_ratio=0.1)
+    tracker = RecordingTracker()
+    train(config, data, tmp_path, tracker=tracker)
+    total = 2 * STEPS_PER_EPOCH
+    for step, metrics in train_rows(tracker):
+        if step <= 8:
+            want = config.lr * step / 8
+        else:
+            progress = (step - 1 - 8) / (total - 8)
+            want = config.lr * (0.1 + 0.9 * (1 + math.cos(math.pi * progress)) / 2)
+        assert metrics["train/lr"] == pytest.approx(want, rel=1e-9), step
+
+
+# --- bit-exact resume --------------------------------------------------------------------------------------------
+
+_reference_runs: dict[str, tuple[TrainResult, dict]] = {}
+
+
+def _reference(config: TrainConfig, data, tmp_path_factory) -> tuple[TrainResult, dict]:
+    """The uninterrupted run of ``config`` (cached per config: several interruption points share it)."""
+    key = config.model_dump_json()
+    if key not in _reference_runs:
+        run_dir = tmp_path_factory.mktemp("reference")
+        tracker = RecordingTracker()
+        result = train(config, data, run_dir, tracker=tracker)
+        _reference_runs[key] = (result, {"state": ckpt.load_checkpoint(result.checkpoint_path), "tracker": tracker})
+    return _reference_runs[key]
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def _interrupt_and_resume(config, data, run_dir, when) -> tuple[TrainResult, RecordingTracker, RecordingTracker]:
+    first = InterruptingTracker(when)
+    with pytest.raises(Interrupted):
+        train(config, data, run_dir, tracker=first)
+    assert (run_dir / ckpt.LAST_NAME).exists()
+    second = RecordingTracker()
+    result = train(config.model_copy(update={"resume": True}), data, run_dir, tracker=second)
+    return result, first, second
+
+
+def _assert_bit_identical(result, reference):
+    ref_result, ref = reference
+    state = ckpt.load_checkpoint(result.checkpoint_path)
+    assert ref_result.best_epoch == 4, "test precondition: the last epoch should be the best one"
+    assert state["epoch"] == ref["state"]["epoch"]
+    for key in ("model_state_dict", "ema_shadow"):
+        assert state[key].keys() == ref["state"][key].keys()
+        for name, tensor in ref["state"][key].items():
+            assert torch.equal(state[key][name], tensor), f"{key}[{name}] differs after resume"
+    assert result.best_loss == ref_result.best_loss
+    assert result.global_step == ref_result.global_step
+    assert _without_seconds(result.history) == _without_seconds(ref_result.history)
+    assert not (result.checkpoint_path.parent / ckpt.LAST_NAME).exists()
+
+
+def _assert_steps_continue(first: RecordingTracker, second: RecordingTracker, resumed_from: int, total: int):
+    """The resumed run logs from the step after its resume point on (never from 1), and together the two runs
+    cover every step once (the step that was lost with the crash is re-done under the same number)."""
+    pre = [step for step, _ in train_rows(first)]
+    post = [step for step, _ in train_rows(second)]
+    assert post[0] == resumed_from + 1 > 1
+    assert post == list(range(resumed_from + 1, total + 1))
+    assert sorted(set(pre) | set(post)) == list(range(1, total + 1))
+    assert [s for s, _ in val_rows(second)] == sorted(s for s, _ in val_rows(second))
+    assert all(s > resumed_from for s, _ in second.rows)
+
+
+RESUME_CONFIG = dict(max_epochs=4)
+
+
+@pytest.mark.slow
+def test_resume_at_an_epoch_boundary_is_bit_exact(data, tmp_path, tmp_path_factory):
+    config = tiny_config(**RESUME_CONFIG)
+    reference = _reference(config, data, tmp_path_factory)
+    # Crash right after epoch 2 was validated and saved.
+    result, first, second = _interrupt_and_resume(config, data, tmp_path,
+                                                  lambda step, m: "val/loss" in m and m["epoch"] == 2)
+    _assert_bit_identical(result, reference)
+    _assert_steps_continue(first, second, resumed_from=20, total=40)
+
+
+@pytest.mark.slow
+def test_resume_just_after_an_epoch_boundary_is_bit_exact(data, tmp_path, tmp_path_factory):
+    config = tiny_config(**RESUME_CONFIG)
+    reference = _reference(config, data, tmp_path_factory)
+    # Crash during the first step of epoch 3: last.pt is still the end of epoch 2, step 21 is redone.
+    result, first, second = _interrupt_and_resume(config, data, tmp_path,
+                                                  lambda step, m: "train/loss" in m and step == 21)
+    _assert_bit_identical(result, reference)
+    _assert_steps_continue(first, second, resumed_from=20, total=40)
+
+
+MID_EPOCH_CASES = {
+    "mlp-icfm": dict(),
+    "otcfm-sigma": dict(flow="otcfm", sigma=0.1),
+    "mixup+noise": dict(aug="mixup+noise"),
+    "dit-fm": dict(arch="dit", flow="fm"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(MID_EPOCH_CASES))
+def test_resume_mid_epoch_is_bit_exact(case, data, tmp_path, tmp_path_factory):
+    config = tiny_config(**RESUME_CONFIG, save_every_steps=1, **MID_EPOCH_CASES[case])
+    reference = _reference(config, data, tmp_path_factory)
+    # Crash at step 25 (middle of epoch 3) before its last.pt write: the resume starts after step 24.
+    result, first, second = _interrupt_and_resume(config, data, tmp_path,
+                                                  lambda step, m: "train/loss" in m and step == 25)
+    _assert_bit_identical(result, reference)
+    _assert_steps_continue(first, second, resumed_from=24, total=40)
+
+
+@pytest.mark.slow
+def test_resume_twice(data, tmp_path, tmp_path_factory):
+    config = tiny_config(**RESUME_CONFIG, save_every_steps=3, aug="noise")
+    reference = _reference(config, data, tmp_path_factory)
+    with pytest.raises(Interrupted):
+        train(config, data, tmp_path, tracker=InterruptingTracker(lambda step, m: step == 8))
+    resumed = config.model_copy(update={"resume": True})
+    with pytest.raises(Interrupted):
+        train(resumed, data, tmp_path, tracker=InterruptingTracker(lambda step, m: step == 31))
+    result = train(resumed, data, tmp_path, tracker=RecordingTracker())
+    _assert_bit_identical(result, reference)
+
+
+def test_resume_with_a_different_config_names_the_field(data, tmp_path):
+    train(tiny_config(max_epochs=1), data, tmp_path)
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(max_epochs=2, batch_size=16, resume=True), data, tmp_path)
+    assert "batch_size" in str(info.value)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(ValueError, match="arch"):
+        train(tiny_config(max_epochs=2, arch="dit", resume=True), data, tmp_path)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(data, tmp_path, tmp_path_factory):
+    fresh = train(tiny_config(max_epochs=1), data, tmp_path_factory.mktemp("fresh"))
+    resumed = train(tiny_config(max_epochs=1, resume=True), data, tmp_path)
+    assert resumed.best_loss == fresh.best_loss
+    assert resumed.global_step == fresh.global_step == STEPS_PER_EPOCH
+
+
+# --- divergence --------------------------------------------------------------------------------------------------
+
+
+def _nan_at_training_call(monkeypatch, bad_call: int):
+    """Make the trained model's output NaN at its ``bad_call``-th training forward pass (1-based)."""
+    real_build = trainer_module.build_model
+    built = []
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        if not built:  # the first model built is the one being trained; the second is the EMA evaluation copy
+            calls = {"n": 0}
+
+            def hook(module, inputs, output):
+                if module.training:
+                    calls["n"] += 1
+                    if calls["n"] == bad_call:
+                        return output * math.nan
+                return output
+
+            model.register_forward_hook(hook)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", build)
+
+
+def test_nan_loss_raises_naming_the_step_and_keeps_best(data, tmp_path, monkeypatch):
+    bad_step = 14  # in epoch 2, after best.pt was written at the end of epoch 1
+    _nan_at_training_call(monkeypatch, bad_step)
+    best = tmp_path / ckpt.BEST_NAME
+    hashes = {}
+
+    class HashAtEpochEnd(RecordingTracker):
+        def log(self, metrics, step):
+            super().log(metrics, step)
+            if "val/loss" in metrics:
+                hashes[metrics["epoch"]] = _sha(best)
+
+    tracker = HashAtEpochEnd()
+    with pytest.raises(TrainingDiverged) as info:
+        train(tiny_config(), data, tmp_path, tracker=tracker)
+    message = str(info.value)
+    assert f"step {bad_step}" in message
+    assert str(best) in message
+    assert list(hashes) == [1]
+    assert _sha(best) == hashes[1]
+    ckpt.load_checkpoint(best)
+    # Nothing at or after the bad step reached the tracker.
+    assert max(step for step, _ in tracker.rows) == bad_step - 1
+
+
+def test_nan_before_any_checkpoint_writes_no_best(data, tmp_path, monkeypatch):
+    _nan_at_training_call(monkeypatch, 3)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(tiny_config(), data, tmp_path)
+    assert not (tmp_path / ckpt.BEST_NAME).exists()
+
+
+def test_huge_data_values_diverge(data, tmp_path):
+    """Raw values that overflow float32 once normalised: caught as divergence, not trained on silently."""
+    train_rows_ = data.train.clone()
+    train_rows_[5] = 1e38
+    bad = trainer_module.TrainData(train_rows_, data.val, data.normalizer)
+    with pytest.raises(TrainingDiverged, match=r"step \d+"):
+        train(tiny_config(max_epochs=2), bad, tmp_path)
+
+
+# --- config and data errors name the field -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("lr", -1.0), ("lr", 2.0), ("patience", -1),
+                                         ("max_epochs", 0), ("ema_decay", 1.0), ("dim", 0)])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        tiny_config(**{field: value})
+    assert field in str(info.value)
+    formatted = format_validation_error(info.value)
+    assert formatted.startswith("invalid training config: ")
+    assert f"{field}:" in formatted
+
+
+@pytest.mark.parametrize("field,value,valid", [("aug", "foo", AUGMENTATIONS),
+                                               ("arch", "resnet", ("mlp", "dit", "unet")),
+                                               ("flow", "ddpm", ("icfm", "otcfm", "fm", "vp")),
+                                               ("dataset", "2k", ("1k", "5k", "10k", "full"))])
+def test_unknown_names_list_valid_values(field, value, valid):
+    with pytest.raises(ValidationError) as info:
+        tiny_config(**{field: value})
+    message = format_validation_error(info.value)
+    assert field in message and repr(value) in message
+    for name in valid:
+        assert name in message
+
+
+def test_unknown_fields_are_rejected():
+    with pytest.raises(ValidationError, match="learning_rate"):
+        tiny_config(learning_rate=0.1)
+
+
+def test_dataset_larger_than_the_data_names_dataset(data, tmp_path):
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(dataset="1k"), data, tmp_path)
+    assert "dataset" in str(info.value) and "1k" in str(info.value)
+    assert not (tmp_path / ckpt.BEST_NAME).exists()
+
+
+def test_dim_mismatch_names_dim(data, tmp_path):
+    with pytest.raises(ValueError, match="dim"):
+        train(tiny_config(dim=32), data, tmp_path)
+
+
+# --- core never imports dagster or wandb -------------------------------------------------------------------------
+
+FORBIDDEN = ("dagster", "wandb")
+
+
+def _core_modules() -> list[str]:
+    modules = []
+    for path in sorted(CORE_DIR.rglob("*.py")):
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules.append(".".join(parts))
+    return modules
+
+
+def test_core_sources_never_import_dagster_or_wandb():
+    files = sorted(CORE_DIR.rglob("*.py"))
+    assert len(files) >= 10
+    offenders = []
+    for path in files:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+                names = [str(node.args[0].value)]
+            offenders += [f"{path}:{node.lineno} {name}" for name in names if name.split(".")[0] in FORBIDDEN]
+    assert offenders == []
+
+
+def test_importing_all_of_core_loads_no_dagster_or_wandb():
+    modules = _core_modules()
+    assert "flow_pipeline.core.trainer" in modules and "flow_pipeline.core.models.dit" in modules
+    code = "; ".join(f"import {m}" for m in modules) + (
+        "; import sys; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'wandb'))"
+        "; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

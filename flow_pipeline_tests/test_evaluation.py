@@ -1,0 +1,164 @@
+"""Evaluation of a real trained checkpoint: EMA weights, raw-space samples, metrics, determinism, sampler NFE."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flow_pipeline.config import TrainConfig
+from flow_pipeline.core.checkpoint import CheckpointError, sha256_file
+from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.sources import split_array, synthetic_sonar_like
+from flow_pipeline.core.stats import floor_std, streaming_mean_std
+from flow_pipeline.core.trainer import TrainData, train
+from flow_pipeline.evaluation import SamplerSpec, draw_samples, evaluate_checkpoint, load_ema_model, sample_count
+from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
+
+METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
+               "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n"}
+
+
+# --------------------------------------------------------------------------------------------- sampler specs
+
+
+@pytest.mark.parametrize("text, solver, steps, label", [
+    ("euler:50", "euler", 50, "euler:50"),
+    (" midpoint:3 ", "midpoint", 3, "midpoint:3"),
+    ("rk4:10", "rk4", 10, "rk4:10"),
+    ("dopri5", "dopri5", 0, "dopri5"),
+])
+def test_sampler_spec_parses(text, solver, steps, label):
+    spec = SamplerSpec.parse(text)
+    assert (spec.solver, spec.steps, spec.label) == (solver, steps, label)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("heun:10", "unknown solver 'heun'"),
+    ("euler", "'euler:STEPS'"),
+    ("euler:ten", "'euler:STEPS'"),
+    ("rk4:0", "steps must be >= 1"),
+    ("dopri5:20", "adaptive"),
+])
+def test_sampler_spec_rejects_bad_text(text, fragment):
+    with pytest.raises(ValueError, match=fragment) as info:
+        SamplerSpec.parse(text)
+    assert repr(text) in str(info.value)
+
+
+def test_sample_count_is_the_test_size_capped():
+    assert sample_count(64, 1000) == 64
+    assert sample_count(5000, 1000) == 1000
+    with pytest.raises(ValueError, match="cap"):
+        sample_count(64, 1)
+
+
+# --------------------------------------------------------------------------------------------- a trained checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny MLP trained for 2 epochs by the real trainer on synthetic SONAR-like data; (best.pt, splits)."""
+    embeddings = synthetic_sonar_like(TINY_DATASET["n_synthetic"], dim=TINY_DATASET["dim"], seed=TINY_DATASET["seed"])
+    splits = split_array(embeddings, (0.8, 0.1, 0.1), seed=0, source="synthetic")
+    mean, std, _ = streaming_mean_std(splits.train)
+    normalizer = Normalizer(torch.from_numpy(mean).float(), torch.from_numpy(floor_std(std)).float())
+    data = TrainData(torch.from_numpy(splits.train), torch.from_numpy(splits.val), normalizer)
+    result = train(TrainConfig(**TINY_TRAIN), data, tmp_path_factory.mktemp("run"))
+    return result.checkpoint_path, splits
+
+
+@pytest.mark.slow
+def test_loaded_model_holds_the_ema_weights(trained):
+    path, _ = trained
+    state = torch.load(path, weights_only=True)
+    model = load_ema_model(path).model
+    params = dict(model.named_parameters())
+    assert set(params) == set(state["ema_shadow"])
+    for name, tensor in state["ema_shadow"].items():
+        torch.testing.assert_close(params[name].detach(), tensor, rtol=0, atol=0)
+    # After 16 steps the warmed-up EMA (decay 0.65 at step 16) is not the raw weights: we did not load those.
+    assert any(not torch.equal(params[name].detach(), state["model_state_dict"][name]) for name in params)
+    assert not model.training
+
+
+@pytest.mark.slow
+def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
+    path, splits = trained
+    evaluation = evaluate_checkpoint(path, splits.train, splits.test, [SamplerSpec.parse("euler:8")], n_samples=1000)
+    n_test = splits.test.shape[0]
+    assert evaluation.n == n_test == 64  # the whole test split: fewer rows than the cap
+    metrics = evaluation.primary.metrics
+    assert set(metrics) == METRIC_KEYS
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert metrics["n"] == n_test
+    assert evaluation.sha256 == sha256_file(path)
+    assert (evaluation.arch, evaluation.flow, evaluation.run_name) == ("mlp", "icfm", "mlp-icfm-full-none-tiny")
+
+    # Raw space: z-scored 1024-d samples would have norms near sqrt(1024) = 32; raw SONAR-like ones are ~0.2.
+    x = draw_samples(load_ema_model(path), SamplerSpec.parse("euler:8"), n_test, seed=0).x.numpy().astype(np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    real_norm = np.linalg.norm(np.asarray(splits.test, dtype=np.float64), axis=1).mean()
+    assert 0.5 * real_norm < norms.mean() < 2.0 * real_norm
+    assert metrics["norm_mean"] == pytest.approx(norms.mean(), rel=1e-6)  # the metrics scored these very samples
+    assert metrics["real_norm_mean"] == pytest.approx(real_norm, rel=1e-6)
+    # ... and centred on the data mean (norm 0.113), not on 0 as z-scores would be.
+    data_mean = np.asarray(splits.train, dtype=np.float64).mean(0)
+    assert np.linalg.norm(x.mean(0) - data_mean) < 0.5 * np.linalg.norm(data_mean)
+
+
+@pytest.mark.slow
+def test_evaluation_is_deterministic_for_a_seed(trained):
+    path, splits = trained
+    samplers = [SamplerSpec.parse("euler:4")]
+    first = evaluate_checkpoint(path, splits.train, splits.test, samplers, seed=3)
+    again = evaluate_checkpoint(path, splits.train, splits.test, samplers, seed=3)
+    other = evaluate_checkpoint(path, splits.train, splits.test, samplers, seed=4)
+    assert first.primary.metrics == again.primary.metrics
+    assert first.primary.metrics["fd"] != other.primary.metrics["fd"]
+    ema = load_ema_model(path)
+    torch.testing.assert_close(draw_samples(ema, samplers[0], 16, seed=3).x,
+                               draw_samples(ema, samplers[0], 16, seed=3).x, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_several_samplers_report_their_function_evaluations(trained):
+    path, splits = trained
+    texts = ["euler:3", "midpoint:3", "rk4:2", "dopri5"]
+    evaluation = evaluate_checkpoint(path, splits.train, splits.test, [SamplerSpec.parse(t) for t in texts],
+                                     n_samples=20)
+    assert [r.sampler for r in evaluation.results] == texts
+    assert [r.nfe for r in evaluation.results[:3]] == [3, 6, 8]
+    # dopri5 (torchdiffeq): at least the first evaluation, the initial step guess and one 6-stage step.
+    assert evaluation.results[3].nfe >= 8
+    for result in evaluation.results:
+        assert set(result.metrics) == METRIC_KEYS and result.metrics["n"] == 20
+        assert result.seconds > 0
+    # Same noise, same field: the ODE solutions of the different solvers agree closely in raw space.
+    ema = load_ema_model(path)
+    rk4 = draw_samples(ema, SamplerSpec.parse("rk4:8"), 20, seed=0).x
+    dopri = draw_samples(ema, SamplerSpec.parse("dopri5"), 20, seed=0).x
+    euler = draw_samples(ema, SamplerSpec.parse("euler:1"), 20, seed=0).x
+    assert (rk4 - dopri).norm() < 0.1 * (rk4 - euler).norm()
+
+
+@pytest.mark.slow
+def test_bad_inputs_raise_clear_errors(trained, tmp_path):
+    path, splits = trained
+    euler = [SamplerSpec.parse("euler:2")]
+    with pytest.raises(CheckpointError, match="not found"):
+        evaluate_checkpoint(tmp_path / "missing" / "best.pt", splits.train, splits.test, euler)
+    with pytest.raises(CheckpointError, match="changed since it was recorded"):
+        evaluate_checkpoint(path, splits.train, splits.test, euler, expected_sha256="0" * 64)
+    with pytest.raises(ValueError, match=r"test split has shape \(64, 512\).*dim=1024"):
+        evaluate_checkpoint(path, splits.train, splits.test[:, :512], euler)
+    with pytest.raises(ValueError, match="at least one sampler"):
+        evaluate_checkpoint(path, splits.train, splits.test, [])
+    truncated = tmp_path / "best.pt"
+    shutil.copyfile(path, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=str(truncated)):
+        evaluate_checkpoint(truncated, splits.train, splits.test, euler)

@@ -1,0 +1,215 @@
+"""The ablation report: pure table/CSV/figure functions on hand-made rows, then the evaluation and ablation_report
+assets over three trained partitions on a real sqlite Dagster instance."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+
+import dagster as dg
+import matplotlib.image
+import pytest
+
+from flow_pipeline.defs.assets import trained_checkpoint
+from flow_pipeline.defs.evaluation_assets import EVALUATION_JSON, ablation_report, evaluation
+from flow_pipeline.report import (
+    COLUMN_KEYS,
+    COLUMNS,
+    MISSING,
+    build_row,
+    csv_text,
+    format_cell,
+    markdown_report,
+    plot_report,
+    sort_rows,
+    write_report,
+)
+from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline_tests.test_pipeline import latest_metadata, materialize_data, resources
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def row(partition: str, fd_ratio, **values) -> dict:
+    arch, flow = partition.split("-")
+    evaluation_values = {"fd": 2.0, "fd_floor": 1.0, "fd_ratio": fd_ratio, "precision": 0.5, "recall": 0.25,
+                         "coverage": 0.75, "memorization_ratio": 1.0, "sampler": "euler:50", "nfe": 50, "n": 64}
+    training = {"num_params": 145_232, "best_val_loss": 1.25, "train_seconds": 12.34}
+    evaluation_values.update({k: v for k, v in values.items() if k in evaluation_values})
+    training.update({k: v for k, v in values.items() if k in training})
+    return build_row(partition, arch, flow, evaluation_values, training)
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Body rows of the (single) Markdown table in ``markdown``, as lists of cells."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def column(name: str) -> int:
+    return [c.header for c in COLUMNS].index(name)
+
+
+# --------------------------------------------------------------------------------------------- pure functions
+
+
+def test_rows_sort_by_the_metric_with_missing_values_last():
+    rows = [row("a-x", 3.0), row("b-x", None), row("c-x", 1.5), row("d-x", math.nan), row("e-x", 1.5),
+            row("f-x", math.inf)]
+    assert [r["partition"] for r in sort_rows(rows)] == ["c-x", "e-x", "a-x", "f-x", "b-x", "d-x"]
+    descending = sort_rows(rows, "fd_ratio", ascending=False)
+    assert [r["partition"] for r in descending] == ["f-x", "a-x", "c-x", "e-x", "b-x", "d-x"]
+    by_recall = sort_rows([row("a-x", 1.0, recall=0.1), row("b-x", 1.0, recall=0.9)], "recall", ascending=False)
+    assert [r["partition"] for r in by_recall] == ["b-x", "a-x"]
+
+
+def test_cells_format_numbers_and_mark_missing_values():
+    assert format_cell(None, ".3f") == MISSING
+    assert format_cell(math.nan, ".3f") == MISSING
+    assert format_cell("", "") == MISSING
+    assert format_cell(math.inf, ".3f") == "∞"
+    assert format_cell(1234567, ",") == "1,234,567"
+    assert format_cell(0.123456, ".3f") == "0.123"
+    assert format_cell(7.0, "d") == "7"
+    assert format_cell("a|b") == "a\\|b"
+
+
+def test_markdown_states_the_metric_and_has_one_sorted_row_per_partition():
+    rows = [row("mlp-icfm", 2.5), row("dit-icfm", 1.25, precision=None), row("unet-fm", math.nan)]
+    markdown = markdown_report(rows)
+    header = markdown.splitlines()[0]
+    assert "**fd_ratio**" in header and "ascending" in header
+    body = table_rows(markdown)
+    assert [cells[0] for cells in body] == ["dit-icfm", "mlp-icfm", "unet-fm"]
+    assert all(len(cells) == len(COLUMNS) for cells in body)
+    assert [cells[column("FD / floor")] for cells in body] == ["1.250", "2.500", MISSING]
+    assert body[0][column("precision")] == MISSING
+    assert body[1][column("params")] == "145,232"
+    assert body[1][column("train time (s)")] == "12.3"
+
+
+def test_csv_holds_the_same_rows_unrounded():
+    rows = sort_rows([row("mlp-icfm", 2.123456789), row("dit-icfm", None)])
+    read = list(csv.DictReader(io.StringIO(csv_text(rows))))
+    assert list(read[0]) == list(COLUMN_KEYS)
+    assert [r["partition"] for r in read] == ["mlp-icfm", "dit-icfm"]
+    assert float(read[0]["fd_ratio"]) == 2.123456789
+    assert read[1]["fd_ratio"] == ""
+    assert int(read[0]["num_params"]) == 145_232
+
+
+def test_figure_is_a_png_that_opens(tmp_path):
+    history = [{"epoch": e, "val_loss": 2.0 / e, "ema_val_loss": 1.9 / e} for e in range(1, 6)]
+    rows = [row("mlp-icfm", 2.0), row("dit-icfm", None)]
+    path = plot_report(sort_rows(rows), {"mlp-icfm": history, "dit-icfm": []}, tmp_path / "report.png")
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_write_report_writes_three_consistent_files(tmp_path):
+    rows = [row("mlp-icfm", 3.0), row("dit-icfm", 1.0), row("unet-fm", 2.0)]
+    files = write_report(rows, {}, tmp_path / "reports")
+    assert [r["partition"] for r in files.rows] == ["dit-icfm", "unet-fm", "mlp-icfm"]
+    assert files.markdown_path.read_text() == files.markdown
+    assert [cells[0] for cells in table_rows(files.markdown)] == ["dit-icfm", "unet-fm", "mlp-icfm"]
+    assert [r["partition"] for r in csv.DictReader(io.StringIO(files.csv_path.read_text()))] == \
+        ["dit-icfm", "unet-fm", "mlp-icfm"]
+    assert files.png_path.read_bytes().startswith(PNG_SIGNATURE)
+    assert not list((tmp_path / "reports").glob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------------------------- the assets
+
+# Two architectures and three flows; the slower DiT is exercised by benchmarks/evaluate_small.py.
+PARTITIONS = ("mlp-icfm", "mlp-vp", "unet-fm")
+EVAL_CONFIG = {"steps": 4, "extra_samplers": ["rk4:2"], "n_samples": 1000}
+METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
+           "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine")
+
+
+def train_and_evaluate(instance, partition: str, **kwargs):
+    config = run_config(train=TINY_TRAIN)
+    config["ops"]["evaluation"] = {"config": EVAL_CONFIG}
+    return dg.materialize([trained_checkpoint, evaluation], instance=instance, resources=resources(),
+                          partition_key=partition, run_config=config, **kwargs)
+
+
+def step_failure_message(result) -> str:
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    return failure.step_failure_data.error.message + str(failure.step_failure_data.user_failure_data)
+
+
+@pytest.mark.slow
+def test_report_over_three_partitions(artifacts_root, tmp_path):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert materialize_data(instance).success
+        # No partition evaluated yet: the report says so instead of writing an empty table.
+        empty = dg.materialize([ablation_report], instance=instance, resources=resources(), raise_on_error=False)
+        assert not empty.success and "no partition of evaluation" in step_failure_message(empty)
+        # Evaluating a partition that was never trained names the missing upstream.
+        untrained = dg.materialize([evaluation], instance=instance, resources=resources(), partition_key="unet-vp",
+                                   raise_on_error=False)
+        assert not untrained.success
+        assert "materialize trained_checkpoint[unet-vp] first" in step_failure_message(untrained)
+
+        for partition in PARTITIONS:
+            assert train_and_evaluate(instance, partition).success
+
+        evaluations = {}
+        for partition in PARTITIONS:
+            meta = latest_metadata(instance, "evaluation", partition)
+            values = {key: value.value for key, value in meta.items()}
+            assert set(METRICS) <= set(values)
+            assert all(isinstance(values[key], float) for key in METRICS)
+            assert values["fd_ratio"] == pytest.approx(values["fd"] / values["fd_floor"])
+            assert (values["sampler"], values["nfe"], values["n"]) == ("euler:4", 4, 64)
+            assert values["seconds"] > 0
+            # Raw space, not z-scores: SONAR-like norms are ~0.2, z-scored 1024-d vectors ~32.
+            assert 0.1 < values["norm_mean"] < 0.4
+            training = latest_metadata(instance, "trained_checkpoint", partition)
+            assert values["checkpoint_path"] == training["checkpoint_path"].value
+            assert values["checkpoint_sha256"] == training["sha256"].value
+            saved = json.loads((artifacts_root / "evaluation" / values["run_name"] / EVALUATION_JSON).read_text())
+            assert saved["partition"] == partition and saved["n"] == 64
+            assert [r["sampler"] for r in saved["results"]] == ["euler:4", "rk4:2"]
+            assert [r["nfe"] for r in saved["results"]] == [4, 8]
+            assert {k: saved["results"][0]["metrics"][k] for k in METRICS} == {k: values[k] for k in METRICS}
+            evaluations[partition] = (values, {key: value.value for key, value in training.items()})
+
+        report = dg.materialize([ablation_report], instance=instance, resources=resources())
+        assert report.success
+        meta = {key: value.value for key, value in latest_metadata(instance, "ablation_report").items()}
+
+    # One row per materialized partition, sorted by the primary metric the header line names.
+    markdown = meta["report"]
+    assert re.search(r"Sorted by \*\*fd_ratio\*\*.*ascending", markdown.splitlines()[0])
+    body = table_rows(markdown)
+    assert sorted(cells[0] for cells in body) == sorted(PARTITIONS)
+    expected_order = sorted(PARTITIONS, key=lambda p: evaluations[p][0]["fd_ratio"])
+    assert [cells[0] for cells in body] == expected_order == meta["partitions"]
+    assert meta["best_partition"] == expected_order[0] and meta["n_partitions"] == 3
+    for cells in body:
+        values, training = evaluations[cells[0]]
+        assert cells[column("FD / floor")] == f"{values['fd_ratio']:.3f}"
+        assert cells[column("params")] == f"{training['num_params']:,}"
+        assert cells[column("best val loss")] == f"{training['best_val_loss']:.4f}"
+        assert cells[column("note")] == MISSING
+
+    with open(meta["csv_path"], newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [r["partition"] for r in csv_rows] == expected_order
+    for r in csv_rows:
+        values, training = evaluations[r["partition"]]
+        assert float(r["fd_ratio"]) == values["fd_ratio"] and float(r["recall"]) == values["recall"]
+        assert int(r["num_params"]) == training["num_params"]
+        assert float(r["train_seconds"]) == training["train_seconds"]
+
+    png = open(meta["figure_png"], "rb").read()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    assert matplotlib.image.imread(meta["figure_png"]).shape[0] > 100
+    assert str(artifacts_root / "reports") in meta["markdown_path"]
