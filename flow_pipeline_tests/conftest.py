@@ -28,6 +28,14 @@ def run_config(dataset: dict | None = None, train: dict | None = None) -> dict:
     return {"ops": ops}
 
 
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch):
+    """No test talks to a real Wandb server, even when the developer's shell holds an API key."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+
+
 @pytest.fixture
 def artifacts_root(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "artifacts"

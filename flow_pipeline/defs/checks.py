@@ -10,7 +10,6 @@ result to report, not a corrupt artifact.
 The verdicts are pure functions of a path and the reported sha256, tested without Dagster.
 """
 
-
 import math
 import warnings
 from pathlib import Path

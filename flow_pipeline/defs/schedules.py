@@ -10,11 +10,11 @@
   run monitoring (``free_slots_after_run_end_seconds`` in dagster.yaml) then frees their slots.
 """
 
-
 import os
 import socket
 import time
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,7 +132,7 @@ def attempts_since_materialization(instance: dg.DagsterInstance, partition: str)
     since = last_materialization_time(instance, partition)
     runs = instance.get_runs(filters=dg.RunsFilter(
         tags={PARTITION_TAG: partition},
-        created_after=None if since is None else _utc(since),
+        created_after=None if since is None else datetime.fromtimestamp(since, tz=timezone.utc),
     ))
     return max([1, *(int(run.tags[ATTEMPT_TAG]) for run in runs if run.tags.get(ATTEMPT_TAG, "").isdigit())])
 
@@ -190,12 +190,6 @@ def build_retry_schedule(settings: RetrySettings) -> dg.ScheduleDefinition:
         )
     except dg.DagsterInvalidDefinitionError as exc:
         raise ValueError(f"{RERUN_CRON_ENV}={settings.cron!r} is not a valid cron string: {exc}") from exc
-
-
-def _utc(timestamp: float):
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
 # --- orphaned runs -----------------------------------------------------------------------------------------------

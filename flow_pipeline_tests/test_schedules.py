@@ -1,0 +1,176 @@
+"""The retry schedule: the pure decision, its settings, and the schedule evaluated on a real sqlite instance with
+real failed runs (training that fails for want of normalisation stats), a run in progress and materializations."""
+
+import socket
+
+import dagster as dg
+import pytest
+
+from flow_pipeline.defs.assets import trained_checkpoint
+from flow_pipeline.defs.checks import verify_trained_checkpoint
+from flow_pipeline.defs.resources import ArtifactsResource, default_root
+from flow_pipeline.defs.schedules import (
+    ATTEMPT_TAG,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RERUN_CRON,
+    MAX_ATTEMPTS_ENV,
+    RERUN_CRON_ENV,
+    RETRAIN_JOB_NAME,
+    Retry,
+    RetrySettings,
+    build_retry_schedule,
+    plan_retries,
+    retry_settings_from_env,
+)
+from flow_pipeline.definitions import defs
+from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+
+FAILED, IN_PROGRESS, MATERIALIZED = (dg.AssetPartitionStatus.FAILED, dg.AssetPartitionStatus.IN_PROGRESS,
+                                     dg.AssetPartitionStatus.MATERIALIZED)
+
+
+# --- the pure decision -------------------------------------------------------------------------------------------
+
+
+def test_plan_retries_requests_failed_partitions_below_the_cap_and_explains_the_others():
+    statuses = {"a": FAILED, "b": FAILED, "c": IN_PROGRESS, "d": MATERIALIZED, "e": None, "f": FAILED}
+    plan = plan_retries(statuses, attempts={"a": 1, "b": 3, "f": 2}, max_attempts=3)
+    assert plan.retries == [Retry("a", 2), Retry("f", 3)]
+    assert set(plan.skipped) == {"b", "c", "d", "e"}
+    assert "gave up after 3 of 3 attempts" in plan.skipped["b"]
+    assert plan.skipped["c"] == "in progress"
+    assert plan.skipped["d"].startswith("materialized")
+    assert plan.skipped["e"] == "never materialized"
+    explanation = plan.explain().splitlines()
+    assert "in progress: c" in explanation and len(explanation) == 4
+
+
+def test_plan_retries_cap_counts_the_first_run():
+    assert plan_retries({"a": FAILED}, {}, max_attempts=2).retries == [Retry("a", 2)]  # no attempt count: 1 made
+    assert plan_retries({"a": FAILED}, {"a": 2}, max_attempts=2).retries == []
+    assert plan_retries({"a": FAILED}, {"a": 1}, max_attempts=1).retries == []  # 1: never retried
+    assert plan_retries({"a": FAILED}, {"a": 7}, max_attempts=3).skipped["a"].endswith("after 7 of 3 attempts")
+
+
+def test_plan_retries_explains_groups_by_reason():
+    plan = plan_retries({"a": IN_PROGRESS, "b": None, "c": IN_PROGRESS}, {}, max_attempts=3)
+    assert plan.explain() == "in progress: a, c\nnever materialized: b"
+
+
+# --- settings ----------------------------------------------------------------------------------------------------
+
+
+def test_retry_settings_from_env_defaults_values_and_errors():
+    assert retry_settings_from_env({}) == RetrySettings(DEFAULT_RERUN_CRON, DEFAULT_MAX_ATTEMPTS) == RetrySettings()
+    assert DEFAULT_RERUN_CRON == "0 * * * *" and DEFAULT_MAX_ATTEMPTS == 3
+    assert retry_settings_from_env({RERUN_CRON_ENV: "*/5 * * * *", MAX_ATTEMPTS_ENV: " 5 "}) == RetrySettings("*/5 * * * *", 5)
+    for bad in ("three", "0", "-1", "2.5"):
+        with pytest.raises(ValueError, match=MAX_ATTEMPTS_ENV):
+            retry_settings_from_env({MAX_ATTEMPTS_ENV: bad})
+    with pytest.raises(ValueError, match=RERUN_CRON_ENV):
+        build_retry_schedule(RetrySettings(cron="every hour"))
+
+
+def test_shipped_schedule_runs_hourly_and_is_on_by_default():
+    schedule = defs.resolve_schedule_def("retry_failed_training")
+    assert schedule.cron_schedule == DEFAULT_RERUN_CRON
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedule.job_name == RETRAIN_JOB_NAME
+    job = defs.resolve_job_def(RETRAIN_JOB_NAME)
+    # The retry job trains the partition and runs its checks, nothing else.
+    assert {node.name for node in job.graph.node_defs} == {trained_checkpoint.op.name, verify_trained_checkpoint.op.name}
+    assert defs.resolve_sensor_def("fail_orphaned_runs").default_status == dg.DefaultSensorStatus.RUNNING
+
+
+# --- the schedule on a real instance -----------------------------------------------------------------------------
+
+
+def resources():
+    return {**defs.resources, "artifacts": ArtifactsResource(root=default_root())}
+
+
+def failing_run(instance, partition: str, train: dict, tags: dict | None = None) -> dg.ExecuteInProcessResult:
+    """A real training run that fails: the artifact root has no normalisation stats."""
+    result = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance, resources=resources(),
+                            partition_key=partition, run_config=run_config(train=train), tags=tags,
+                            raise_on_error=False)
+    assert not result.success
+    return result
+
+
+def report_materialized(instance, partition: str) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(trained_checkpoint.key, partition=partition))
+
+
+def evaluate(instance, max_attempts: int) -> dg.ScheduleExecutionData:
+    schedule = build_retry_schedule(RetrySettings(max_attempts=max_attempts))
+    return schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+
+
+def requests_by_partition(data: dg.ScheduleExecutionData) -> dict[str, dg.RunRequest]:
+    return {request.partition_key: request for request in data.run_requests or []}
+
+
+def execute(instance, request: dg.RunRequest) -> None:
+    """Run what the schedule asked for, as the daemon would (here in process): config, tags and partition."""
+    assert not dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance, resources=resources(),
+                              partition_key=request.partition_key, run_config=request.run_config,
+                              tags=request.tags, raise_on_error=False).success
+
+
+@pytest.mark.slow
+def test_schedule_retries_exactly_the_failed_partitions_with_resume_until_the_cap(artifacts_root, tmp_path):
+    five_k = {**TINY_TRAIN, "dataset": "5k"}
+    with dg.instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
+        # mlp-icfm: failed once, with its own config -> retried as attempt 2 with that config and resume.
+        failure = failing_run(instance, "mlp-icfm", five_k)
+        message = [e for e in failure.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "mlp-icfm" in message.step_failure_data.user_failure_data.description
+        # dit-fm: failed, then a run started that is still in progress -> left alone.
+        failing_run(instance, "dit-fm", TINY_TRAIN)
+        job = defs.resolve_job_def(RETRAIN_JOB_NAME)
+        instance.create_run_for_job(job, run_config=run_config(train=TINY_TRAIN), status=dg.DagsterRunStatus.STARTED,
+                                    tags={"dagster/partition": "dit-fm", "flow_pipeline/host": socket.gethostname()})
+        # unet-fm: failed, then materialized -> left alone.
+        failing_run(instance, "unet-fm", TINY_TRAIN)
+        report_materialized(instance, "unet-fm")
+        # unet-vp: the original run and retries 2 and 3 failed -> gave up.
+        failing_run(instance, "unet-vp", TINY_TRAIN)
+        for attempt in (2, 3):
+            failing_run(instance, "unet-vp", {**TINY_TRAIN, "resume": True}, tags={ATTEMPT_TAG: str(attempt)})
+        # mlp-vp: two attempts failed before a materialization; one failure since -> attempts count from there.
+        failing_run(instance, "mlp-vp", TINY_TRAIN)
+        failing_run(instance, "mlp-vp", {**TINY_TRAIN, "resume": True}, tags={ATTEMPT_TAG: "2"})
+        report_materialized(instance, "mlp-vp")
+        failing_run(instance, "mlp-vp", TINY_TRAIN)
+
+        statuses = instance.get_status_by_partition(trained_checkpoint.key, ["mlp-icfm", "dit-fm", "unet-fm", "unet-vp"],
+                                                    trained_checkpoint.partitions_def)
+        assert statuses == {"mlp-icfm": FAILED, "dit-fm": IN_PROGRESS, "unet-fm": MATERIALIZED, "unet-vp": FAILED}
+
+        data = evaluate(instance, max_attempts=3)
+        requests = requests_by_partition(data)
+        assert set(requests) == {"mlp-icfm", "mlp-vp"}
+        icfm = requests["mlp-icfm"]
+        assert icfm.run_config == run_config(train={**five_k, "resume": True})
+        assert icfm.tags == {ATTEMPT_TAG: "2"}
+        assert requests["mlp-vp"].tags == {ATTEMPT_TAG: "2"}
+        assert requests["mlp-vp"].run_config["ops"]["trained_checkpoint"]["config"]["resume"] is True
+
+        # Run the retries the schedule asks for; each fails again, until the cap stops them.
+        execute(instance, icfm)
+        assert requests_by_partition(evaluate(instance, max_attempts=3))["mlp-icfm"].tags == {ATTEMPT_TAG: "3"}
+        execute(instance, requests_by_partition(evaluate(instance, max_attempts=3))["mlp-icfm"])
+        data = evaluate(instance, max_attempts=3)
+        assert set(requests_by_partition(data)) == {"mlp-vp"}
+
+        # With nothing left to request, the tick explains every partition it left alone.
+        data = evaluate(instance, max_attempts=2)
+        assert not data.run_requests
+        lines = data.skip_message.splitlines()
+        assert lines[0].startswith("no failed partition")
+        assert "in progress: dit-fm" in lines
+        assert "materialized (latest attempt succeeded): unet-fm" in lines
+        assert "failed, gave up after 3 of 2 attempts: mlp-icfm, unet-vp" in lines
+        assert "failed, gave up after 2 of 2 attempts: mlp-vp" in lines
+        assert any(line.startswith("never materialized: ") and "dit-icfm" in line for line in lines)
