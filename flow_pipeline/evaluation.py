@@ -126,9 +126,10 @@ def load_ema_model(checkpoint_path: str | os.PathLike, device: str | torch.devic
     )
 
 
-def draw_samples(ema: EMAModel, spec: SamplerSpec, n: int, seed: int, device: str | torch.device = "cpu",
-                 batch_size: int = 1024) -> SampleResult:
-    """n samples (n, dim) in raw embedding space (denormalised), from noise seeded with ``seed``."""
+def draw_samples(ema: EMAModel, spec: SamplerSpec, n: int, seed: int, batch_size: int = 1024) -> SampleResult:
+    """n samples (n, dim) on the CPU in raw embedding space (denormalised), from noise seeded with ``seed``,
+    integrated on the device the model lives on."""
+    device = next(ema.model.parameters()).device
     return sample(ema.model, ema.flow, n=n, dim=ema.config.dim, solver=spec.solver, steps=spec.steps, seed=seed,
                   device=device, batch_size=batch_size, denormalize=ema.normalizer.denormalize)
 
@@ -209,7 +210,7 @@ def evaluate_checkpoint(
         raise ValueError(f"k={k} nearest neighbours needs more than k samples; n={n}")
     results = []
     for spec in samplers:
-        drawn = draw_samples(ema, spec, n, seed, device, batch_size)
+        drawn = draw_samples(ema, spec, n, seed, batch_size)
         metrics = evaluate_samples(drawn.x.numpy(), np.asarray(train), np.asarray(test), k=k, seed=seed)
         results.append(SamplerEvaluation(sampler=spec.label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
                                          seconds=drawn.seconds, metrics=metrics))

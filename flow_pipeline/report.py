@@ -16,6 +16,7 @@ from flow_pipeline import plots  # also selects the Agg backend before pyplot is
 from flow_pipeline.artifacts import write_atomic
 
 import matplotlib.pyplot as plt  # noqa: E402  (after flow_pipeline.plots chose the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PRIMARY_METRIC = "fd_ratio"
 PRIMARY_METRIC_MEANING = "FD / FD floor; 1.0 = as close to the test split as a second real sample"
@@ -131,22 +132,27 @@ def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, met
     (partition -> history rows with epoch, val_loss, ema_val_loss). Right: ``metric`` per row, in row order,
     with the real-data level 1.0 marked for fd_ratio; rows missing the metric get no bar."""
     fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for index, (partition, history) in enumerate(sorted(curves.items())):
+    # One colour per partition in both panels.
+    partitions = sorted(set(curves) | {row["partition"] for row in rows})
+    colors = {partition: f"C{index % 10}" for index, partition in enumerate(partitions)}
+    for partition, history in sorted(curves.items()):
         if not history:
             continue
-        color = f"C{index % 10}"
         epochs = [entry["epoch"] for entry in history]
-        ax_loss.plot(epochs, [entry["ema_val_loss"] for entry in history], color=color, label=partition)
-        ax_loss.plot(epochs, [entry["val_loss"] for entry in history], color=color, linestyle="--", alpha=0.4)
+        ax_loss.plot(epochs, [entry["ema_val_loss"] for entry in history], color=colors[partition], marker=".",
+                     label=partition)
+        ax_loss.plot(epochs, [entry["val_loss"] for entry in history], color=colors[partition], marker=".",
+                     linestyle="--", alpha=0.4)
     ax_loss.axhline(2.0, color="grey", linestyle=":", label="zero predictor")
     ax_loss.set(xlabel="epoch", ylabel="val loss (solid: EMA, dashed: raw)", title="validation loss")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=7)
 
     labels = [row["partition"] for row in rows]
     values = [float(row[metric]) if not is_missing(row.get(metric)) else math.nan for row in rows]
     ax_bar.bar(range(len(rows)), [0.0 if math.isnan(v) else v for v in values],
-               color=["lightgrey" if math.isnan(v) else f"C{i % 10}" for i, v in enumerate(values)])
+               color=["lightgrey" if math.isnan(v) else colors[label] for label, v in zip(labels, values)])
     ax_bar.set_xticks(range(len(rows)), [f"{label}\n(n/a)" if math.isnan(v) else label
                                          for label, v in zip(labels, values)], rotation=45, ha="right", fontsize=8)
     finite = [v for v in values if math.isfinite(v) and v > 0]

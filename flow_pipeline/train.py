@@ -91,8 +91,9 @@ def open_tracker(job: TrainJob, config: TrainConfig, dist: DistInfo):
     return open_wandb_tracker(job.tracking, config, job.partition_key)
 
 
-def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dict, loss_curve: Path) -> dict:
-    """Materialization metadata in Dagster Pipes' typed form."""
+def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dict, loss_curve: Path,
+                    world_size: int = 1) -> dict:
+    """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run)."""
 
     def typed(value, kind):
         return {"raw_value": value, "type": kind}
@@ -108,6 +109,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "global_step": typed(result.global_step, "int"),
         "train_seconds": typed(round(result.train_seconds, 2), "float"),
         "device": typed(result.device, "text"),
+        "world_size": typed(world_size, "int"),
         "num_params": typed(result.num_params, "int"),
         "run_name": typed(config.run_name, "text"),
         "config": typed(config.model_dump(), "json"),
@@ -157,7 +159,7 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
     if dist.is_main:
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
         loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name)
-        metadata = result_metadata(result, config, tracking_info, loss_curve)
+        metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size)
         process = {"pid": os.getpid(), "started_at": started_at, "finished_at": time.time()}
         write_json(run_dir / RESULT_NAME, {**{key: value["raw_value"] for key, value in metadata.items()},
                                            "process": process})

@@ -185,6 +185,16 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         assert report.success
         meta = {key: value.value for key, value in latest_metadata(instance, "ablation_report").items()}
 
+        # A newer trained_checkpoint of one partition than the one evaluated: its row says the evaluation is stale.
+        stale = PARTITIONS[0]
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key="trained_checkpoint", partition=stale, metadata={"sha256": "0" * 64, "num_params": 1}))
+        assert dg.materialize([ablation_report], instance=instance, resources=resources()).success
+        stale_markdown = latest_metadata(instance, "ablation_report")["report"].value
+    notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}
+    assert "trained again since this evaluation" in notes[stale]
+    assert all(notes[p] == MISSING for p in PARTITIONS[1:])
+
     # One row per materialized partition, sorted by the primary metric the header line names.
     markdown = meta["report"]
     assert re.search(r"Sorted by \*\*fd_ratio\*\*.*ascending", markdown.splitlines()[0])

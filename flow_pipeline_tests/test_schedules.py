@@ -6,7 +6,7 @@ import socket
 import dagster as dg
 import pytest
 
-from flow_pipeline.defs.assets import trained_checkpoint
+from flow_pipeline.defs.assets import RUN_HOST_TAG, trained_checkpoint
 from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource, default_root
 from flow_pipeline.defs.schedules import (
@@ -89,25 +89,25 @@ def resources():
     return {**defs.resources, "artifacts": ArtifactsResource(root=default_root())}
 
 
-def failing_run(instance, partition: str, train: dict, tags: dict | None = None) -> dg.ExecuteInProcessResult:
+def failing_run(instance, partition: str, train: dict, tags: dict | None = None) -> None:
     """A real training run that fails: the artifact root has no normalisation stats."""
     result = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance, resources=resources(),
                             partition_key=partition, run_config=run_config(train=train), tags=tags,
                             raise_on_error=False)
     assert not result.success
-    return result
 
 
 def report_materialized(instance, partition: str) -> None:
     instance.report_runless_asset_event(dg.AssetMaterialization(trained_checkpoint.key, partition=partition))
 
 
-def evaluate(instance, max_attempts: int) -> dg.ScheduleExecutionData:
+def evaluate(instance, max_attempts: int) :
     schedule = build_retry_schedule(RetrySettings(max_attempts=max_attempts))
-    return schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    context = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def())
+    return schedule.evaluate_tick(context)
 
 
-def requests_by_partition(data: dg.ScheduleExecutionData) -> dict[str, dg.RunRequest]:
+def requests_by_partition(data) -> dict[str, dg.RunRequest]:
     return {request.partition_key: request for request in data.run_requests or []}
 
 
@@ -121,26 +121,21 @@ def execute(instance, request: dg.RunRequest) -> None:
 @pytest.mark.slow
 def test_schedule_retries_exactly_the_failed_partitions_with_resume_until_the_cap(artifacts_root, tmp_path):
     five_k = {**TINY_TRAIN, "dataset": "5k"}
-    with dg.instance_for_test(temp_dir=str(tmp_path / "instance")) as instance:
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         # mlp-icfm: failed once, with its own config -> retried as attempt 2 with that config and resume.
-        failure = failing_run(instance, "mlp-icfm", five_k)
-        message = [e for e in failure.all_events if e.event_type_value == "STEP_FAILURE"][0]
-        assert "mlp-icfm" in message.step_failure_data.user_failure_data.description
+        failing_run(instance, "mlp-icfm", five_k)
         # dit-fm: failed, then a run started that is still in progress -> left alone.
         failing_run(instance, "dit-fm", TINY_TRAIN)
         job = defs.resolve_job_def(RETRAIN_JOB_NAME)
         instance.create_run_for_job(job, run_config=run_config(train=TINY_TRAIN), status=dg.DagsterRunStatus.STARTED,
-                                    tags={"dagster/partition": "dit-fm", "flow_pipeline/host": socket.gethostname()})
+                                    tags={"dagster/partition": "dit-fm", RUN_HOST_TAG: socket.gethostname()})
         # unet-fm: failed, then materialized -> left alone.
         failing_run(instance, "unet-fm", TINY_TRAIN)
         report_materialized(instance, "unet-fm")
-        # unet-vp: the original run and retries 2 and 3 failed -> gave up.
-        failing_run(instance, "unet-vp", TINY_TRAIN)
-        for attempt in (2, 3):
-            failing_run(instance, "unet-vp", {**TINY_TRAIN, "resume": True}, tags={ATTEMPT_TAG: str(attempt)})
-        # mlp-vp: two attempts failed before a materialization; one failure since -> attempts count from there.
-        failing_run(instance, "mlp-vp", TINY_TRAIN)
-        failing_run(instance, "mlp-vp", {**TINY_TRAIN, "resume": True}, tags={ATTEMPT_TAG: "2"})
+        # unet-vp: its third attempt failed (the attempt tag counts) -> gave up at a cap of 2.
+        failing_run(instance, "unet-vp", {**TINY_TRAIN, "resume": True}, tags={ATTEMPT_TAG: "3"})
+        # mlp-vp: attempt 3 failed before a materialization, a new run failed since -> its attempts restart at 1.
+        failing_run(instance, "mlp-vp", TINY_TRAIN, tags={ATTEMPT_TAG: "3"})
         report_materialized(instance, "mlp-vp")
         failing_run(instance, "mlp-vp", TINY_TRAIN)
 
@@ -148,29 +143,29 @@ def test_schedule_retries_exactly_the_failed_partitions_with_resume_until_the_ca
                                                     trained_checkpoint.partitions_def)
         assert statuses == {"mlp-icfm": FAILED, "dit-fm": IN_PROGRESS, "unet-fm": MATERIALIZED, "unet-vp": FAILED}
 
-        data = evaluate(instance, max_attempts=3)
+        data = evaluate(instance, max_attempts=2)
         requests = requests_by_partition(data)
         assert set(requests) == {"mlp-icfm", "mlp-vp"}
         icfm = requests["mlp-icfm"]
         assert icfm.run_config == run_config(train={**five_k, "resume": True})
-        assert icfm.tags == {ATTEMPT_TAG: "2"}
-        assert requests["mlp-vp"].tags == {ATTEMPT_TAG: "2"}
-        assert requests["mlp-vp"].run_config["ops"]["trained_checkpoint"]["config"]["resume"] is True
+        assert icfm.tags[ATTEMPT_TAG] == "2" and icfm.tags["dagster/partition"] == "mlp-icfm"
+        assert requests["mlp-vp"].run_config == run_config(train={**TINY_TRAIN, "resume": True})
+        assert requests["mlp-vp"].tags[ATTEMPT_TAG] == "2"
 
-        # Run the retries the schedule asks for; each fails again, until the cap stops them.
+        # Run the retry the schedule asks for: it fails again, and the cap of 2 stops further ones.
         execute(instance, icfm)
-        assert requests_by_partition(evaluate(instance, max_attempts=3))["mlp-icfm"].tags == {ATTEMPT_TAG: "3"}
-        execute(instance, requests_by_partition(evaluate(instance, max_attempts=3))["mlp-icfm"])
-        data = evaluate(instance, max_attempts=3)
+        data = evaluate(instance, max_attempts=2)
         assert set(requests_by_partition(data)) == {"mlp-vp"}
+        assert requests_by_partition(evaluate(instance, max_attempts=3))["mlp-icfm"].tags[ATTEMPT_TAG] == "3"
 
         # With nothing left to request, the tick explains every partition it left alone.
-        data = evaluate(instance, max_attempts=2)
+        data = evaluate(instance, max_attempts=1)
         assert not data.run_requests
         lines = data.skip_message.splitlines()
         assert lines[0].startswith("no failed partition")
         assert "in progress: dit-fm" in lines
         assert "materialized (latest attempt succeeded): unet-fm" in lines
-        assert "failed, gave up after 3 of 2 attempts: mlp-icfm, unet-vp" in lines
-        assert "failed, gave up after 2 of 2 attempts: mlp-vp" in lines
+        assert "failed, gave up after 2 of 1 attempts: mlp-icfm" in lines
+        assert "failed, gave up after 1 of 1 attempts: mlp-vp" in lines
+        assert "failed, gave up after 3 of 1 attempts: unet-vp" in lines
         assert any(line.startswith("never materialized: ") and "dit-icfm" in line for line in lines)

@@ -28,6 +28,11 @@ class DistInfo:
     def active(self) -> bool:
         return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
 
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous block of the rows 0..n-1 of a global batch: rank r of W takes
+        ``[r*n//W, (r+1)*n//W)``, so the ranks' blocks concatenate, in rank order, to the whole batch."""
+        return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel around ``model`` when several ranks train together, else ``model``."""
         if not self.active:

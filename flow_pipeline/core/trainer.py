@@ -25,7 +25,7 @@ from flow_pipeline.core.data import DATASET_SIZES, EpochBatchSampler, Normalizer
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
-from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.flows import Flow, PathSample, get_flow
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.schedule import warmup_cosine_schedule
 from flow_pipeline.core.tracking import NullTracker, Tracker
@@ -88,34 +88,41 @@ def select_training_rows(train: Tensor, dataset: str) -> Tensor:
     return train[:n]
 
 
-def flow_matching_loss(model: nn.Module, flow: Flow, x_0: Tensor, x_1: Tensor, t: Tensor,
-                       generator: torch.Generator | None, autocast: contextlib.AbstractContextManager) -> Tensor:
-    """MSE between the model's prediction at x_t and the flow's regression target (scalar tensor)."""
-    path = flow.sample(x_0, x_1, t, generator=generator)
+def draw_path(flow: Flow, x_1: Tensor, generator: torch.Generator) -> PathSample:
+    """Noise x_0 ~ N(0, I) (batch, dim) and times t ~ U(0, 1) (batch,) for every row of the data batch x_1, then
+    the flow's pairing and path point. Under data parallelism every rank calls this on the whole global batch with
+    an identically seeded generator: each row gets the noise it would get in one process, OT pairs and mixup
+    partners span the global batch, and the generators of all ranks stay in the same state."""
+    x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device)
+    t = torch.rand(x_1.shape[0], generator=generator, device=x_1.device)
+    return flow.sample(x_0, x_1, t, generator=generator)
+
+
+def flow_matching_loss(model: nn.Module, path: PathSample, rows: slice,
+                       autocast: contextlib.AbstractContextManager) -> Tensor:
+    """MSE (scalar tensor) between the model's prediction at ``path.x_t[rows]`` and ``path.target[rows]``."""
     with autocast:
-        prediction = model(path.x_t, path.t)
-    return F.mse_loss(prediction.float(), path.target)
+        prediction = model(path.x_t[rows], path.t[rows])
+    return F.mse_loss(prediction.float(), path.target[rows])
 
 
 @torch.no_grad()
 def validate(model: nn.Module, flow: Flow, val: Tensor, batch_size: int, seed: int,
              autocast: contextlib.AbstractContextManager, dist: DistInfo) -> float:
     """Mean flow-matching loss on ``val`` (normalised, (n_val, dim)) with x_0, t drawn from a generator seeded
-    with ``seed``: the same weights always give the same value. Rows are split across ranks and summed."""
+    with ``seed``: the same weights always give the same value. Each rank evaluates its block of every batch
+    (the noise is drawn for the whole batch, so the value does not depend on the world size); the per-rank sums
+    are added up across ranks."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=val.device).manual_seed(seed)
     total = torch.zeros((), device=val.device, dtype=torch.float64)
     for start in range(0, val.shape[0], batch_size):
-        x_1 = val[start : start + batch_size]
-        # Every rank draws the full noise stream so that the value does not depend on the world size.
-        x_0 = torch.randn(x_1.shape, generator=generator, device=val.device)
-        t = torch.rand(x_1.shape[0], generator=generator, device=val.device)
-        mine = slice(dist.rank, None, dist.world_size)
-        if x_1[mine].shape[0] == 0:
-            continue
-        loss = flow_matching_loss(model, flow, x_0[mine], x_1[mine], t[mine], generator, autocast)
-        total += loss.double() * x_1[mine].shape[0]
+        path = draw_path(flow, val[start : start + batch_size], generator)
+        mine = dist.shard(path.x_t.shape[0])
+        n_mine = mine.stop - mine.start
+        if n_mine:
+            total += flow_matching_loss(model, path, mine, autocast).double() * n_mine
     total = dist.all_reduce_sum(total)
     model.train(was_training)
     return float(total) / val.shape[0]
@@ -176,10 +183,15 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
     train_rows = select_training_rows(data.train, config.dataset)
     train_z = data.normalizer.normalize(torch.as_tensor(train_rows, dtype=torch.float32)).to(device)
     val_z = data.normalizer.normalize(torch.as_tensor(data.val, dtype=torch.float32)).to(device)
+    if config.batch_size % dist.world_size:
+        raise ValueError(f"batch_size: {config.batch_size} is not a multiple of the {dist.world_size} training "
+                         f"processes (each takes an equal block of every batch)")
     batch_size = min(config.batch_size, train_z.shape[0] - train_z.shape[0] % dist.world_size)
     if batch_size != config.batch_size:
         logger.warning("batch_size %d > %d training rows: using %d", config.batch_size, train_z.shape[0], batch_size)
-    sampler = EpochBatchSampler(train_z.shape[0], batch_size, config.seed, dist.rank, dist.world_size)
+    # Global batches on every rank; each rank trains on its block ``mine`` of each one (see draw_path).
+    sampler = EpochBatchSampler(train_z.shape[0], batch_size, config.seed)
+    mine = dist.shard(batch_size)
 
     # --- model, EMA, optimiser, schedule -----------------------------------------------------------------------
     torch.manual_seed(config.seed)  # model init is the only user of the global RNG
@@ -216,6 +228,11 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         else:
             state = ckpt.load_checkpoint(source, map_location=device)
             _check_resumable(state["config"], config, source)
+            saved_world_size = state.get("world_size", 1)
+            if saved_world_size != dist.world_size and dist.is_main:
+                # Same batches and noise, so the run continues its trajectory; only the order in which gradients
+                # are summed changes, so it is no longer bit-identical to an uninterrupted run.
+                logger.warning("resuming a run trained by %d processes with %d", saved_world_size, dist.world_size)
             model.load_state_dict(state["model_state_dict"])
             ema.load_state_dict(state["ema_state"])
             optimizer.load_state_dict(state["optimizer_state_dict"])
@@ -229,7 +246,9 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
             loss_sum = state["epoch_loss_sum"].to(device)
             steps_this_epoch = state["epoch_steps"]
             stopped_early = stopper.should_stop
-            logger.info("resumed from %s at epoch %d, step %d (best %.4f)", source, epoch, global_step, stopper.best_loss)
+            if dist.is_main:
+                logger.info("resumed from %s at epoch %d, step %d (best %.4f)", source, epoch, global_step,
+                            stopper.best_loss)
 
     def checkpoint_state() -> dict:
         return {
@@ -251,6 +270,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
             "history": history,
             "epoch_loss_sum": loss_sum.detach().cpu(),
             "epoch_steps": steps_this_epoch,
+            "world_size": dist.world_size,
             "train_seconds": train_seconds,
             "num_params": count_parameters(model),
         }
@@ -275,23 +295,26 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         train_model.train()
         for rows in sampler.epoch_batches(device):
             x_1 = augment(train_z[rows], config.aug, noise_generator, config.noise_std, config.mixup_max, config.dropout_p)
-            x_0 = torch.randn(x_1.shape, generator=noise_generator, device=device)
-            t = torch.rand(x_1.shape[0], generator=noise_generator, device=device)
-            loss = flow_matching_loss(train_model, flow, x_0, x_1, t, noise_generator, autocast)
+            path = draw_path(flow, x_1, noise_generator)
+            loss = flow_matching_loss(train_model, path, mine, autocast)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP this also averages the gradients of all ranks
+            # The global batch's loss on every rank, so every rank takes the same divergence decision and the
+            # epoch mean (part of the checkpoint) does not depend on which rank saved it.
+            batch_loss = dist.all_reduce_mean(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if check_every_step and not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
-                raise diverged(f"non-finite loss {loss.item()} / grad norm {grad_norm.item()}", step=global_step + 1)
+            if check_every_step and not (math.isfinite(batch_loss.item()) and math.isfinite(grad_norm.item())):
+                raise diverged(f"non-finite loss {batch_loss.item()} / grad norm {grad_norm.item()}",
+                               step=global_step + 1)
             step_lr = optimizer.param_groups[0]["lr"]  # the LR this step uses; the scheduler moves on below
             optimizer.step()
             scheduler.step()
             ema.update(model)
             global_step += 1
             steps_this_epoch += 1
-            loss_sum += loss.detach()
+            loss_sum += batch_loss
             if global_step % config.log_every == 0:
-                loss_value, norm_value = loss.item(), grad_norm.item()  # host sync only at logging intervals
+                loss_value, norm_value = batch_loss.item(), grad_norm.item()  # host sync only at logging intervals
                 if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                     raise diverged(f"non-finite loss {loss_value} / grad norm {norm_value}")
                 if dist.is_main:
@@ -303,7 +326,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
 
         # --- end of epoch: validate raw and EMA weights, select on EMA ------------------------------------------
         epoch += 1
-        train_loss = float(dist.all_reduce_mean(loss_sum / max(1, steps_this_epoch)))
+        train_loss = float(loss_sum / max(1, steps_this_epoch))
         if not math.isfinite(train_loss):
             raise diverged(f"non-finite mean training loss {train_loss}")
         loss_sum = torch.zeros((), device=device)
@@ -329,10 +352,11 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
                          "epoch": epoch}, step=global_step)
         epoch_seconds = time.perf_counter() - epoch_start
         eta = epoch_seconds * (config.max_epochs - epoch)
-        logger.info("epoch %d/%d train_loss=%.4f val_loss=%.4f ema_val_loss=%.4f%s lr=%.2e epoch_s=%.1f elapsed_s=%.1f eta_s=%.0f",
-                    epoch, config.max_epochs, train_loss, val_loss, ema_val_loss, " *best*" if improved else "",
-                    lr, epoch_seconds, train_seconds, 0 if stopped_early else eta)
-        if stopped_early:
+        if dist.is_main:
+            logger.info("epoch %d/%d train_loss=%.4f val_loss=%.4f ema_val_loss=%.4f%s lr=%.2e epoch_s=%.1f "
+                        "elapsed_s=%.1f eta_s=%.0f", epoch, config.max_epochs, train_loss, val_loss, ema_val_loss,
+                        " *best*" if improved else "", lr, epoch_seconds, train_seconds, 0 if stopped_early else eta)
+        if stopped_early and dist.is_main:
             logger.info("early stopping at epoch %d: no EMA val improvement for %d epochs", epoch, stopper.bad_epochs)
 
     # --- finish: best-only on disk ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import torch
 from pydantic import Field, ValidationError
 
 from flow_pipeline.ablations import PARTITION_KEYS, ablation_for
@@ -24,6 +25,17 @@ ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
 OWNERS = ["team:flow-matching"]
 # Run tag naming the host that trains: the fail_orphaned_runs sensor judges a run worker's pid only on that host.
 RUN_HOST_TAG = "flow_pipeline/host"
+# Run tag read by dagster-k8s's K8sRunLauncher: extra Kubernetes config for the run's pod.
+K8S_CONFIG_TAG = "dagster-k8s/config"
+
+
+def k8s_gpu_run_tags(gpus: int) -> dict[str, str]:
+    """Run tags that make K8sRunLauncher give the run's pod ``gpus`` NVIDIA GPUs (limit = request for extended
+    resources). Put them on the job that trains, or on a launch, with the same N as ``gpus_per_run``."""
+    if gpus < 1:
+        raise ValueError(f"gpus: must be at least 1, got {gpus}")
+    config = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}
+    return {K8S_CONFIG_TAG: json.dumps(config)}
 
 
 class DatasetConfig(dg.Config):
@@ -103,12 +115,33 @@ class TrainRunConfig(dg.Config):
     compile: bool = TrainConfig.model_fields["compile"].default
     log_every: int = TrainConfig.model_fields["log_every"].default
     save_every_steps: int = TrainConfig.model_fields["save_every_steps"].default
+    gpus_per_run: int = Field(
+        default=1, ge=1,
+        description="training processes of the run, one per GPU (torchrun, data parallel; on a CPU-only machine "
+        "N CPU processes). The run still holds one slot of the 'gpu' pool: set its limit to GPUs // gpus_per_run",
+    )
 
     def to_train_config(self, partition_key: str, dim: int, device: str) -> TrainConfig:
         ablation = ablation_for(partition_key)
-        values = self.model_dump()
+        values = self.model_dump(exclude={"gpus_per_run"})  # how many processes train is not a TrainConfig knob
         values["device"] = device if values["device"] == "auto" else values["device"]
         return TrainConfig(arch=ablation.arch, flow=ablation.flow, dim=dim, **values)
+
+
+def training_command(job_path: Path, processes: int) -> list[str]:
+    """The training process: one ``python -m flow_pipeline.train``, or ``processes`` of them under torchrun
+    (``--standalone``: a single-node rendezvous on a free local port, so concurrent runs never collide)."""
+    if processes == 1:
+        return [sys.executable, "-m", "flow_pipeline.train", "--job", str(job_path)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "flow_pipeline.train", "--job", str(job_path)]
+
+
+def _visible_gpus(compute: ComputeResource) -> int:
+    """GPUs the training processes will see: the compute resource's CUDA_VISIBLE_DEVICES list, else all here."""
+    if compute.visible_devices:
+        return len([device for device in compute.visible_devices.split(",") if device.strip()])
+    return torch.cuda.device_count()
 
 
 def _read_failure(run_dir: Path) -> str:
@@ -139,12 +172,17 @@ def trained_checkpoint(
     best.pt (EMA selected on validation loss) with its sha256, training metadata and the tracking link."""
     layout = artifacts.layout
     partition = context.partition_key
-    context.instance.add_run_tags(context.run_id, {RUN_HOST_TAG: socket.gethostname()})
+    context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
     try:
         dim = int(np.load(layout.stats_path)["mean"].shape[0]) if layout.stats_path.exists() else 0
         if not dim:
             raise dg.Failure(f"normalization stats not found at {layout.stats_path}: materialize normalization_stats first")
         train_config = config.to_train_config(partition, dim, compute.resolve_device(context.log))
+        if train_config.batch_size % config.gpus_per_run:
+            raise ValueError(f"batch_size: {train_config.batch_size} is not a multiple of gpus_per_run="
+                             f"{config.gpus_per_run} (every process takes an equal block of each batch)")
+        if train_config.device.startswith("cuda") and _visible_gpus(compute) < config.gpus_per_run:
+            raise ValueError(f"gpus_per_run: {config.gpus_per_run} GPUs requested, {_visible_gpus(compute)} visible")
     except ValidationError as exc:
         raise dg.Failure(description=f"partition {partition}: {format_validation_error(exc)}") from exc
     except ValueError as exc:
@@ -160,11 +198,13 @@ def trained_checkpoint(
         tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),
     )
     job_path = job.save()
-    context.log.info(f"training {train_config.run_name} on {train_config.device} in {run_dir}")
+    context.log.info(f"training {train_config.run_name} on {train_config.device} "
+                     f"({config.gpus_per_run} process(es)) in {run_dir}")
     try:
+        # Under torchrun every rank inherits the Pipes environment; rank 0 alone opens Pipes (see train.main).
         invocation = pipes_subprocess_client.run(
             context=context,
-            command=[sys.executable, "-m", "flow_pipeline.train", "--job", str(job_path)],
+            command=training_command(job_path, config.gpus_per_run),
             env={**compute.environment(), **wandb.environment()},
         )
     except Exception as exc:  # the process failed: report its own error, not Pipes' exit-code message

@@ -34,10 +34,12 @@ class EvaluationConfig(dg.Config):
         return [SamplerSpec.parse(text) for text in (primary, *self.extra_samplers)]
 
 
-def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str) -> dict | None:
-    """Plain values of the latest materialization's metadata of one partition, or None if it was never materialized."""
+def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None = None) -> dict | None:
+    """Plain values of the latest materialization's metadata of one partition (``None``: an unpartitioned asset),
+    or None if it was never materialized."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition is not None else None),
+        limit=1,
     ).records
     if not records:
         return None
@@ -122,9 +124,12 @@ def ablation_report(context: dg.AssetExecutionContext, artifacts: ArtifactsResou
         evaluated = latest_metadata(context.instance, evaluation.key, partition)
         if evaluated is None:
             continue
-        training = latest_metadata(context.instance, trained_checkpoint.key, partition) or {}
+        training = latest_metadata(context.instance, trained_checkpoint.key, partition)
         notes = []
-        if training.get("sha256") != evaluated.get("checkpoint_sha256"):
+        if training is None:
+            training = {}
+            notes.append("no trained_checkpoint materialization")
+        elif training.get("sha256") != evaluated.get("checkpoint_sha256"):
             notes.append("trained again since this evaluation: re-materialize evaluation")
         curves[partition], curve_note = _history(evaluated.get("checkpoint_path"))
         notes += [curve_note] if curve_note else []

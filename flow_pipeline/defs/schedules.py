@@ -137,18 +137,14 @@ def attempts_since_materialization(instance: dg.DagsterInstance, partition: str)
     return max([1, *(int(run.tags[ATTEMPT_TAG]) for run in runs if run.tags.get(ATTEMPT_TAG, "").isdigit())])
 
 
-def _targets_training(run: dg.DagsterRun) -> bool:
-    return run.job_name == RETRAIN_JOB_NAME or trained_checkpoint.key in (run.asset_selection or ())
-
-
 def failed_training_config(instance: dg.DagsterInstance, partition: str) -> dict:
-    """The ``trained_checkpoint`` op config of the partition's latest failed training run ({} if none is found):
-    a resume must use the same config, or it would train another run directory from scratch."""
-    for run in instance.get_runs(filters=dg.RunsFilter(tags={PARTITION_TAG: partition},
-                                                       statuses=[dg.DagsterRunStatus.FAILURE]), limit=20):
-        if _targets_training(run):
-            return dict(run.run_config.get("ops", {}).get(trained_checkpoint.op.name, {}).get("config", {}))
-    return {}
+    """The ``trained_checkpoint`` op config of the run that made the latest attempt at the partition ({} when that
+    run used the defaults): a resume must use the same config, or it would train another run directory."""
+    planned = instance.get_latest_planned_materialization_info(trained_checkpoint.key, partition)
+    run = instance.get_run_by_id(planned.run_id) if planned else None
+    if run is None:
+        return {}
+    return dict(run.run_config.get("ops", {}).get(trained_checkpoint.op.name, {}).get("config", {}))
 
 
 def retry_run_request(retry: Retry, config: dict) -> dg.RunRequest:
@@ -172,10 +168,12 @@ def build_retry_schedule(settings: RetrySettings) -> dg.ScheduleDefinition:
                     for partition, status in statuses.items() if status == Status.FAILED}
         plan = plan_retries(statuses, attempts, settings.max_attempts)
         if not plan.retries:
-            return dg.SkipReason(f"no failed partition of trained_checkpoint to retry.\n{plan.explain()}")
+            yield dg.SkipReason(f"no failed partition of trained_checkpoint to retry.\n{plan.explain()}")
+            return
         context.log.info(f"retrying {', '.join(f'{r.partition} (attempt {r.attempt})' for r in plan.retries)}; "
                          f"left alone:\n{plan.explain()}")
-        return [retry_run_request(retry, failed_training_config(instance, retry.partition)) for retry in plan.retries]
+        for retry in plan.retries:
+            yield retry_run_request(retry, failed_training_config(instance, retry.partition))
 
     try:
         return dg.ScheduleDefinition(

@@ -364,9 +364,9 @@ def test_nan_before_any_checkpoint_writes_no_best(data, tmp_path, monkeypatch):
 
 def test_huge_data_values_diverge(data, tmp_path):
     """Raw values that overflow float32 once normalised: caught as divergence, not trained on silently."""
-    train_rows_ = data.train.clone()
-    train_rows_[5] = 1e38
-    bad = trainer_module.TrainData(train_rows_, data.val, data.normalizer)
+    raw = data.train.clone()
+    raw[5] = 1e38
+    bad = trainer_module.TrainData(raw, data.val, data.normalizer)
     with pytest.raises(TrainingDiverged, match=r"step \d+"):
         train(tiny_config(max_epochs=2), bad, tmp_path)
 

@@ -1,0 +1,227 @@
+"""Where a training step's time goes: data, forward+backward, clipping, optimizer, LR schedule, EMA, logging.
+
+    python benchmarks/bench_step_breakdown.py                 # mlp small, batch 256, 150 timed steps
+    python benchmarks/bench_step_breakdown.py --arch dit
+
+An instrumented copy of the project trainer's inner loop (flow_pipeline/core/trainer.py), built from the same
+components: EpochBatchSampler index selection, flow.sample, the model, fused AdamW, clip_grad_norm_, LambdaLR
+warmup-cosine, EMA.update from flow_pipeline.core.ema, the per-step finite check the trainer does on the CPU and the
+tracker call with ``.item()`` every ``--log-every`` steps. Every section is timed with perf_counter; on the CPU
+every op is synchronous, so a section's time is its own (this script refuses CUDA, where it would not be).
+
+Goal (issue 7): everything but forward+backward and the optimizer step is at most 5% of the step.
+
+A second table times the seed's versions of the replaced pieces in the same process, on the same model, for
+comparison: its dict EMA, default (for-loop) AdamW and a 4-worker DataLoader over a per-sample Dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from bench_trainer_vs_reference import SeedEMA, SeedFlowDataset
+from common import (add_common_args, command_line, finish_run, format_table, median, start_run, synthetic_train_data,
+                    time_calls, write_result)
+from flow_pipeline.core.data import EpochBatchSampler, augment
+from flow_pipeline.core.ema import EMA
+from flow_pipeline.core.flows import get_flow
+from flow_pipeline.core.models import build_model, count_parameters
+from flow_pipeline.core.schedule import warmup_cosine_schedule
+from flow_pipeline.core.tracking import NullTracker
+
+NAME = "step_breakdown"
+SECTIONS = ("data", "forward+backward", "clip", "finite check", "optimizer", "lr schedule", "ema", "logging")
+CORE = ("forward+backward", "optimizer")
+
+
+def instrumented_steps(train_z: torch.Tensor, args: argparse.Namespace) -> tuple[dict[str, list[float]], list[float]]:
+    """Run ``args.warmup + args.steps`` steps of the trainer's loop; returns per-section seconds of the timed steps
+    and the total wall of each timed step (perf_counter around the whole step)."""
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, dim=train_z.shape[1], size=args.size)
+    ema = EMA(model, decay=0.9999)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    total_steps = args.warmup + args.steps
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps=20, total_steps=total_steps)
+    sampler = EpochBatchSampler(train_z.shape[0], args.batch_size, args.seed)
+    flow = get_flow(args.flow)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    tracker = NullTracker()
+    autocast = nullcontext()
+    sections: dict[str, list[float]] = defaultdict(list)
+    step_walls: list[float] = []
+
+    batches = iter(())
+    for step in range(1, total_steps + 1):
+        times = {}
+        t0 = time.perf_counter()
+        # --- data: next index batch (a new epoch's randperm when one ends), gather, noise, times, path ----------
+        rows = next(batches, None)
+        if rows is None:
+            batches = sampler.epoch_batches("cpu")
+            rows = next(batches)
+        x_1 = augment(train_z[rows], "none", generator)
+        x_0 = torch.randn(x_1.shape, generator=generator)
+        t = torch.rand(x_1.shape[0], generator=generator)
+        path = flow.sample(x_0, x_1, t, generator=generator)
+        t1 = time.perf_counter()
+        # --- forward + backward (zero_grad included) ----------------------------------------------------------
+        with autocast:
+            prediction = model(path.x_t, path.t)
+        loss = F.mse_loss(prediction.float(), path.target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t3 = time.perf_counter()
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):  # the trainer's CPU check
+            raise RuntimeError("diverged")
+        step_lr = optimizer.param_groups[0]["lr"]
+        t4 = time.perf_counter()
+        optimizer.step()
+        t5 = time.perf_counter()
+        scheduler.step()
+        t6 = time.perf_counter()
+        ema.update(model)
+        t7 = time.perf_counter()
+        if step % args.log_every == 0:
+            tracker.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": step_lr,
+                         "epoch": 1}, step=step)
+        t8 = time.perf_counter()
+        if step > args.warmup:
+            for name, (a, b) in zip(SECTIONS, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6),
+                                               (t6, t7), (t7, t8))):
+                sections[name].append(b - a)
+            step_walls.append(t8 - t0)
+    return sections, step_walls
+
+
+def seed_components(train_z: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """Median ms of the seed's EMA, default AdamW step and DataLoader batch vs the project's replacements."""
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, dim=train_z.shape[1], size=args.size)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    n = args.micro_repeats
+    seed_ema, project_ema = SeedEMA(model), EMA(model)
+    project_ema.update(model)  # the first update is a copy; time the blending ones
+    adamw_default = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    adamw_fused = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+
+    sampler = EpochBatchSampler(train_z.shape[0], args.batch_size, args.seed)
+    sampler_iter = sampler.epoch_batches()
+
+    def next_index_batch():
+        nonlocal sampler_iter
+        rows = next(sampler_iter, None)
+        if rows is None:
+            sampler_iter = sampler.epoch_batches()
+            rows = next(sampler_iter)
+        return train_z[rows]
+
+    rows = [compare("EMA update", "dict loop (seed)", lambda: seed_ema.update(model), "foreach lerp (EMA)",
+                    lambda: project_ema.update(model), n),
+            compare("AdamW step", "default for-loop (seed)", adamw_default.step, "fused=True", adamw_fused.step, n)]
+    # The DataLoader's workers exist only while its own row is timed, so they cannot disturb the others.
+    loader = DataLoader(SeedFlowDataset(train_z), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=True)
+    loader_iter = iter(loader)
+    next(loader_iter)  # worker start-up is not part of the per-batch cost
+
+    def next_loader_batch():
+        nonlocal loader_iter
+        batch = next(loader_iter, None)
+        if batch is None:
+            loader_iter = iter(loader)
+            batch = next(loader_iter)
+        return batch
+
+    rows.append(compare("batch of rows", f"DataLoader {args.workers} workers (seed)", next_loader_batch,
+                        "EpochBatchSampler + index", next_index_batch, n))
+    del loader_iter, loader  # shuts the persistent workers down
+    return rows
+
+
+def compare(what: str, seed_name: str, seed_fn, project_name: str, project_fn, calls: int) -> dict:
+    """Median ms per call of a seed component and its replacement, timed in 3 interleaved rounds."""
+    seed_s, project_s = [], []
+    for _ in range(3):
+        seed_s += time_calls(seed_fn, calls, warmup=2)
+        project_s += time_calls(project_fn, calls, warmup=2)
+    seed_ms, project_ms = 1000 * median(seed_s), 1000 * median(project_s)
+    return {"component": what, "seed": seed_name, "seed ms": seed_ms, "project": project_name,
+            "project ms": project_ms, "speed-up": seed_ms / project_ms}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="mlp", choices=("mlp", "dit", "unet"))
+    parser.add_argument("--size", default="small", choices=("tiny", "small", "base"))
+    parser.add_argument("--flow", default="icfm", choices=("icfm", "otcfm", "fm", "vp"))
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=8192, help="training rows (an epoch boundary every n/batch)")
+    parser.add_argument("--steps", type=int, default=150, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=4, help="the seed DataLoader's workers in the second table")
+    parser.add_argument("--micro-repeats", type=int, default=20, help="calls per round in the second table")
+    parser.add_argument("--skip-seed-components", action="store_true")
+    parser.add_argument("--seed", type=int, default=42)
+    add_common_args(parser, repeats=1)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    machine = start_run(args)
+    data = synthetic_train_data(args.n_train, 2, seed=0)
+    train_z = data.normalizer.normalize(data.train)
+    all_sections: dict[str, list[float]] = defaultdict(list)
+    walls: list[float] = []
+    for _ in range(args.repeats):
+        sections, step_walls = instrumented_steps(train_z, args)
+        for name, values in sections.items():
+            all_sections[name] += values
+        walls += step_walls
+
+    # Means, not medians, so the sections add up to the mean step (logging and epoch starts are periodic spikes).
+    mean_ms = {name: 1000 * sum(v) / len(v) for name, v in all_sections.items()}
+    step_ms = sum(mean_ms.values())
+    rows = [{"section": name, "mean ms": mean_ms[name], "median ms": 1000 * median(all_sections[name]),
+             "share %": 100 * mean_ms[name] / step_ms} for name in SECTIONS]
+    overhead = sum(mean_ms[name] for name in SECTIONS if name not in CORE)
+    rows.append({"section": "TOTAL (sum of sections)", "mean ms": step_ms, "median ms": 1000 * median(walls),
+                 "share %": 100.0})
+    overhead_share = 100 * overhead / step_ms
+    seed_rows = [] if args.skip_seed_components else seed_components(train_z, args)
+    machine = finish_run(machine)
+
+    model_params = count_parameters(build_model(args.arch, size=args.size))
+    print(f"\n{args.arch}-{args.size} ({model_params:,} params), {args.flow}, batch {args.batch_size}, "
+          f"{args.steps * args.repeats} timed steps; load {machine['loadavg_start'][0]:.2f} -> "
+          f"{machine['loadavg_end'][0]:.2f}")
+    print(format_table(rows, ["section", "mean ms", "median ms", "share %"]))
+    print(f"\neverything but forward+backward and optimizer: {overhead:.2f} ms = {overhead_share:.2f}% of the step "
+          f"(goal <= 5%)")
+    if seed_rows:
+        print("\nseed components vs their replacements (median ms per call, interleaved):")
+        print(format_table(seed_rows, ["component", "seed", "seed ms", "project", "project ms", "speed-up"]))
+    path = write_result(NAME, {
+        "command": command_line(), "machine": machine, "args": vars(args), "params": model_params,
+        "sections_ms": {name: [1000 * v for v in values] for name, values in all_sections.items()},
+        "step_wall_ms": [1000 * w for w in walls], "table": rows, "overhead_ms": overhead,
+        "overhead_share_pct": overhead_share, "seed_components": seed_rows,
+    }, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

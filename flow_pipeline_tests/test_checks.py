@@ -1,0 +1,174 @@
+"""Asset checks on trained_checkpoint: each verdict fails on a planted fault and passes otherwise (on a real trained
+best.pt), the zero-predictor baselines match the flows, and in Dagster the checks run per partition with the asset
+and a failed blocking check fails the run."""
+
+import math
+import shutil
+
+import dagster as dg
+import pytest
+import torch
+
+from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from flow_pipeline.core.flows import FLOWS, get_flow
+from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
+from flow_pipeline.defs.checks import (
+    BEATS_ZERO_PREDICTOR,
+    FILE_INTACT,
+    WEIGHTS_FINITE,
+    ZERO_PREDICTOR_LOSS,
+    verify_checkpoint,
+    verify_trained_checkpoint,
+)
+from flow_pipeline.defs.resources import ArtifactsResource
+from flow_pipeline.definitions import defs
+from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
+
+PARTITION = "unet-icfm"  # the fastest tiny model; it beats the zero predictor in 2 epochs (best loss ~1.92)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real materialization of trained_checkpoint[unet-icfm] with its checks, on a persistent sqlite instance:
+    (instance, resources, result, best.pt path, reported sha256)."""
+    base = tmp_path_factory.mktemp("checks")
+    resources = {**defs.resources, "artifacts": ArtifactsResource(root=str(base / "artifacts"))}
+    with dg.instance_for_test(temp_dir=str(base)) as instance:
+        assert dg.materialize([dataset_splits, normalization_stats], instance=instance, resources=resources,
+                              run_config=run_config(dataset=TINY_DATASET)).success
+        result = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance,
+                                resources=resources, partition_key=PARTITION, run_config=run_config(train=TINY_TRAIN))
+        metadata = result.asset_materializations_for_node("trained_checkpoint")[0].metadata
+        yield instance, resources, result, metadata["checkpoint_path"].value, metadata["sha256"].value
+
+
+def verdicts(path, sha256) -> dict[str, dg.AssetCheckResult]:
+    return {result.check_name: result for result in verify_checkpoint(path, sha256)}
+
+
+def passed(path, sha256) -> dict[str, bool]:
+    return {name: result.passed for name, result in verdicts(path, sha256).items()}
+
+
+ALL_PASS = {FILE_INTACT: True, WEIGHTS_FINITE: True, BEATS_ZERO_PREDICTOR: True}
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+    """A copy of the real best.pt to plant faults in."""
+    path = tmp_path / "best.pt"
+    shutil.copyfile(trained[3], path)
+    return path
+
+
+# --- verdicts on planted faults ----------------------------------------------------------------------------------
+
+
+def test_a_good_checkpoint_passes_every_check(trained, copy):
+    assert passed(copy, trained[4]) == ALL_PASS
+    results = verdicts(copy, trained[4])
+    assert results[FILE_INTACT].metadata["actual_sha256"].value == trained[4]
+    assert results[WEIGHTS_FINITE].metadata["n_nonfinite_values"].value == 0
+    assert results[BEATS_ZERO_PREDICTOR].metadata["best_ema_val_loss"].value == load_checkpoint(copy)["best_loss"]
+
+
+def test_a_flipped_byte_fails_the_file_check(trained, copy):
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    results = verdicts(copy, trained[4])
+    assert not results[FILE_INTACT].passed
+    assert "changed since it was materialized" in results[FILE_INTACT].metadata["error"].value
+
+
+def test_a_deleted_file_fails_every_check(trained, copy):
+    copy.unlink()
+    results = verdicts(copy, trained[4])
+    assert not any(result.passed for result in results.values())
+    assert "checkpoint not found" in results[FILE_INTACT].metadata["error"].value
+    assert str(copy) in results[WEIGHTS_FINITE].metadata["error"].value
+
+
+def test_a_wrong_reported_sha256_fails_only_the_file_check(copy):
+    assert passed(copy, "0" * 64) == {**ALL_PASS, FILE_INTACT: False}
+
+
+def test_an_unloadable_file_with_a_matching_sha256_fails(copy):
+    copy.write_bytes(b"not a torch file")
+    assert passed(copy, sha256_file(copy)) == {FILE_INTACT: False, WEIGHTS_FINITE: False, BEATS_ZERO_PREDICTOR: False}
+
+
+@pytest.mark.parametrize("group", ["model_state_dict", "ema_shadow"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_nonfinite_weight_fails_the_finite_check(copy, group, bad):
+    state = load_checkpoint(copy)
+    name = sorted(state[group])[-1]
+    state[group][name].view(-1)[3] = bad
+    sha256 = save_checkpoint(state, copy)  # reported as materialized: only the weights are at fault
+    results = verdicts(copy, sha256)
+    assert {name: result.passed for name, result in results.items()} == {**ALL_PASS, WEIGHTS_FINITE: False}
+    assert results[WEIGHTS_FINITE].metadata["n_nonfinite_values"].value == 1
+    assert results[WEIGHTS_FINITE].metadata["nonfinite_tensors"].value == f"{group}/{name}"
+
+
+@pytest.mark.parametrize(("flow", "best_loss", "ok"), [
+    ("icfm", 2.0, False), ("icfm", 1.99, True), ("icfm", math.nan, False),
+    ("vp", 2.3, True), ("vp", 2.5, False),  # vp's zero predictor: pi^2/4 = 2.467
+])
+def test_the_learning_check_compares_best_loss_with_the_flows_zero_predictor(copy, flow, best_loss, ok):
+    state = load_checkpoint(copy)
+    state["best_loss"] = best_loss
+    state["config"]["flow"] = flow
+    sha256 = save_checkpoint(state, copy)
+    assert passed(copy, sha256) == {**ALL_PASS, BEATS_ZERO_PREDICTOR: ok}
+
+
+@pytest.mark.parametrize("flow", sorted(FLOWS))
+def test_zero_predictor_losses_match_the_flows(flow):
+    """E||target||^2 / dim on z-scored data, measured with the flow's own sampler (independently of the table)."""
+    generator = torch.Generator().manual_seed(0)
+    x_0, x_1 = torch.randn(256, 1024, generator=generator), torch.randn(256, 1024, generator=generator)
+    t = torch.rand(256, generator=generator)
+    measured = float(get_flow(flow).sample(x_0, x_1, t, generator=generator).target.pow(2).mean())
+    if flow == "otcfm":  # minibatch OT pairs nearer points: the table's 2.0 is an upper bound
+        assert measured < ZERO_PREDICTOR_LOSS[flow]
+    else:
+        assert measured == pytest.approx(ZERO_PREDICTOR_LOSS[flow], rel=0.02)
+
+
+# --- in Dagster --------------------------------------------------------------------------------------------------
+
+
+def check_records(instance, name: str):
+    key = dg.AssetCheckKey(trained_checkpoint.key, name)
+    return instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+
+
+@pytest.mark.slow
+def test_checks_run_with_the_asset_per_partition_and_a_failed_check_fails_the_run(trained):
+    instance, resources, result, path, sha256 = trained
+    evaluations = {evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {FILE_INTACT, WEIGHTS_FINITE, BEATS_ZERO_PREDICTOR}
+    assert all(evaluation.passed for evaluation in evaluations.values())
+    assert evaluations[FILE_INTACT].metadata["actual_sha256"].value == sha256
+    assert [record.partition for record in check_records(instance, FILE_INTACT)] == [PARTITION]
+
+    original = open(path, "rb").read()
+    try:
+        with open(path, "r+b") as handle:  # flip one byte of the materialized best.pt
+            handle.seek(len(original) // 2)
+            handle.write(bytes([original[len(original) // 2] ^ 0xFF]))
+        # Checks alone, for the partition (the UI's "Execute checks"): the blocking check fails the run.
+        rerun = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance, resources=resources,
+                               selection=dg.AssetSelection.checks_for_assets(trained_checkpoint),
+                               tags={"dagster/partition": PARTITION}, raise_on_error=False)
+    finally:
+        open(path, "wb").write(original)
+    assert not rerun.success
+    failure = [event for event in rerun.all_events if event.event_type_value == "STEP_FAILURE"][0]
+    assert "blocking asset check failed" in failure.step_failure_data.error.message
+    failed = {evaluation.check_name: evaluation for evaluation in rerun.get_asset_check_evaluations()}
+    assert not failed[FILE_INTACT].passed
+    assert "changed since it was materialized" in failed[FILE_INTACT].metadata["error"].value
+    latest = check_records(instance, FILE_INTACT)[0]
+    assert (latest.partition, latest.status.value) == (PARTITION, "FAILED")
