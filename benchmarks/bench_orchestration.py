@@ -140,7 +140,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-size", default="tiny", choices=("tiny", "small", "base"))
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--import-repeats", type=int, default=3)
+    parser.add_argument("--import-repeats", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the temp DAGSTER_HOME and artifacts root")
     add_common_args(parser, repeats=3)
     return parser.parse_args()

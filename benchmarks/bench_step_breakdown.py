@@ -11,7 +11,8 @@ every op is synchronous, so a section's time is its own (this script refuses CUD
 
 Goal (issue 7): everything but forward+backward and the optimizer step is at most 5% of the step.
 
-A second table times the seed's versions of the replaced pieces in the same process, on the same model, for
+A second table times what the trainer does once per epoch (validating raw and EMA weights, writing best.pt and
+last.pt) and its share of an epoch. A third table times the seed's versions of the replaced pieces in the same process, on the same model, for
 comparison: its dict EMA, default (for-loop) AdamW and a 4-worker DataLoader over a per-sample Dataset.
 """
 
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +107,42 @@ def instrumented_steps(train_z: torch.Tensor, args: argparse.Namespace) -> tuple
     return sections, step_walls
 
 
+def epoch_end_costs(train_z: torch.Tensor, val_z: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """Median seconds of what the trainer does once per epoch: validate the raw and the EMA weights on ``val_z``
+    (the trainer's ``validate``), then write best.pt and last.pt (``save_checkpoint``: atomic, fsynced, hashed) with
+    the trainer's checkpoint content (model, EMA, optimizer state, ...)."""
+    from flow_pipeline.core import checkpoint as ckpt
+    from flow_pipeline.core.distributed import DistInfo
+    from flow_pipeline.core.trainer import validate
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, dim=train_z.shape[1], size=args.size)
+    ema_model = build_model(args.arch, dim=train_z.shape[1], size=args.size).eval()
+    ema = EMA(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    model(train_z[:8], torch.rand(8)).pow(2).mean().backward()
+    optimizer.step()  # creates the optimizer state that the checkpoint carries
+    flow, dist = get_flow(args.flow), DistInfo()
+
+    def state() -> dict:
+        return {"model_state_dict": model.state_dict(), "ema_shadow": ema.shadow_dict(), "ema_state": ema.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(), "epoch": 1, "best_loss": 1.0}
+
+    def validate_ema():
+        ema.copy_to(ema_model)
+        validate(ema_model, flow, val_z, args.batch_size, 0, nullcontext(), dist)
+
+    with tempfile.TemporaryDirectory(prefix="bench-epoch-end-") as directory:
+        parts = {"validate (raw weights)": lambda: validate(model, flow, val_z, args.batch_size, 0, nullcontext(), dist),
+                 "validate (EMA weights)": validate_ema,
+                 "save best.pt": lambda: ckpt.save_checkpoint(state(), Path(directory) / "best.pt"),
+                 "save last.pt": lambda: ckpt.save_checkpoint(state(), Path(directory) / "last.pt")}
+        rows = [{"part": name, "median s": median(time_calls(fn, 3, warmup=1))} for name, fn in parts.items()]
+        size = (Path(directory) / "last.pt").stat().st_size
+    rows.append({"part": "TOTAL per epoch", "median s": sum(row["median s"] for row in rows)})
+    return rows, size
+
+
 def seed_components(train_z: torch.Tensor, args: argparse.Namespace) -> list[dict]:
     """Median ms of the seed's EMA, default AdamW step and DataLoader batch vs the project's replacements."""
     torch.manual_seed(args.seed)
@@ -168,6 +207,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--flow", default="icfm", choices=("icfm", "otcfm", "fm", "vp"))
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--n-train", type=int, default=8192, help="training rows (an epoch boundary every n/batch)")
+    parser.add_argument("--n-val", type=int, default=1200, help="validation rows for the per-epoch costs")
+    parser.add_argument("--steps-per-epoch", type=int, default=37,
+                        help="epoch length for the per-epoch share (37: the default 12k-row synthetic dataset)")
     parser.add_argument("--steps", type=int, default=150, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--log-every", type=int, default=10)
@@ -182,8 +224,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     machine = start_run(args)
-    data = synthetic_train_data(args.n_train, 2, seed=0)
-    train_z = data.normalizer.normalize(data.train)
+    data = synthetic_train_data(args.n_train, args.n_val, seed=0)
+    train_z, val_z = data.normalizer.normalize(data.train), data.normalizer.normalize(data.val)
     all_sections: dict[str, list[float]] = defaultdict(list)
     walls: list[float] = []
     for _ in range(args.repeats):
@@ -201,8 +243,13 @@ def main() -> None:
     rows.append({"section": "TOTAL (sum of sections)", "mean ms": step_ms, "median ms": 1000 * median(walls),
                  "share %": 100.0})
     overhead_share = 100 * overhead / step_ms
+    epoch_rows, checkpoint_bytes = epoch_end_costs(train_z, val_z, args)
     seed_rows = [] if args.skip_seed_components else seed_components(train_z, args)
     machine = finish_run(machine)
+    step_s = step_ms / 1000
+    for row in epoch_rows:
+        row["in steps"] = row["median s"] / step_s
+        row["share of epoch %"] = 100 * row["median s"] / (args.steps_per_epoch * step_s + epoch_rows[-1]["median s"])
 
     model_params = count_parameters(build_model(args.arch, size=args.size))
     print(f"\n{args.arch}-{args.size} ({model_params:,} params), {args.flow}, batch {args.batch_size}, "
@@ -211,6 +258,9 @@ def main() -> None:
     print(format_table(rows, ["section", "mean ms", "median ms", "share %"]))
     print(f"\neverything but forward+backward and optimizer: {overhead:.2f} ms = {overhead_share:.2f}% of the step "
           f"(goal <= 5%)")
+    print(f"\nonce per epoch ({args.n_val} validation rows, checkpoint {checkpoint_bytes / 1e6:.0f} MB each); share of "
+          f"an epoch of {args.steps_per_epoch} steps (12k synthetic rows, 80% train, batch 256):")
+    print(format_table(epoch_rows, ["part", "median s", "in steps", "share of epoch %"]))
     if seed_rows:
         print("\nseed components vs their replacements (median ms per call, interleaved):")
         print(format_table(seed_rows, ["component", "seed", "seed ms", "project", "project ms", "speed-up"]))
@@ -218,7 +268,8 @@ def main() -> None:
         "command": command_line(), "machine": machine, "args": vars(args), "params": model_params,
         "sections_ms": {name: [1000 * v for v in values] for name, values in all_sections.items()},
         "step_wall_ms": [1000 * w for w in walls], "table": rows, "overhead_ms": overhead,
-        "overhead_share_pct": overhead_share, "seed_components": seed_rows,
+        "overhead_share_pct": overhead_share, "seed_components": seed_rows, "epoch_end": epoch_rows,
+        "checkpoint_bytes": checkpoint_bytes,
     }, args.out)
     print(f"wrote {path}")
 

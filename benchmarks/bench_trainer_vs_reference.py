@@ -217,7 +217,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arch", default="mlp", choices=("mlp", "dit", "unet"))
     parser.add_argument("--size", default="small", choices=("tiny", "small", "base"))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=60, help="training steps per epoch (one epoch per timed run)")
+    parser.add_argument("--steps", type=int, default=80, help="training steps per epoch (one epoch per timed run)")
     parser.add_argument("--n-val", type=int, default=512, help="validation rows (the project's train() validates)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=20)

@@ -173,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flow_pipeline.train", description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="path of the job.json written by the orchestrator")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    job = TrainJob.load(args.job)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    # Under torchrun the other ranks print only warnings and errors: one set of progress lines per run.
+    logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    job = TrainJob.load(args.job)
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
     if is_rank0 and PipesEnvVarParamsLoader().is_dagster_pipes_process():

@@ -2,8 +2,9 @@
 
 :func:`dagster_servers` starts both on 127.0.0.1 (a free port) against a given DAGSTER_HOME, waits until the
 webserver answers ``/server_info``, the code location is loaded and the daemon reports healthy, and always stops
-them again (their whole process groups: code servers, run workers and training processes included). Their output
-goes to ``webserver.log`` / ``daemon.log`` in a directory the caller chooses, so a failed test can be debugged.
+them again (their whole process groups: code servers, run workers and training processes included; if the test
+process itself is killed, Linux sends the servers SIGTERM). Their output goes to ``webserver.log`` / ``daemon.log``
+in a directory the caller chooses, so a failed test can be debugged.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class DagsterServers:
 
 
 def _start(name: str, command: list[str], env: Mapping[str, str], log_dir: Path) -> subprocess.Popen:
-    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child holds its own copy of the descriptor
+    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed below: the child keeps its own copy
     try:
         # A new session makes the server the leader of a process group that also holds its code server, run
         # workers and training processes, so one killpg stops everything it started.

@@ -89,24 +89,29 @@ def stop_daemon(daemon: subprocess.Popen) -> None:
             daemon.wait(timeout=30)
 
 
+def start_daemon(cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """``dagster-daemon run`` on the project's workspace, in its own process group (see stop_daemon)."""
+    with log_path.open("w") as log:
+        return subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
+                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_gpu_pool_holds_across_processes_on_postgres(postgres, postgres_home, artifacts_root, tmp_path):
     env = cli_env()
-    subprocess.run([dagster_cli(), "instance", "concurrency", "set", "gpu", "1"], cwd=tmp_path, env=env,
-                   check=True, capture_output=True, timeout=300)
-    with dg.DagsterInstance.get() as instance:
-        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
-        data = dg.materialize([dataset_splits, normalization_stats], instance=instance,
-                              resources={**defs.resources, "artifacts": ArtifactsResource(root=default_root())},
-                              run_config=run_config(dataset=TINY_DATASET))
-        assert data.success
-
     daemon_log = tmp_path / "daemon.log"
-    with daemon_log.open("w") as log:
-        daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
-                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = start_daemon(tmp_path, env, daemon_log)  # first: its start-up overlaps the set-up below
     try:
-        # Three submitting processes at once; the daemon starts the three runs, each in its own run worker process.
+        subprocess.run([dagster_cli(), "instance", "concurrency", "set", "gpu", "1"], cwd=tmp_path, env=env,
+                       check=True, capture_output=True, timeout=300)
+        with dg.DagsterInstance.get() as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
+            data = dg.materialize([dataset_splits, normalization_stats], instance=instance,
+                                  resources={**defs.resources, "artifacts": ArtifactsResource(root=default_root())},
+                                  run_config=run_config(dataset=TINY_DATASET))
+            assert data.success
+
+        # Three submitting processes at once; the daemon starts the runs, each in its own run worker process.
         launches = [subprocess.Popen(launch_command(partition, processes), cwd=tmp_path, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                     for partition, processes in PARTITIONS.items()]
@@ -118,10 +123,6 @@ def test_gpu_pool_holds_across_processes_on_postgres(postgres, postgres_home, ar
                 (run.tags.get("dagster/partition"), run.status.value) for run in runs]
             for run in runs:  # submitted to the queue and started by the daemon, not executed by the CLI
                 assert instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED).records
-            import os as _os
-            if _os.environ.get("PG_E2E_DEBUG"):
-                for rec in instance.get_run_records(filters=dg.RunsFilter(job_name=RETRAIN_JOB_NAME)):
-                    print("RUN", rec.dagster_run.tags.get("dagster/partition"), rec.create_timestamp.timestamp(), rec.start_time, rec.end_time)
     finally:
         stop_daemon(daemon)
 
@@ -131,8 +132,6 @@ def test_gpu_pool_holds_across_processes_on_postgres(postgres, postgres_home, ar
         result = json.loads((artifacts_root / "checkpoints" / f"{partition}-full-none-tiny" / "result.json").read_text())
         assert result["world_size"] == processes
         spans.append((result["process"]["started_at"], result["process"]["finished_at"], partition))
-        if os.environ.get("PG_E2E_DEBUG"):
-            print("SPAN", partition, result["process"], result["train_seconds"])
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         assert start >= end, f"{second} started at {start:.2f} before {first} finished at {end:.2f}"

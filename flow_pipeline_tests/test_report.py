@@ -156,6 +156,10 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
                                    raise_on_error=False)
         assert not untrained.success
         assert "materialize trained_checkpoint[unet-vp] first" in step_failure_message(untrained)
+        bad_sampler = dg.materialize([evaluation], instance=instance, resources=resources(), partition_key="unet-vp",
+                                     run_config={"ops": {"evaluation": {"config": {"extra_samplers": ["heun:3"]}}}},
+                                     raise_on_error=False)
+        assert not bad_sampler.success and "unknown solver 'heun'" in step_failure_message(bad_sampler)
 
         for partition in PARTITIONS:
             assert train_and_evaluate(instance, partition).success
@@ -184,6 +188,10 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         report = dg.materialize([ablation_report], instance=instance, resources=resources())
         assert report.success
         meta = {key: value.value for key, value in latest_metadata(instance, "ablation_report").items()}
+        with open(meta["csv_path"], newline="") as handle:
+            csv_rows = list(csv.DictReader(handle))
+        png = open(meta["figure_png"], "rb").read()
+        image = matplotlib.image.imread(meta["figure_png"])
 
         # A newer trained_checkpoint of one partition than the one evaluated: its row says the evaluation is stale.
         stale = PARTITIONS[0]
@@ -191,10 +199,6 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
             asset_key="trained_checkpoint", partition=stale, metadata={"sha256": "0" * 64, "num_params": 1}))
         assert dg.materialize([ablation_report], instance=instance, resources=resources()).success
         stale_markdown = latest_metadata(instance, "ablation_report")["report"].value
-    notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}
-    assert "trained again since this evaluation" in notes[stale]
-    assert all(notes[p] == MISSING for p in PARTITIONS[1:])
-
     # One row per materialized partition, sorted by the primary metric the header line names.
     markdown = meta["report"]
     assert re.search(r"Sorted by \*\*fd_ratio\*\*.*ascending", markdown.splitlines()[0])
@@ -210,8 +214,6 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         assert cells[column("best val loss")] == f"{training['best_val_loss']:.4f}"
         assert cells[column("note")] == MISSING
 
-    with open(meta["csv_path"], newline="") as handle:
-        csv_rows = list(csv.DictReader(handle))
     assert [r["partition"] for r in csv_rows] == expected_order
     for r in csv_rows:
         values, training = evaluations[r["partition"]]
@@ -219,7 +221,10 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         assert int(r["num_params"]) == training["num_params"]
         assert float(r["train_seconds"]) == training["train_seconds"]
 
-    png = open(meta["figure_png"], "rb").read()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
-    assert matplotlib.image.imread(meta["figure_png"]).shape[0] > 100
+    assert image.ndim == 3 and image.shape[0] > 100
     assert str(artifacts_root / "reports") in meta["markdown_path"]
+
+    notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}
+    assert "trained again since this evaluation" in notes[stale]
+    assert all(notes[p] == MISSING for p in PARTITIONS[1:])

@@ -158,7 +158,9 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     home = prepare_dagster_home(tmp / "dagster_home")
     root = tmp / "artifacts"
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
-    with dagster_servers(home, ARTIFACTS_DIR / "logs", cli_env(FLOW_PIPELINE_ROOT=str(root))) as servers:
+    env = cli_env(FLOW_PIPELINE_ROOT=str(root))  # no WANDB_API_KEY: tracking goes offline, into the root
+    env.pop("WANDB_MODE", None)
+    with dagster_servers(home, ARTIFACTS_DIR / "logs", env) as servers:
         yield Stack(servers=servers, root=root, tmp=tmp)
 
 
@@ -203,14 +205,15 @@ def browser_context(stack):
     """Headless Debian Chromium with a fresh profile, shared by the UI tests of the module."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not installed (Debian package chromium; scripts/install.sh test installs it)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=60_000)  # the UI is slow to render while runs use both cores
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1600, "height": 1000},
         )
-        context.set_default_timeout(60_000)  # the UI is slow to render while runs use both cores
+        context.set_default_timeout(60_000)
         try:
             yield context
         finally:
@@ -338,7 +341,7 @@ def test_ui_launches_backfill_with_typed_config(stack, data_recovery, page):
     typed_config = {**fast_execution(), **run_config(train={"model_size": "tiny", "max_epochs": 2, "batch_size": 64,
                                                             "device": "cpu"})}
     page.goto(f"{stack.servers.url}/assets/trained_checkpoint")
-    page.get_by_role("button", name="Materialize…", exact=True).click()
+    page.get_by_role("button", name=re.compile(r"Materialize…$")).click()  # "materialization" icon + label
     dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize trained_checkpoint")
 
     # Config: the launch dialog's editor, typed like a person would (the server validates it as you type).

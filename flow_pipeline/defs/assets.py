@@ -30,11 +30,15 @@ K8S_CONFIG_TAG = "dagster-k8s/config"
 
 
 def k8s_gpu_run_tags(gpus: int) -> dict[str, str]:
-    """Run tags that make K8sRunLauncher give the run's pod ``gpus`` NVIDIA GPUs (limit = request for extended
-    resources). Put them on the job that trains, or on a launch, with the same N as ``gpus_per_run``."""
+    """Run tags that make K8sRunLauncher give the run's pod ``gpus`` NVIDIA GPUs (for extended resources the limit
+    is also the request) and tolerate the usual ``nvidia.com/gpu`` taint of GPU nodes. Put them on the job that
+    trains, or on a launch, with the same N as ``gpus_per_run``; other launchers ignore them."""
     if gpus < 1:
         raise ValueError(f"gpus: must be at least 1, got {gpus}")
-    config = {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}
+    config = {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}},
+        "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    }
     return {K8S_CONFIG_TAG: json.dumps(config)}
 
 

@@ -63,13 +63,16 @@ def evaluation(
     split (FD beside the real-vs-real FD floor, precision/recall/density/coverage, memorisation of train, norms),
     for the configured sampler and any extra sampler settings; results also saved as JSON."""
     partition = context.partition_key
+    try:
+        samplers = config.samplers()
+    except ValueError as exc:
+        raise dg.Failure(description=f"evaluation of {partition}: config: {exc}") from exc
     training = latest_metadata(context.instance, trained_checkpoint.key, partition)
     if training is None or "checkpoint_path" not in training:
         raise dg.Failure(description=f"evaluation of {partition}: no trained_checkpoint materialization with a "
-                         f"checkpoint_path for partition {partition}; materialize trained_checkpoint[{partition}] first")
+                         f"checkpoint_path for this partition; materialize trained_checkpoint[{partition}] first")
     layout = artifacts.layout
     try:
-        samplers = config.samplers()
         splits = load_saved_splits(layout.splits_dir)
         result = evaluate_checkpoint(
             training["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,

@@ -12,10 +12,9 @@
 
 import os
 import socket
-import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -264,7 +263,7 @@ def fail_orphaned_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
             alive += 1
             continue
         message = (f"run worker process {worker.pid} on {host} is gone (killed or crashed) while the run was "
-                   f"STARTED; marked failed by the fail_orphaned_runs sensor at {time.strftime('%H:%M:%S')}")
+                   "STARTED; marked failed by the fail_orphaned_runs sensor")
         instance.report_run_failed(run, message=message)
         context.log.warning(f"{run.run_id}: {message}")
         failed.append(f"{run.run_id} ({run.tags.get(PARTITION_TAG, 'unpartitioned')}, pid {worker.pid})")
