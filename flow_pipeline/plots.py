@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from flow_pipeline.artifacts import write_atomic  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -31,7 +31,7 @@ def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path:
     ax.set(xlabel="epoch", ylabel="flow-matching loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curve_markdown(history: list[dict], max_rows: int = 25) -> str:

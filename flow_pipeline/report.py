@@ -163,7 +163,7 @@ def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, met
         ax_bar.set_yscale("log")  # ratios spanning orders of magnitude would flatten the good ones
     ax_bar.set(ylabel=metric, title=f"{metric} per partition (sorted)")
     ax_bar.grid(alpha=0.3, axis="y")
-    return plots._save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def sampler_table(results: list[dict]) -> str:

@@ -1,17 +1,21 @@
-"""Asset checks on trained_checkpoint: each verdict fails on a planted fault and passes otherwise (on a real trained
-best.pt), the zero-predictor baselines match the flows, and in Dagster the checks run per partition with the asset
-and a failed blocking check fails the run."""
+"""Asset checks on trained_checkpoint: each verdict fails on a planted fault and passes otherwise (on a best.pt written
+by the real trainer), the zero-predictor baselines match the flows, and in Dagster the checks run per partition with
+the asset and a failed blocking check fails the run."""
 
 import math
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import pytest
 import torch
 
 from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from flow_pipeline.core.data import Normalizer
 from flow_pipeline.core.flows import FLOWS, get_flow
-from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
+from flow_pipeline.core.sources import synthetic_sonar_like
+from flow_pipeline.core.trainer import TrainData, train
+from flow_pipeline.defs.assets import TrainRunConfig, dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.checks import (
     BEATS_ZERO_PREDICTOR,
     FILE_INTACT,
@@ -28,18 +32,14 @@ PARTITION = "unet-icfm"  # the fastest tiny model; it beats the zero predictor i
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real materialization of trained_checkpoint[unet-icfm] with its checks, on a persistent sqlite instance:
-    (instance, resources, result, best.pt path, reported sha256)."""
-    base = tmp_path_factory.mktemp("checks")
-    resources = {**defs.resources, "artifacts": ArtifactsResource(root=str(base / "artifacts"))}
-    with dg.instance_for_test(temp_dir=str(base)) as instance:
-        assert dg.materialize([dataset_splits, normalization_stats], instance=instance, resources=resources,
-                              run_config=run_config(dataset=TINY_DATASET)).success
-        result = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance,
-                                resources=resources, partition_key=PARTITION, run_config=run_config(train=TINY_TRAIN))
-        metadata = result.asset_materializations_for_node("trained_checkpoint")[0].metadata
-        yield instance, resources, result, metadata["checkpoint_path"].value, metadata["sha256"].value
+def real_best(tmp_path_factory) -> tuple[Path, str]:
+    """(best.pt, its sha256) of a tiny model trained here by the real trainer on SONAR-like data."""
+    embeddings = torch.from_numpy(synthetic_sonar_like(640, dim=1024, seed=0))
+    train_rows, val_rows = embeddings[:512], embeddings[512:576]
+    data = TrainData(train_rows, val_rows, Normalizer(train_rows.mean(0), train_rows.std(0)))
+    config = TrainRunConfig(**TINY_TRAIN).to_train_config(PARTITION, dim=1024, device="cpu")
+    result = train(config, data, tmp_path_factory.mktemp("real_best"))
+    return result.checkpoint_path, result.sha256
 
 
 def verdicts(path, sha256) -> dict[str, dg.AssetCheckResult]:
@@ -54,36 +54,36 @@ ALL_PASS = {FILE_INTACT: True, WEIGHTS_FINITE: True, BEATS_ZERO_PREDICTOR: True}
 
 
 @pytest.fixture
-def copy(trained, tmp_path):
+def copy(real_best, tmp_path) -> Path:
     """A copy of the real best.pt to plant faults in."""
     path = tmp_path / "best.pt"
-    shutil.copyfile(trained[3], path)
+    shutil.copyfile(real_best[0], path)
     return path
 
 
 # --- verdicts on planted faults ----------------------------------------------------------------------------------
 
 
-def test_a_good_checkpoint_passes_every_check(trained, copy):
-    assert passed(copy, trained[4]) == ALL_PASS
-    results = verdicts(copy, trained[4])
-    assert results[FILE_INTACT].metadata["actual_sha256"].value == trained[4]
+def test_a_good_checkpoint_passes_every_check(real_best, copy):
+    assert passed(copy, real_best[1]) == ALL_PASS
+    results = verdicts(copy, real_best[1])
+    assert results[FILE_INTACT].metadata["actual_sha256"].value == real_best[1]
     assert results[WEIGHTS_FINITE].metadata["n_nonfinite_values"].value == 0
     assert results[BEATS_ZERO_PREDICTOR].metadata["best_ema_val_loss"].value == load_checkpoint(copy)["best_loss"]
 
 
-def test_a_flipped_byte_fails_the_file_check(trained, copy):
+def test_a_flipped_byte_fails_the_file_check(real_best, copy):
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0xFF
     copy.write_bytes(bytes(data))
-    results = verdicts(copy, trained[4])
+    results = verdicts(copy, real_best[1])
     assert not results[FILE_INTACT].passed
     assert "changed since it was materialized" in results[FILE_INTACT].metadata["error"].value
 
 
-def test_a_deleted_file_fails_every_check(trained, copy):
+def test_a_deleted_file_fails_every_check(real_best, copy):
     copy.unlink()
-    results = verdicts(copy, trained[4])
+    results = verdicts(copy, real_best[1])
     assert not any(result.passed for result in results.values())
     assert "checkpoint not found" in results[FILE_INTACT].metadata["error"].value
     assert str(copy) in results[WEIGHTS_FINITE].metadata["error"].value
@@ -145,30 +145,33 @@ def check_records(instance, name: str):
 
 
 @pytest.mark.slow
-def test_checks_run_with_the_asset_per_partition_and_a_failed_check_fails_the_run(trained):
-    instance, resources, result, path, sha256 = trained
-    evaluations = {evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {FILE_INTACT, WEIGHTS_FINITE, BEATS_ZERO_PREDICTOR}
-    assert all(evaluation.passed for evaluation in evaluations.values())
-    assert evaluations[FILE_INTACT].metadata["actual_sha256"].value == sha256
-    assert [record.partition for record in check_records(instance, FILE_INTACT)] == [PARTITION]
+def test_checks_run_with_the_asset_per_partition_and_a_failed_check_fails_the_run(tmp_path):
+    resources = {**defs.resources, "artifacts": ArtifactsResource(root=str(tmp_path / "artifacts"))}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert dg.materialize([dataset_splits, normalization_stats], instance=instance, resources=resources,
+                              run_config=run_config(dataset=TINY_DATASET)).success
+        result = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance,
+                                resources=resources, partition_key=PARTITION, run_config=run_config(train=TINY_TRAIN))
+        metadata = result.asset_materializations_for_node("trained_checkpoint")[0].metadata
+        path, sha256 = Path(metadata["checkpoint_path"].value), metadata["sha256"].value
+        evaluations = {evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()}
+        assert set(evaluations) == {FILE_INTACT, WEIGHTS_FINITE, BEATS_ZERO_PREDICTOR}
+        assert all(evaluation.passed for evaluation in evaluations.values())
+        assert evaluations[FILE_INTACT].metadata["actual_sha256"].value == sha256
+        assert [record.partition for record in check_records(instance, FILE_INTACT)] == [PARTITION]
 
-    original = open(path, "rb").read()
-    try:
-        with open(path, "r+b") as handle:  # flip one byte of the materialized best.pt
-            handle.seek(len(original) // 2)
-            handle.write(bytes([original[len(original) // 2] ^ 0xFF]))
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # flip one byte of the materialized best.pt
+        path.write_bytes(bytes(data))
         # Checks alone, for the partition (the UI's "Execute checks"): the blocking check fails the run.
         rerun = dg.materialize([trained_checkpoint, verify_trained_checkpoint], instance=instance, resources=resources,
                                selection=dg.AssetSelection.checks_for_assets(trained_checkpoint),
                                tags={"dagster/partition": PARTITION}, raise_on_error=False)
-    finally:
-        open(path, "wb").write(original)
-    assert not rerun.success
-    failure = [event for event in rerun.all_events if event.event_type_value == "STEP_FAILURE"][0]
-    assert "blocking asset check failed" in failure.step_failure_data.error.message
-    failed = {evaluation.check_name: evaluation for evaluation in rerun.get_asset_check_evaluations()}
-    assert not failed[FILE_INTACT].passed
-    assert "changed since it was materialized" in failed[FILE_INTACT].metadata["error"].value
-    latest = check_records(instance, FILE_INTACT)[0]
-    assert (latest.partition, latest.status.value) == (PARTITION, "FAILED")
+        assert not rerun.success
+        failure = [event for event in rerun.all_events if event.event_type_value == "STEP_FAILURE"][0]
+        assert "blocking asset check failed" in failure.step_failure_data.error.message
+        failed = {evaluation.check_name: evaluation for evaluation in rerun.get_asset_check_evaluations()}
+        assert not failed[FILE_INTACT].passed
+        assert "changed since it was materialized" in failed[FILE_INTACT].metadata["error"].value
+        latest = check_records(instance, FILE_INTACT)[0]
+        assert (latest.partition, latest.status.value) == (PARTITION, "FAILED")

@@ -133,7 +133,7 @@ METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "cove
 
 
 def train_and_evaluate(instance, partition: str, **kwargs):
-    config = run_config(train=TINY_TRAIN)
+    config = run_config(train={**TINY_TRAIN, "max_epochs": 1})
     config["ops"]["evaluation"] = {"config": EVAL_CONFIG}
     return dg.materialize([trained_checkpoint, evaluation], instance=instance, resources=resources(),
                           partition_key=partition, run_config=config, **kwargs)

@@ -229,10 +229,11 @@ def evaluate_samples(
     copies); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
     generated to test_n; n = len(generated).
     """
-    generated, train, test = _as_float64(generated), _as_float64(train), _as_float64(test)
+    generated = _as_float64(generated)
     n = generated.shape[0]
     rng = np.random.default_rng(seed)
-    test_n, train_n = subsample(test, n, rng), subsample(train, n, rng)
+    # Subsample before converting: the train split may be far larger than n (and memory-mapped).
+    test_n, train_n = _as_float64(subsample(test, n, rng)), _as_float64(subsample(train, n, rng))
     fd = frechet_distance(generated, test_n)
     fd_floor = frechet_distance(train_n, test_n)
     gen_norms, real_norms = norm_stats(generated), norm_stats(test_n)
