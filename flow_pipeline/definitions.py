@@ -25,6 +25,8 @@ defs = dg.Definitions(
     jobs=[retrain_job],
     schedules=[retry_schedule],
     sensors=[fail_orphaned_runs],
+    # Training already runs in its own process (Pipes); a process per step would only add Python start-ups.
+    executor=dg.in_process_executor,
     resources={
         "artifacts": ArtifactsResource(root=default_root()),
         "compute": ComputeResource(),

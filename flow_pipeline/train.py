@@ -27,7 +27,6 @@ from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.sources import load_saved_splits
 from flow_pipeline.core.tracking import NullTracker
 from flow_pipeline.core.trainer import TrainData, TrainResult, train
-from flow_pipeline.plots import loss_curve_markdown, plot_loss_curve
 
 JOB_NAME = "job.json"
 RESULT_NAME = "result.json"
@@ -94,6 +93,7 @@ def open_tracker(job: TrainJob, config: TrainConfig, dist: DistInfo):
 def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dict, loss_curve: Path,
                     world_size: int = 1) -> dict:
     """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run)."""
+    from flow_pipeline.plots import loss_curve_markdown
 
     def typed(value, kind):
         return {"raw_value": value, "type": kind}
@@ -157,6 +157,8 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         if dist.active:
             torch_dist.destroy_process_group()
     if dist.is_main:
+        from flow_pipeline.plots import plot_loss_curve  # matplotlib costs seconds: import it only when needed
+
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
         loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name)
         metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size)
@@ -169,6 +171,20 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
     return result
 
 
+def exit_with_parent() -> None:
+    """On Linux, have the kernel send SIGTERM to this process when its parent (the Dagster run worker, or torchrun)
+    dies: a killed run must not leave a training behind on the GPU its pool slot was given back for."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        sys.exit("flow_pipeline.train: parent process is gone; not starting")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flow_pipeline.train", description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="path of the job.json written by the orchestrator")
@@ -177,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun the other ranks print only warnings and errors: one set of progress lines per run.
     logging.basicConfig(level=logging.INFO if is_rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    exit_with_parent()
     job = TrainJob.load(args.job)
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 

@@ -78,6 +78,13 @@ def wait_for_runs(instance: dg.DagsterInstance, count: int, timeout_s: float, da
     pytest.fail(f"runs not finished after {timeout_s}s: {states}\n{daemon_log.read_text()[-3000:]}")
 
 
+def start_daemon(cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """``dagster-daemon run`` on the project's workspace, in its own process group (see stop_daemon)."""
+    with log_path.open("w") as log:
+        return subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
+                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def stop_daemon(daemon: subprocess.Popen) -> None:
     """SIGTERM to the daemon's own process group (it and the code server it started), SIGKILL if it lingers."""
     if daemon.poll() is None:
@@ -87,13 +94,6 @@ def stop_daemon(daemon: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait(timeout=30)
-
-
-def start_daemon(cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """``dagster-daemon run`` on the project's workspace, in its own process group (see stop_daemon)."""
-    with log_path.open("w") as log:
-        return subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
-                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_gpu_pool_holds_across_processes_on_postgres(postgres, postgres_home, artifacts_root, tmp_path):

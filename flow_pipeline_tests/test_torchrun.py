@@ -3,6 +3,7 @@
 One uninterrupted 2-process run is the reference: it learns, only rank 0 logs and writes, it follows the
 single-process trajectory to float rounding, and its checkpoint loads in a single process. A second 2-process run is
 SIGKILLed (both ranks and the torchrun agent) mid-run and resumed: it ends bit-identical to the reference.
+Small unit tests at the end cover how a batch is split across ranks, without starting process groups.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import torch
 from flow_pipeline.artifacts import ArtifactLayout, save_normalization_stats
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
+from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.sources import save_splits
 from flow_pipeline.core.stats import floor_std, streaming_mean_std
-from flow_pipeline.core.trainer import train
+from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.datasets import build_splits
 from flow_pipeline.train import LOSS_CURVE_NAME, RESULT_NAME, TrainJob, load_train_data
 from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET
-
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 NPROC = 2
 # 512 training rows / 64 = 8 steps per epoch, 32 steps; last.pt after every step so a kill lands mid-epoch.
@@ -132,6 +133,8 @@ def reference(data_root, tmp_path_factory) -> dict:
             "state": ckpt.load_checkpoint(run_dir / ckpt.BEST_NAME)}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_learn_and_only_rank_zero_logs_and_writes(reference):
     history = reference["state"]["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
@@ -153,6 +156,8 @@ def test_two_processes_learn_and_only_rank_zero_logs_and_writes(reference):
     assert result["sha256"] == ckpt.sha256_file(reference["run_dir"] / ckpt.BEST_NAME)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_checkpoint_loads_and_matches_the_single_process_run(reference, data_root, tmp_path):
     """One process, same config: the global batch and every row's noise are the same, so only the order in which
     the two ranks' gradients are added differs — the histories agree to float rounding."""
@@ -178,6 +183,8 @@ def test_checkpoint_loads_and_matches_the_single_process_run(reference, data_roo
         torch.testing.assert_close(single_state["model_state_dict"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_two_process_run_resumes_bit_exactly(reference, data_root, tmp_path):
     job_path = write_job(data_root, "killed")
     run_dir = job_path.parent
@@ -215,3 +222,23 @@ def test_killed_two_process_run_resumes_bit_exactly(reference, data_root, tmp_pa
     assert strip == [{key: row[key] for key in HISTORY_KEYS} for row in ref["history"]]
     assert state["best_loss"] == ref["best_loss"]
     assert not last.exists()
+
+
+# --- without process groups ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,world_size", [(64, 2), (13, 2), (10, 4), (3, 4)])
+def test_rank_blocks_concatenate_to_the_batch(n, world_size):
+    blocks = [DistInfo(rank=rank, world_size=world_size).shard(n) for rank in range(world_size)]
+    assert [row for block in blocks for row in range(n)[block]] == list(range(n))
+    sizes = [block.stop - block.start for block in blocks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_batch_size_must_split_evenly_across_processes(tmp_path):
+    data = TrainData(train=torch.randn(64, 8), val=torch.randn(8, 8),
+                     normalizer=Normalizer(torch.zeros(8), torch.ones(8)))
+    config = CONFIG.model_copy(update={"dim": 8, "batch_size": 63})
+    with pytest.raises(ValueError, match=r"batch_size: 63 is not a multiple of the 2 training processes"):
+        train(config, data, tmp_path, dist=DistInfo(rank=0, world_size=2))
+    assert not any(tmp_path.iterdir())
