@@ -86,14 +86,19 @@ def start_daemon(cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.P
 
 
 def stop_daemon(daemon: subprocess.Popen) -> None:
-    """SIGTERM to the daemon's own process group (it and the code server it started), SIGKILL if it lingers."""
+    """SIGTERM to the daemon's own process group (it and the code server it started), then SIGKILL to whatever of
+    that group is left (a code server can outlive the daemon)."""
     if daemon.poll() is None:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
             daemon.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait(timeout=30)
+            pass
+    try:
+        os.killpg(daemon.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    daemon.wait(timeout=30)
 
 
 def test_gpu_pool_holds_across_processes_on_postgres(postgres, postgres_home, artifacts_root, tmp_path):
