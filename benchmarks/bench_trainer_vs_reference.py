@@ -229,6 +229,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the project's model (not the seed's)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="accelerator peak for MFU (default: known bf16 dense peak of the CUDA device)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--skip-reference", action="store_true", help="time the project's trainer only")
     add_common_args(parser, repeats=3)
     return parser.parse_args()
@@ -239,6 +240,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = start_run(args)
     n_train = args.steps * args.batch_size
     data = synthetic_train_data(n_train, args.n_val, seed=0)

@@ -344,9 +344,9 @@ def cmdline(pid: int) -> str:
 
 def materialize_cli(partition: str, log: Path) -> subprocess.Popen:
     """`dagster asset materialize` of one partition, training until killed: the CLI process is the run worker.
-    Steps run in that process (in_process executor: one Python start less per run; pool slots are claimed the same
-    way) and training uses one torch thread, so that it hogs one of the two cores, not both."""
-    config = {**run_config(train={**TINY_TRAIN, "max_epochs": 100_000}), "execution": {"config": {"in_process": {}}}}
+    Steps run in that process (the project's in-process executor) and training uses one torch thread, so that it
+    hogs one of the two cores, not both."""
+    config = run_config(train={**TINY_TRAIN, "max_epochs": 100_000})
     return subprocess.Popen(
         [dagster_cli(), "asset", "materialize", "-m", "flow_pipeline.definitions", "--select", "trained_checkpoint",
          "--partition", partition, "--config-json", json.dumps(config)],
