@@ -155,7 +155,6 @@ def main() -> None:
     shutil.copy(REPO_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "FLOW_PIPELINE_ROOT": str(root)}
     env.pop("WANDB_API_KEY", None)
-    os.environ.update(DAGSTER_HOME=str(home), FLOW_PIPELINE_ROOT=str(root))
     config = run_config(args)
     try:
         # --- setup, untimed ----------------------------------------------------------------------------------------
