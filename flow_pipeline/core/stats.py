@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from flow_pipeline.core.sources import DataError
 
-DEFAULT_CHUNK_ROWS = 65536
+# 8192 rows x 1024 dims: ~64 MB per float64 chunk, so a pass stays far below 1 GB of memory.
+DEFAULT_CHUNK_ROWS = 8192
 # A dimension's std is floored at max(ABS, REL * median std). 0.1 * median (~5e-4 on SONAR) lifts the two
 # near-constant SONAR dimensions (std ~2e-5 and ~2e-4) so a tiny shift in them cannot become a z-score of 10-100,
 # while leaving every ordinary dimension (all within ~0.6-1.6x the median) untouched. The absolute floor only
@@ -35,13 +38,27 @@ def streaming_mean_std(array, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.
     if rows < 2:
         raise DataError(f"need at least 2 rows for a sample std, got {rows}")
     n, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
-    for start in range(0, rows, chunk_rows):
-        chunk = _as_float64(array[start : start + chunk_rows])
-        n, mean, m2 = _merge_moments(n, mean, m2, *_chunk_moments(chunk))
+    for chunk in _row_chunks(array, chunk_rows):
+        n, mean, m2 = _merge_moments(n, mean, m2, *_chunk_moments(_as_float64(chunk)))
     std = np.sqrt(m2 / (n - 1))
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise DataError("array contains NaN or inf values; run validate_embeddings on it first")
     return mean, std, n
+
+
+def _row_chunks(array, chunk_rows: int):
+    """Row chunks of ``array``. A file-backed ``np.memmap`` is read through one short-lived mapping per chunk:
+    pages touched through a single whole-file mapping stay counted in the process's memory until it is unmapped,
+    so a pass over a file larger than RAM would otherwise grow to the file's size."""
+    rows = array.shape[0]
+    per_chunk_maps = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
+    for start in range(0, rows, chunk_rows):
+        count = min(chunk_rows, rows - start)
+        if per_chunk_maps:
+            yield np.memmap(array.filename, dtype=array.dtype, mode="r", shape=(count, *array.shape[1:]),
+                            offset=array.offset + start * array.strides[0])
+        else:
+            yield array[start : start + count]
 
 
 def _as_float64(chunk) -> np.ndarray:
