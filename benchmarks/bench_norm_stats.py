@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import resource
 import shutil
@@ -158,14 +157,16 @@ def proposed_streaming_mean_std(array, chunk_rows: int = 1024) -> tuple[np.ndarr
     deviations are taken from the chunk's own mean, so float32 loses nothing that matters (std within ~1e-8
     relative of the float64 result); the correction ``s`` makes the chunk's mean and M2 exact for the rounded
     centre. Small chunks keep the buffer in cache. A file-backed memmap is read through one short-lived mapping
-    per chunk (:func:`_row_chunks`), so the process's RSS stays at about one chunk instead of growing to the file
+    per chunk (the project's ``_row_chunks``), so the process's RSS stays at about one chunk instead of growing to the file
     size (the pages stay in the page cache either way).
     """
+    from flow_pipeline.core.stats import _row_chunks as row_chunks  # the same per-chunk mappings
+
     rows, dim = array.shape
     n, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
     buffer = np.empty((min(chunk_rows, rows), dim), dtype=np.float32)
     ones = np.ones(min(chunk_rows, rows), dtype=np.float32)
-    for chunk in _row_chunks(array, chunk_rows):
+    for chunk in row_chunks(array, chunk_rows):
         k = chunk.shape[0]
         centre = (ones[:k] @ chunk / k).astype(np.float32)
         deviations = buffer[:k]
@@ -175,20 +176,6 @@ def proposed_streaming_mean_std(array, chunk_rows: int = 1024) -> tuple[np.ndarr
         chunk_m2 = (ones[:k] @ deviations).astype(np.float64) - s * s / k
         n, mean, m2 = _merge(n, mean, m2, k, centre + s / k, chunk_m2)
     return mean, np.sqrt(m2 / (n - 1)), n
-
-
-def _row_chunks(array, chunk_rows: int):
-    """Row chunks of ``array``; for an unsliced file-backed ``np.memmap`` each chunk is a fresh mapping of just its
-    rows, unmapped when the next one is made (``np.memmap`` accepts any byte offset)."""
-    rows = array.shape[0]
-    whole_file_map = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
-    for start in range(0, rows, chunk_rows):
-        k = min(chunk_rows, rows - start)
-        if whole_file_map:
-            yield np.memmap(array.filename, dtype=array.dtype, mode="r", shape=(k, *array.shape[1:]),
-                            offset=array.offset + start * array.strides[0])
-        else:
-            yield array[start : start + k]
 
 
 def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
