@@ -27,12 +27,8 @@ CASES = {
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared 2-core machine one intra-op thread was ~5x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
