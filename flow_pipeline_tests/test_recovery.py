@@ -345,8 +345,9 @@ def cmdline(pid: int) -> str:
 def materialize_cli(partition: str, log: Path) -> subprocess.Popen:
     """`dagster asset materialize` of one partition, training until killed: the CLI process is the run worker.
     Steps run in that process (the project's in-process executor) and training uses one torch thread, so that it
-    hogs one of the two cores, not both."""
-    config = run_config(train={**TINY_TRAIN, "max_epochs": 100_000})
+    hogs one of the two cores, not both. Early stopping is off in effect: with the default patience a tiny model
+    stops within a minute, which on a loaded machine can be before the other partition's run reaches its step."""
+    config = run_config(train={**TINY_TRAIN, "max_epochs": 100_000, "patience": 100_000})
     return subprocess.Popen(
         [dagster_cli(), "asset", "materialize", "-m", "flow_pipeline.definitions", "--select", "trained_checkpoint",
          "--partition", partition, "--config-json", json.dumps(config)],
@@ -354,14 +355,25 @@ def materialize_cli(partition: str, log: Path) -> subprocess.Popen:
         start_new_session=True)
 
 
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5):
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5, explain=lambda: ""):
+    """Poll ``condition`` until it returns something truthy; on timeout, fail with ``explain()`` appended."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{explain()}")
+
+
+def runs_and_logs(instance, logs: dict[str, Path]) -> str:
+    """Each partition's run status and the tail of its CLI log: what a timed-out wait needs to be understood."""
+    lines = []
+    for partition, log in logs.items():
+        run = run_of(instance, partition)
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else ["(no log)"]
+        lines += [f"--- {partition}: run {run.run_id if run else None} {run.status if run else ''}", *tail]
+    return "\n".join(lines)
 
 
 def run_of(instance, partition: str) -> dg.DagsterRun | None:
@@ -408,9 +420,12 @@ def test_sigkilled_run_frees_the_gpu_pool_for_the_next_partition(dagster_home, r
                               stdout=(tmp_path / "daemon.log").open("wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     # Two partitions at once: the first to claim the gpu slot trains, the other waits for it.
-    clis = {partition: materialize_cli(partition, tmp_path / f"{partition}.log") for partition in (PARTITION, "mlp-fm")}
+    logs = {partition: tmp_path / f"{partition}.log" for partition in (PARTITION, "mlp-fm")}
+    clis = {partition: materialize_cli(partition, log) for partition, log in logs.items()}
+    explain = lambda: runs_and_logs(instance, logs)  # noqa: E731
     try:
-        pool = wait_for(lambda: gpu_pool_with_pending_step(instance), 240, "one run training and one waiting")
+        pool = wait_for(lambda: gpu_pool_with_pending_step(instance), 240, "one run training and one waiting",
+                        explain=explain)
         runs = {partition: run_of(instance, partition) for partition in clis}
         (victim,) = [p for p, run in runs.items() if run.run_id in pool.active_run_ids]
         (waiter,) = [p for p, run in runs.items() if run.run_id in pool.pending_run_ids]
@@ -427,7 +442,7 @@ def test_sigkilled_run_frees_the_gpu_pool_for_the_next_partition(dagster_home, r
 
         bound = recovery_bound_s()
         step_start = wait_for(lambda: step_started_at(instance, runs[waiter].run_id), bound + 30,
-                              "the waiting run's training step")
+                              "the waiting run's training step", explain=explain)
         waited = step_start - killed_at
         print(f"gpu slot recovered: the waiting run's step started {waited:.1f} s after the kill (bound {bound} s)")
         assert waited <= bound
