@@ -47,6 +47,8 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_every: int = Field(10, ge=1, description="update the EMA every N steps (decay^N), and always before it "
+                           "is validated or saved; 1: every step")
     patience: int = Field(20, ge=0)
     min_delta: float = Field(0.0, ge=0)
     seed: int = Field(DEFAULT_SEED, ge=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,6 +22,10 @@ class EMA:
     Create it after ``model.to(device)`` so the shadow lives on the same device. The first update copies the
     parameters; later ones blend with :func:`ema_decay_at` using fused foreach ops (one kernel per group of tensors,
     not a Python loop over a dict).
+
+    ``update(model, steps=k)`` stands for k updates with the current weights: one lerp with weight
+    ``1 - prod(decays of those k updates)``. Calling it every k optimizer steps averages every k-th iterate instead
+    of every one (what ema-pytorch's ``update_every`` does) for 1/k of the memory traffic.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
@@ -35,14 +41,17 @@ class EMA:
         return [params[name].detach() for name in self.names]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
+    def update(self, model: nn.Module, steps: int = 1) -> None:
+        """Count ``steps`` (>= 1) updates, all with the model's current weights."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        first, self.num_updates = self.num_updates + 1, self.num_updates + steps
         params = self._params(model)
-        if self.num_updates == 1:
+        if first == 1:  # the first update copies; the others blend the copy with the same weights: no change
             torch._foreach_copy_(self.shadow, params)
             return
-        weight = 1.0 - ema_decay_at(self.num_updates, self.decay)
-        torch._foreach_lerp_(self.shadow, params, weight)
+        kept = math.prod(ema_decay_at(update, self.decay) for update in range(first, self.num_updates + 1))
+        torch._foreach_lerp_(self.shadow, params, 1.0 - kept)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

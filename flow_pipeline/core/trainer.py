@@ -278,6 +278,12 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
     def save(path: Path) -> str | None:
         return ckpt.save_checkpoint(checkpoint_state(), path) if dist.is_main else None
 
+    def sync_ema() -> None:
+        # The EMA is updated every ``ema_every`` steps, standing for the steps since its last update; it must be
+        # current whenever it is validated or saved, so a resumed run and an uninterrupted one agree bit for bit.
+        if global_step > ema.num_updates:
+            ema.update(model, steps=global_step - ema.num_updates)
+
     def diverged(what: str, step: int | None = None) -> TrainingDiverged:
         # ``step`` numbers steps as the tracker does (the k-th optimizer step is step k); default: the last one.
         step = global_step if step is None else step
@@ -313,8 +319,9 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
             step_lr = optimizer.param_groups[0]["lr"]  # the LR this step uses; the scheduler moves on below
             optimizer.step()
             scheduler.step()
-            ema.update(model)
             global_step += 1
+            if global_step % config.ema_every == 0:
+                sync_ema()
             steps_this_epoch += 1
             loss_sum += batch_loss
             if global_step % config.log_every == 0:
@@ -326,6 +333,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
                                  "train/lr": step_lr, "epoch": epoch + 1}, step=global_step)
             if config.save_every_steps and global_step % config.save_every_steps == 0:
                 train_seconds = segment_start_seconds + time.perf_counter() - started
+                sync_ema()
                 save(last_path)
 
         # --- end of epoch: validate raw and EMA weights, select on EMA ------------------------------------------
@@ -337,6 +345,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         steps_this_epoch = 0
         val_seed = config.seed + _VAL_SEED_OFFSET
         val_loss = validate(model, flow, val_z, batch_size, val_seed, autocast, dist)
+        sync_ema()
         ema.copy_to(ema_model)
         ema_val_loss = validate(ema_model, flow, val_z, batch_size, val_seed, autocast, dist)
         if not math.isfinite(ema_val_loss):

@@ -108,6 +108,7 @@ class TrainRunConfig(dg.Config):
     patience: int = TrainConfig.model_fields["patience"].default
     min_delta: float = TrainConfig.model_fields["min_delta"].default
     ema_decay: float = TrainConfig.model_fields["ema_decay"].default
+    ema_every: int = TrainConfig.model_fields["ema_every"].default
     grad_clip: float = TrainConfig.model_fields["grad_clip"].default
     seed: int = TrainConfig.model_fields["seed"].default
     dataset: str = Field(default="full", description="training subset: 1k, 5k, 10k or full (first N train rows)")

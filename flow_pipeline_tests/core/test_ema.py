@@ -164,3 +164,27 @@ def test_shadow_lives_on_the_model_device(device):
         ema.update(model)
         ema.update(model)
         assert all(v.device.type == "cuda" for v in ema.shadow_dict().values())
+
+
+@pytest.mark.parametrize("decay,every,total", [(0.9999, 10, 47), (0.95, 3, 20), (0.5, 7, 7)])
+def test_update_every_k_steps_equals_k_single_updates_of_the_kth_iterate(decay, every, total):
+    """``update(model, steps=k)`` after every k-th iterate equals the hand EMA in which each of those iterates
+    is repeated k times (the remainder: repeated as often as steps were left)."""
+    model = _model(14)
+    ema = EMA(model, decay=decay)
+    g = torch.Generator().manual_seed(15)
+    snapshots = []
+    for done in range(every, total + every, every):
+        steps = min(every, total - (done - every))
+        _randomize(model, g)
+        snapshots += [_trainable(model)] * steps
+        ema.update(model, steps=steps)
+    assert ema.num_updates == len(snapshots) == total
+    want = _hand_ema(snapshots, decay)
+    for name, value in ema.shadow_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_update_rejects_zero_steps():
+    with pytest.raises(ValueError, match="steps"):
+        EMA(_model(16)).update(_model(16), steps=0)

@@ -121,6 +121,18 @@ def test_train_returns_result_with_verified_best_checkpoint(data, tmp_path):
     assert torch.equal(state["normalization_stats"]["std"], data.normalizer.std)
 
 
+@pytest.mark.parametrize("ema_every", [1, 3, 1000])
+def test_saved_ema_accounts_for_every_step(ema_every, data, tmp_path):
+    """Whatever ``ema_every`` is, the EMA is brought up to date before it is validated and saved. With an
+    interval longer than the run, that single update is the first one: it copies the final weights."""
+    train(tiny_config(max_epochs=1, ema_every=ema_every), data, tmp_path)
+    state = ckpt.load_checkpoint(tmp_path / ckpt.BEST_NAME)
+    assert state["ema_state"]["num_updates"] == state["global_step"] == STEPS_PER_EPOCH
+    weights, shadow = state["model_state_dict"], state["ema_shadow"]
+    same = [torch.equal(shadow[name], weights[name]) for name in shadow]
+    assert all(same) if ema_every > STEPS_PER_EPOCH else not any(same)
+
+
 def test_early_stopping_ends_the_run(data, tmp_path):
     # min_delta larger than any possible improvement: epoch 1 sets the best, every later epoch is bad.
     config = tiny_config(max_epochs=6, patience=2, min_delta=100.0)
@@ -254,13 +266,15 @@ MID_EPOCH_CASES = {
     "otcfm-sigma": dict(flow="otcfm", sigma=0.1),
     "mixup+noise": dict(aug="mixup+noise"),
     "dit-fm": dict(arch="dit", flow="fm"),
+    # EMA updates at steps 5, 10, ... and at the saves (8, 16, 24) and epoch ends: the resume point is one of them.
+    "ema-every-5": dict(ema_every=5, save_every_steps=8),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MID_EPOCH_CASES))
 def test_resume_mid_epoch_is_bit_exact(case, data, tmp_path, tmp_path_factory):
-    config = tiny_config(**RESUME_CONFIG, save_every_steps=1, **MID_EPOCH_CASES[case])
+    config = tiny_config(**{**RESUME_CONFIG, "save_every_steps": 1, **MID_EPOCH_CASES[case]})
     reference = _reference(config, data, tmp_path_factory)
     # Crash at step 25 (middle of epoch 3) before its last.pt write: the resume starts after step 24.
     result, first, second = _interrupt_and_resume(config, data, tmp_path,
