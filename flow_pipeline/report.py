@@ -12,11 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from flow_pipeline import plots  # also selects the Agg backend before pyplot is imported
 from flow_pipeline.artifacts import write_atomic
-
-import matplotlib.pyplot as plt  # noqa: E402  (after flow_pipeline.plots chose the backend)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PRIMARY_METRIC = "fd_ratio"
 PRIMARY_METRIC_MEANING = "FD / FD floor; 1.0 = as close to the test split as a second real sample"
@@ -131,6 +127,11 @@ def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, met
     """Left: EMA (solid) and raw (dashed) validation loss per epoch of every partition in ``curves``
     (partition -> history rows with epoch, val_loss, ema_val_loss). Right: ``metric`` per row, in row order,
     with the real-data level 1.0 marked for fd_ratio; rows missing the metric get no bar."""
+    # Imported here: matplotlib costs ~0.7 s, and every Dagster process loads this module through the definitions.
+    from flow_pipeline import plots  # selects the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
     # One colour per partition in both panels.
     partitions = sorted(set(curves) | {row["partition"] for row in rows})

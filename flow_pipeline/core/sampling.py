@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint
 
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 
@@ -101,6 +100,8 @@ def integrate_fixed(v: Velocity, x0: Tensor, solver: str, steps: int) -> Tensor:
 
 def integrate_dopri5(v: Velocity, x0: Tensor, rtol: float, atol: float) -> tuple[Tensor, int]:
     """Integrate from t=0 to t=1 with adaptive dopri5 (torchdiffeq); returns (x(1) (batch, dim), evaluations)."""
+    from torchdiffeq import odeint  # imported here: it pulls in scipy.integrate (~0.25 s), for dopri5 only
+
     calls = 0
 
     def f(t: Tensor, x: Tensor) -> Tensor:
