@@ -203,7 +203,9 @@ def test_killed_two_process_run_resumes_bit_exactly(reference, data_root, tmp_pa
     while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in ranks):
         assert time.monotonic() < deadline, "ranks still running after SIGKILL"
         time.sleep(0.05)
-    killed_at = ckpt.load_checkpoint(last)["global_step"]
+    # The resume point: last.pt once a step of epoch 2 was saved; best.pt if the kill came first (an improving
+    # epoch removes the older last.pt rather than writing the same state twice).
+    killed_at = ckpt.load_checkpoint(last if last.exists() else run_dir / ckpt.BEST_NAME)["global_step"]
     assert 8 <= killed_at < 32 and not (run_dir / RESULT_NAME).exists(), f"not killed mid-run: step {killed_at}"
 
     resumed_job = write_job(data_root, "killed", CONFIG.model_copy(update={"resume": True}))

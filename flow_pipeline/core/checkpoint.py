@@ -1,7 +1,8 @@
 """Checkpoint files: atomic writes, sha256, safe loads with clear errors.
 
 ``best.pt`` keeps the keys the research code's consumers read (:data:`REQUIRED_KEYS`) plus resume state;
-``last.pt`` beside it is the rolling resume point while a run is in progress.
+``last.pt`` beside it is the rolling resume point while a run is in progress and has moved past its best epoch
+(after an improving epoch best.pt is the resume point and last.pt is removed rather than written a second time).
 """
 
 from __future__ import annotations

@@ -163,6 +163,8 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
           dist: DistInfo | None = None) -> TrainResult:
     """Train one model; ``best.pt`` (and, while running, ``last.pt``) are written to ``run_dir``.
 
+    ``last.pt`` exists only while it is newer than ``best.pt``: after an improving epoch best.pt is the resume point.
+
     With ``config.resume`` the run continues from ``last.pt`` (or ``best.pt`` if there is no ``last.pt``) with every
     piece of state restored, so an interrupted run ends bit-identical to an uninterrupted one on the CPU.
     Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm.
@@ -358,8 +360,13 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         if improved:
             best_epoch = epoch
             save(best_path)  # before the patience check: the best weights are on disk before we may stop
+            # best.pt now holds exactly the state a resume needs, so the older last.pt goes instead of a second
+            # write of the same ~100 MB (a resume reads last.pt when there is one, else best.pt).
+            if dist.is_main:
+                last_path.unlink(missing_ok=True)
+        else:
+            save(last_path)
         stopped_early = stopper.should_stop
-        save(last_path)
         if dist.is_main:
             tracker.log({"val/loss": val_loss, "val/ema_loss": ema_val_loss, "val/best_loss": stopper.best_loss,
                          "epoch": epoch}, step=global_step)

@@ -133,6 +133,43 @@ def test_saved_ema_accounts_for_every_step(ema_every, data, tmp_path):
     assert all(same) if ema_every > STEPS_PER_EPOCH else not any(same)
 
 
+class CheckpointWatcher(RecordingTracker):
+    """At every epoch's validation row (logged after the epoch's saves): the global step of each checkpoint file."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir, self.on_disk = run_dir, []
+
+    def log(self, metrics, step):
+        super().log(metrics, step)
+        if "val/loss" in metrics:
+            self.on_disk.append({path.name: ckpt.load_checkpoint(path)["global_step"]
+                                 for path in sorted(self.run_dir.glob("*.pt"))})
+
+
+def test_last_pt_exists_only_while_newer_than_best_pt(data, tmp_path):
+    # min_delta larger than any improvement: epoch 1 is the best, epochs 2 and 3 are not.
+    watcher = CheckpointWatcher(tmp_path)
+    train(tiny_config(max_epochs=3, min_delta=10.0, patience=5), data, tmp_path, tracker=watcher)
+    best, last = ckpt.BEST_NAME, ckpt.LAST_NAME
+    assert watcher.on_disk == [{best: 10}, {best: 10, last: 20}, {best: 10, last: 30}]
+
+
+def test_an_improving_epoch_removes_the_older_last_pt(data, tmp_path):
+    # last.pt every 3 steps, and every epoch the new best (min_delta 0, the loss falls): at each epoch's end the
+    # mid-epoch last.pt (step 9, 18, 27) is gone and best.pt is the resume point.
+    watcher = CheckpointWatcher(tmp_path)
+    result = train(tiny_config(max_epochs=3, save_every_steps=3), data, tmp_path, tracker=watcher)
+    improving = [row["epoch"] for row in result.history
+                 if row["ema_val_loss"] == min(r["ema_val_loss"] for r in result.history[: row["epoch"]])]
+    assert improving[:1] == [1] and len(improving) >= 2, "test precondition: at least two improving epochs"
+    for epoch, files in enumerate(watcher.on_disk, start=1):
+        if epoch in improving:
+            assert files == {ckpt.BEST_NAME: 10 * epoch}
+        else:
+            assert files[ckpt.LAST_NAME] == 10 * epoch > files[ckpt.BEST_NAME]
+
+
 def test_early_stopping_ends_the_run(data, tmp_path):
     # min_delta larger than any possible improvement: epoch 1 sets the best, every later epoch is bad.
     config = tiny_config(max_epochs=6, patience=2, min_delta=100.0)
@@ -203,7 +240,7 @@ def _interrupt_and_resume(config, data, run_dir, when) -> tuple[TrainResult, Rec
     first = InterruptingTracker(when)
     with pytest.raises(Interrupted):
         train(config, data, run_dir, tracker=first)
-    assert (run_dir / ckpt.LAST_NAME).exists()
+    assert (run_dir / ckpt.LAST_NAME).exists() or (run_dir / ckpt.BEST_NAME).exists()
     second = RecordingTracker()
     result = train(config.model_copy(update={"resume": True}), data, run_dir, tracker=second)
     return result, first, second
