@@ -4,15 +4,15 @@
     python benchmarks/bench_step_breakdown.py --arch dit
 
 An instrumented copy of the project trainer's inner loop (flow_pipeline/core/trainer.py), built from the same
-components: EpochBatchSampler index selection, flow.sample, the model, fused AdamW, clip_grad_norm_, LambdaLR
-warmup-cosine, EMA.update from flow_pipeline.core.ema, the per-step finite check the trainer does on the CPU and the
+components: EpochBatchSampler index selection, flow.sample, the model, fused AdamW, the trainer's clipping, LambdaLR
+warmup-cosine, EMA.update every ``--ema-every`` steps, the per-step finite check the trainer does on the CPU and the
 tracker call with ``.item()`` every ``--log-every`` steps. Every section is timed with perf_counter; on the CPU
 every op is synchronous, so a section's time is its own (this script refuses CUDA, where it would not be).
 
 Goal (issue 7): everything but forward+backward and the optimizer step is at most 5% of the step.
 
-A second table times what the trainer does once per epoch (validating raw and EMA weights, writing best.pt and
-last.pt) and its share of an epoch. A third table times the seed's versions of the replaced pieces in the same process, on the same model, for
+A second table times what the trainer does once per epoch (validating raw and EMA weights, writing best.pt
+or last.pt) and its share of an epoch. A third table times the seed's versions of the replaced pieces in the same process, on the same model, for
 comparison: its dict EMA, default (for-loop) AdamW and a 4-worker DataLoader over a per-sample Dataset.
 """
 
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from bench_trainer_vs_reference import SeedEMA, SeedFlowDataset
 from common import (add_common_args, command_line, finish_run, format_table, median, start_run, synthetic_train_data,
                     time_calls, write_result)
+from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.data import EpochBatchSampler, augment
 from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import get_flow
@@ -48,12 +49,11 @@ CORE = ("forward+backward", "optimizer")
 def clip(model: torch.nn.Module, max_norm: float, mode: str) -> torch.Tensor:
     """Gradient clipping; returns the total grad norm.
 
-    ``trainer``: ``clip_grad_norm_``, as the trainer does. It always rescales every gradient (by exactly 1.0 when
-    the norm is below ``max_norm``) so that CUDA never has to wait for the norm. ``proposed``: on the CPU a host
-    read is free, so compute the norm and rescale only when ``clip_grad_norm_`` would change the gradients
-    (same coefficient, bit-identical result); measured grad norms of mlp-small stay ~0.2-0.3 < 1.0.
+    ``trainer``: what the trainer does on the CPU: the norm, then a rescale only when the norm is over ``max_norm``
+    (``clip_grad_norm_``'s coefficient, bit-identical gradients). ``clip_grad_norm_``: the plain call, which always
+    rescales every gradient (by exactly 1.0 below the limit) so that CUDA never has to wait for the norm.
     """
-    if mode == "trainer":
+    if mode == "clip_grad_norm_":
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
@@ -110,7 +110,8 @@ def instrumented_steps(train_z: torch.Tensor, args: argparse.Namespace) -> tuple
         t5 = time.perf_counter()
         scheduler.step()
         t6 = time.perf_counter()
-        ema.update(model)
+        if step % args.ema_every == 0:  # the trainer's ema_every
+            ema.update(model, steps=args.ema_every)
         t7 = time.perf_counter()
         if step % args.log_every == 0:
             tracker.log({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": step_lr,
@@ -126,8 +127,9 @@ def instrumented_steps(train_z: torch.Tensor, args: argparse.Namespace) -> tuple
 
 def epoch_end_costs(train_z: torch.Tensor, val_z: torch.Tensor, args: argparse.Namespace) -> list[dict]:
     """Median seconds of what the trainer does once per epoch: validate the raw and the EMA weights on ``val_z``
-    (the trainer's ``validate``), then write best.pt and last.pt (``save_checkpoint``: atomic, fsynced, hashed) with
-    the trainer's checkpoint content (model, EMA, optimizer state, ...)."""
+    (the trainer's ``validate``), then write one checkpoint (``save_checkpoint``: atomic, fsynced, hashed) with the
+    trainer's checkpoint content (model, EMA, optimizer state, ...): best.pt in an improving epoch, last.pt in any
+    other (the trainer never writes the same state to both)."""
     from flow_pipeline.core import checkpoint as ckpt
     from flow_pipeline.core.distributed import DistInfo
     from flow_pipeline.core.trainer import validate
@@ -152,8 +154,7 @@ def epoch_end_costs(train_z: torch.Tensor, val_z: torch.Tensor, args: argparse.N
     with tempfile.TemporaryDirectory(prefix="bench-epoch-end-") as directory:
         parts = {"validate (raw weights)": lambda: validate(model, flow, val_z, args.batch_size, 0, nullcontext(), dist),
                  "validate (EMA weights)": validate_ema,
-                 "save best.pt": lambda: ckpt.save_checkpoint(state(), Path(directory) / "best.pt"),
-                 "save last.pt": lambda: ckpt.save_checkpoint(state(), Path(directory) / "last.pt")}
+                 "save best.pt or last.pt": lambda: ckpt.save_checkpoint(state(), Path(directory) / "last.pt")}
         rows = [{"part": name, "median s": median(time_calls(fn, 3, warmup=1))} for name, fn in parts.items()]
         size = (Path(directory) / "last.pt").stat().st_size
     rows.append({"part": "TOTAL per epoch", "median s": sum(row["median s"] for row in rows)})
@@ -234,8 +235,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=150, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--clip-mode", default="trainer", choices=("trainer", "proposed"),
-                        help="gradient clipping as the trainer does it, or the proposed CPU variant (see clip())")
+    parser.add_argument("--clip-mode", default="trainer", choices=("trainer", "clip_grad_norm_"),
+                        help="trainer: norm, rescale only above the limit; clip_grad_norm_: always rescale")
+    parser.add_argument("--ema-every", type=int, default=TrainConfig.model_fields["ema_every"].default,
+                        help="EMA update interval in steps (the trainer's ema_every)")
     parser.add_argument("--workers", type=int, default=4, help="the seed DataLoader's workers in the second table")
     parser.add_argument("--micro-repeats", type=int, default=20, help="calls per round in the second table")
     parser.add_argument("--skip-seed-components", action="store_true")
