@@ -42,6 +42,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("recall", "recall", ".3f"),
     Column("coverage", "coverage", ".3f"),
     Column("memorization_ratio", "memorisation", ".3f"),
+    Column("train_copy_fraction", "train copies", ".3f"),
     Column("train_seconds", "train time (s)", ".1f"),
     Column("sampler", "sampler"),
     Column("nfe", "NFE", "d"),
@@ -51,7 +52,7 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN_KEYS = tuple(column.key for column in COLUMNS)
 # Keys a row takes from the evaluation's values and from the training's values (the rest come from the partition).
 EVALUATION_KEYS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "coverage", "memorization_ratio",
-                   "sampler", "nfe", "n")
+                   "train_copy_fraction", "sampler", "nfe", "n")
 TRAINING_KEYS = ("num_params", "best_val_loss", "train_seconds")
 
 
@@ -170,7 +171,8 @@ def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, met
 def sampler_table(results: list[dict]) -> str:
     """One partition's sampler settings as Markdown: results are dicts with sampler, nfe, seconds and metrics."""
     keys = (("fd_ratio", "FD / floor", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
-            ("coverage", "coverage", ".3f"), ("memorization_ratio", "memorisation", ".3f"))
+            ("coverage", "coverage", ".3f"), ("memorization_ratio", "memorisation", ".3f"),
+            ("train_copy_fraction", "train copies", ".3f"))
     lines = ["| sampler | NFE | seconds | " + " | ".join(header for _, header, _ in keys) + " |",
              "|---|---:|---:|" + "---:|" * len(keys)]
     for result in results:

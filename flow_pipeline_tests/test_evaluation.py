@@ -19,6 +19,7 @@ from flow_pipeline.evaluation import SamplerSpec, draw_samples, evaluate_checkpo
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
+               "train_copy_fraction", "copy_threshold",
                "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n"}
 
 

@@ -129,7 +129,7 @@ def test_write_report_writes_three_consistent_files(tmp_path):
 PARTITIONS = ("mlp-icfm", "mlp-vp", "unet-fm")
 EVAL_CONFIG = {"steps": 4, "extra_samplers": ["rk4:2"], "n_samples": 1000}
 METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
-           "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine")
+           "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine")
 
 
 def train_and_evaluate(instance, partition: str, **kwargs):

@@ -182,6 +182,35 @@ def memorization_ratio(
     return float(np.median(ratios))
 
 
+def nearest_distance_streamed(x: np.ndarray, reference, chunk_rows: int = 8192) -> np.ndarray:
+    """:func:`nearest_distance` of x (n, dim) to a reference (m, dim) read ``chunk_rows`` rows at a time, so the
+    reference can be a memory-mapped split far larger than memory: (n,)."""
+    best = np.full(x.shape[0], np.inf)
+    for start in range(0, reference.shape[0], chunk_rows):
+        best = np.minimum(best, nearest_distance(x, _as_float64(reference[start : start + chunk_rows])))
+    return best
+
+
+def train_copy_fraction(generated: np.ndarray, train, test: np.ndarray, quantile: float = 0.01) -> dict[str, float]:
+    """Share of generated rows closer to some training row than all but ``quantile`` of held-out test rows are.
+
+    generated (n, dim), train (n_train, dim: the whole split, scanned in chunks, may be memory-mapped), test
+    (m, dim). threshold = the ``quantile`` of the test rows' nearest-train distances; the fraction is the share of
+    generated rows whose nearest-train distance is below it. Held-out real data scores about ``quantile`` by
+    construction; copies or near copies of any training row score 1. It complements :func:`memorization_ratio`,
+    which compares with a train subsample of the test set's size (so that real data scores 1) and therefore misses
+    copies of training rows outside that subsample.
+
+    Returns {"train_copy_fraction": fraction, "copy_threshold": threshold}.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    test_to_train = nearest_distance_streamed(_as_float64(test), train)
+    threshold = float(np.quantile(test_to_train, quantile))
+    generated_to_train = nearest_distance_streamed(_as_float64(generated), train)
+    return {"train_copy_fraction": float(np.mean(generated_to_train < threshold)), "copy_threshold": threshold}
+
+
 # --------------------------------------------------------------------------------------------- diagnostics
 
 
@@ -226,7 +255,8 @@ def evaluate_samples(
     fd: FD(generated, test_n); fd_floor: FD(train_n, test_n), what two real sets of this size score, since FD is far
     from 0 when n ~ dim; fd_ratio = fd / fd_floor (about 1 is as good as real data); precision, recall, density,
     coverage (:func:`prdc` with real = test_n); memorization_ratio (about 1 for fresh samples, near 0 for train
-    copies); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
+    copies); train_copy_fraction and copy_threshold (:func:`train_copy_fraction` against the whole train split:
+    about 0.01 for fresh samples, 1 for copies of any training row); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
     generated to test_n; n = len(generated).
     """
     generated = _as_float64(generated)
@@ -243,6 +273,7 @@ def evaluate_samples(
         "fd_ratio": fd / fd_floor if fd_floor > 0 else float("inf"),
         **prdc(test_n, generated, k=k),
         "memorization_ratio": memorization_ratio(generated, train_n, test_n, seed=seed),
+        **train_copy_fraction(generated, train, test_n),
         "norm_mean": gen_norms["mean"],
         "norm_std": gen_norms["std"],
         "real_norm_mean": real_norms["mean"],

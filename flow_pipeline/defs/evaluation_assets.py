@@ -60,7 +60,7 @@ def evaluation(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     """Sample quality of one partition's EMA model: ODE samples in raw embedding space against the held-out test
-    split (FD beside the real-vs-real FD floor, precision/recall/density/coverage, memorisation of train, norms),
+    split (FD beside the real-vs-real FD floor, precision/recall/density/coverage, memorisation of train and copies of any train row, norms),
     for the configured sampler and any extra sampler settings; results also saved as JSON."""
     partition = context.partition_key
     try:
@@ -120,7 +120,7 @@ def _history(checkpoint_path: str | None) -> tuple[list[dict], str]:
 )
 def ablation_report(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
     """All evaluated partitions side by side: a Markdown table (arch, flow, params, best val loss, FD and its floor,
-    precision, recall, coverage, memorisation, train time) sorted by FD / floor, the same rows as CSV, and a PNG
+    precision, recall, coverage, memorisation, train copies, train time) sorted by FD / floor, the same rows as CSV, and a PNG
     with every partition's validation-loss curve and a bar chart of FD / floor."""
     rows, curves = [], {}
     for partition in ablation_partitions.get_partition_keys():

@@ -13,9 +13,11 @@ from flow_pipeline.core.metrics import (
     evaluate_samples,
     frechet_distance,
     memorization_ratio,
+    nearest_distance_streamed,
     nn_cosine,
     norm_stats,
     prdc,
+    train_copy_fraction,
 )
 
 # ----------------------------------------------------------------------------------------- Fréchet distance
@@ -133,6 +135,46 @@ def test_memorization_ratio_equalizes_reference_sizes():
     assert 0.85 < memorization_ratio(fresh, train, test) < 1.15
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+def test_streamed_nearest_distance_equals_brute_force(chunk_rows):
+    rng = np.random.default_rng(7)
+    x, reference = rng.normal(size=(19, 5)), rng.normal(size=(50, 5)).astype(np.float32)
+    want = [min(np.linalg.norm(row - ref) for ref in reference.astype(np.float64)) for row in x]
+    np.testing.assert_allclose(nearest_distance_streamed(x, reference, chunk_rows=chunk_rows), want, rtol=1e-12)
+
+
+def test_train_copy_fraction_equals_its_definition():
+    rng = np.random.default_rng(8)
+    generated, train, test = rng.normal(size=(40, 6)), rng.normal(size=(90, 6)), rng.normal(size=(60, 6))
+    generated[:10] = train[rng.choice(90, 10, replace=False)]  # a quarter are exact copies
+    nearest = lambda rows: np.array([min(np.linalg.norm(r - t) for t in train) for r in rows])  # noqa: E731
+    threshold = np.quantile(nearest(test), 0.05)
+    got = train_copy_fraction(generated, train, test, quantile=0.05)
+    assert got["copy_threshold"] == pytest.approx(threshold, rel=1e-12)
+    assert got["train_copy_fraction"] == float(np.mean(nearest(generated) < threshold)) >= 0.25
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5])
+def test_train_copy_fraction_rejects_a_quantile_outside_the_unit_interval(bad):
+    x = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="quantile"):
+        train_copy_fraction(x, x, x, quantile=bad)
+
+
+def test_copies_of_train_rows_outside_the_memorization_subsample_are_caught():
+    """With a train split 10x the sample size, memorization_ratio sees a random tenth of it: copies of the other
+    rows look fresh to it. train_copy_fraction scans the whole split."""
+    rng = np.random.default_rng(10)
+    mixture = LowRankMixture(seed=11)
+    train, test = mixture.draw(10 * N, rng), mixture.draw(N, rng)
+    copies = train[rng.choice(train.shape[0], N, replace=False)] + 0.01 * rng.standard_normal((N, DIM))
+    fresh = mixture.draw(N, rng)
+    caught, missed = evaluate_samples(copies, train, test, seed=0), evaluate_samples(fresh, train, test, seed=0)
+    assert caught["memorization_ratio"] > 0.5  # the subsampled ratio misses most copies...
+    assert caught["train_copy_fraction"] > 0.95  # ...the full scan does not
+    assert missed["train_copy_fraction"] < 0.05 and 0.9 < missed["memorization_ratio"] < 1.1
+
+
 def test_norm_stats_and_nn_cosine_equal_naive_formulas():
     rng = np.random.default_rng(7)
     generated, test = rng.normal(size=(12, 5)) + 0.3, rng.normal(size=(17, 5))
@@ -187,7 +229,8 @@ def ranking():
 def test_evaluate_samples_returns_all_metrics(ranking):
     expected_keys = {
         "fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
-        "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n",
+        "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std",
+        "nn_cosine", "n",
     }  # fmt: skip
     for metrics in ranking.values():
         assert set(metrics) == expected_keys
@@ -200,6 +243,7 @@ def test_held_out_real_data_scores_best(ranking):
     assert 0.5 < held["fd_ratio"] < 1.5  # FD itself is not ~0 at n ~ dim, but matches the real-vs-real floor
     assert held["precision"] > 0.7 and held["recall"] > 0.7 and held["coverage"] > 0.8
     assert 0.9 < held["memorization_ratio"] < 1.1
+    assert held["train_copy_fraction"] < 0.05
     assert held["norm_mean"] == pytest.approx(held["real_norm_mean"], rel=0.05)
     for bad in ("mean_collapse", "isotropic"):
         assert held["fd_ratio"] < ranking[bad]["fd_ratio"]
@@ -210,6 +254,7 @@ def test_held_out_real_data_scores_best(ranking):
 def test_copies_of_train_are_flagged_by_memorization_only(ranking):
     copies = ranking["train_copies"]
     assert copies["memorization_ratio"] < 0.3
+    assert copies["train_copy_fraction"] > 0.95
     # The distribution-level metrics cannot tell copies from fresh samples; that is why memorization is reported.
     assert 0.5 < copies["fd_ratio"] < 1.5 and copies["coverage"] > 0.8
 
