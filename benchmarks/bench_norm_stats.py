@@ -157,10 +157,10 @@ def proposed_streaming_mean_std(array, chunk_rows: int = 1024) -> tuple[np.ndarr
     deviations are taken from the chunk's own mean, so float32 loses nothing that matters (std within ~1e-8
     relative of the float64 result); the correction ``s`` makes the chunk's mean and M2 exact for the rounded
     centre. Small chunks keep the buffer in cache. A file-backed memmap is read through one short-lived mapping
-    per chunk (the project's ``_row_chunks``), so the process's RSS stays at about one chunk instead of growing to the file
+    per chunk (the project's ``row_chunks``), so the process's RSS stays at about one chunk instead of growing to the file
     size (the pages stay in the page cache either way).
     """
-    from flow_pipeline.core.stats import _row_chunks as row_chunks  # the same per-chunk mappings
+    from flow_pipeline.core.stats import row_chunks  # the same per-chunk mappings
 
     rows, dim = array.shape
     n, mean, m2 = 0, np.zeros(dim), np.zeros(dim)

@@ -208,10 +208,14 @@ def evaluate_checkpoint(
     n = sample_count(test.shape[0], n_samples)
     if not 1 <= k < n:
         raise ValueError(f"k={k} nearest neighbours needs more than k samples; n={n}")
-    results = []
+    results, threshold = [], None
     for spec in samplers:
         drawn = draw_samples(ema, spec, n, seed, batch_size)
-        metrics = evaluate_samples(drawn.x.numpy(), np.asarray(train), np.asarray(test), k=k, seed=seed)
+        # ``train`` as given: a memory-mapped split is scanned chunk by chunk for copies, never loaded whole. The
+        # copy threshold depends only on the splits, n and seed: computed for the first sampler, then reused.
+        metrics = evaluate_samples(drawn.x.numpy(), train, np.asarray(test), k=k, seed=seed,
+                                   train_copy_threshold=threshold)
+        threshold = metrics["copy_threshold"]
         results.append(SamplerEvaluation(sampler=spec.label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
                                          seconds=drawn.seconds, metrics=metrics))
     return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,

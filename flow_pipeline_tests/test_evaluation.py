@@ -12,6 +12,7 @@ import torch
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.checkpoint import CheckpointError, sha256_file
 from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.sources import split_array, synthetic_sonar_like
 from flow_pipeline.core.stats import floor_std, streaming_mean_std
 from flow_pipeline.core.trainer import TrainData, train
@@ -138,6 +139,11 @@ def test_several_samplers_report_their_function_evaluations(trained):
     for result in evaluation.results:
         assert set(result.metrics) == METRIC_KEYS and result.metrics["n"] == 20
         assert result.seconds > 0
+    # The copy threshold (a scan of the whole train split) is computed once and is what a fresh computation gives.
+    dopri_x = draw_samples(load_ema_model(path), SamplerSpec.parse("dopri5"), 20, seed=0).x.numpy()
+    fresh = evaluate_samples(dopri_x, np.asarray(splits.train), np.asarray(splits.test), seed=0)
+    assert {r.metrics["copy_threshold"] for r in evaluation.results} == {fresh["copy_threshold"]}
+    assert evaluation.results[3].metrics == fresh
     # Same noise, same field: the ODE solutions of the different solvers agree closely in raw space.
     ema = load_ema_model(path)
     rk4 = draw_samples(ema, SamplerSpec.parse("rk4:8"), 20, seed=0).x

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flow_pipeline.core.stats import row_chunks
+
 # Rows of the left operand per distance chunk: the (chunk, m) float64 block is 80 MB for m = 10k reference rows.
 _CHUNK = 1024
 
@@ -183,32 +185,41 @@ def memorization_ratio(
 
 
 def nearest_distance_streamed(x: np.ndarray, reference, chunk_rows: int = 8192) -> np.ndarray:
-    """:func:`nearest_distance` of x (n, dim) to a reference (m, dim) read ``chunk_rows`` rows at a time, so the
-    reference can be a memory-mapped split far larger than memory: (n,)."""
+    """:func:`nearest_distance` of x (n, dim) to a reference (m, dim) read ``chunk_rows`` rows at a time: (n,).
+
+    A file-backed ``np.memmap`` reference (a split on disk) is read through one short-lived mapping per chunk
+    (:func:`flow_pipeline.core.stats.row_chunks`), so a split far larger than memory never becomes resident.
+    """
     best = np.full(x.shape[0], np.inf)
-    for start in range(0, reference.shape[0], chunk_rows):
-        best = np.minimum(best, nearest_distance(x, _as_float64(reference[start : start + chunk_rows])))
+    for chunk in row_chunks(reference, chunk_rows):
+        best = np.minimum(best, nearest_distance(x, _as_float64(chunk)))
     return best
 
 
-def train_copy_fraction(generated: np.ndarray, train, test: np.ndarray, quantile: float = 0.01) -> dict[str, float]:
-    """Share of generated rows closer to some training row than all but ``quantile`` of held-out test rows are.
+def copy_threshold(train, test: np.ndarray, quantile: float = 0.01) -> float:
+    """The ``quantile`` of the nearest-train distances of held-out test rows (m, dim): closer than this to a
+    training row, a sample is nearer to the training data than all but ``quantile`` of real unseen rows are.
 
-    generated (n, dim), train (n_train, dim: the whole split, scanned in chunks, may be memory-mapped), test
-    (m, dim). threshold = the ``quantile`` of the test rows' nearest-train distances; the fraction is the share of
-    generated rows whose nearest-train distance is below it. Held-out real data scores about ``quantile`` by
-    construction; copies or near copies of any training row score 1. It complements :func:`memorization_ratio`,
-    which compares with a train subsample of the test set's size (so that real data scores 1) and therefore misses
-    copies of training rows outside that subsample.
-
-    Returns {"train_copy_fraction": fraction, "copy_threshold": threshold}.
+    train (n_train, dim): the whole split, scanned in chunks. Test rows that duplicate a training row (distance
+    at most 1e-5 of the median: cdist's matmul form leaves ~1e-8 |x| of round-off on an exact duplicate) are left
+    out, so duplicates across the splits cannot pull the threshold to 0.
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    test_to_train = nearest_distance_streamed(_as_float64(test), train)
-    threshold = float(np.quantile(test_to_train, quantile))
-    generated_to_train = nearest_distance_streamed(_as_float64(generated), train)
-    return {"train_copy_fraction": float(np.mean(generated_to_train < threshold)), "copy_threshold": threshold}
+    distances = nearest_distance_streamed(_as_float64(test), train)
+    distinct = distances[distances > 1e-5 * np.median(distances)]
+    return float(np.quantile(distinct if distinct.size else distances, quantile))
+
+
+def train_copy_fraction(generated: np.ndarray, train, threshold: float) -> float:
+    """Share of generated rows (n, dim) whose nearest row of the whole train split (scanned in chunks, may be
+    memory-mapped) is closer than ``threshold`` (:func:`copy_threshold`).
+
+    Held-out real data scores about the threshold's quantile (0.01) by construction; copies or near copies of any
+    training row score 1. It complements :func:`memorization_ratio`, which compares with a train subsample of the
+    test set's size (so that real data scores 1) and therefore misses copies of training rows outside it.
+    """
+    return float(np.mean(nearest_distance_streamed(_as_float64(generated), train) < threshold))
 
 
 # --------------------------------------------------------------------------------------------- diagnostics
@@ -243,7 +254,8 @@ def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def evaluate_samples(
-    generated: np.ndarray, train: np.ndarray, test: np.ndarray, k: int = 5, seed: int = 0
+    generated: np.ndarray, train: np.ndarray, test: np.ndarray, k: int = 5, seed: int = 0,
+    train_copy_threshold: float | None = None,
 ) -> dict[str, float]:
     """All metrics of generated (n, dim) against held-out test (and train, for the floor and memorization).
 
@@ -255,8 +267,9 @@ def evaluate_samples(
     fd: FD(generated, test_n); fd_floor: FD(train_n, test_n), what two real sets of this size score, since FD is far
     from 0 when n ~ dim; fd_ratio = fd / fd_floor (about 1 is as good as real data); precision, recall, density,
     coverage (:func:`prdc` with real = test_n); memorization_ratio (about 1 for fresh samples, near 0 for train
-    copies); train_copy_fraction and copy_threshold (:func:`train_copy_fraction` against the whole train split:
-    about 0.01 for fresh samples, 1 for copies of any training row); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
+    copies); train_copy_fraction against the whole train split (about 0.01 for fresh samples, 1 for copies of any
+    training row) and its copy_threshold (:func:`copy_threshold` of test_n; pass it back as
+    ``train_copy_threshold`` to skip recomputing it for more samples of the same n and seed); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
     generated to test_n; n = len(generated).
     """
     generated = _as_float64(generated)
@@ -267,13 +280,15 @@ def evaluate_samples(
     fd = frechet_distance(generated, test_n)
     fd_floor = frechet_distance(train_n, test_n)
     gen_norms, real_norms = norm_stats(generated), norm_stats(test_n)
+    threshold = copy_threshold(train, test_n) if train_copy_threshold is None else train_copy_threshold
     return {
         "fd": fd,
         "fd_floor": fd_floor,
         "fd_ratio": fd / fd_floor if fd_floor > 0 else float("inf"),
         **prdc(test_n, generated, k=k),
         "memorization_ratio": memorization_ratio(generated, train_n, test_n, seed=seed),
-        **train_copy_fraction(generated, train, test_n),
+        "train_copy_fraction": train_copy_fraction(generated, train, threshold),
+        "copy_threshold": threshold,
         "norm_mean": gen_norms["mean"],
         "norm_std": gen_norms["std"],
         "real_norm_mean": real_norms["mean"],

@@ -38,7 +38,7 @@ def streaming_mean_std(array, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.
     if rows < 2:
         raise DataError(f"need at least 2 rows for a sample std, got {rows}")
     n, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
-    for chunk in _row_chunks(array, chunk_rows):
+    for chunk in row_chunks(array, chunk_rows):
         n, mean, m2 = _merge_moments(n, mean, m2, *_chunk_moments(_as_float64(chunk)))
     std = np.sqrt(m2 / (n - 1))
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
@@ -46,7 +46,7 @@ def streaming_mean_std(array, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.
     return mean, std, n
 
 
-def _row_chunks(array, chunk_rows: int):
+def row_chunks(array, chunk_rows: int):
     """Row chunks of ``array``. A file-backed ``np.memmap`` is read through one short-lived mapping per chunk:
     pages touched through a single whole-file mapping stay counted in the process's memory until it is unmapped,
     so a pass over a file larger than RAM would otherwise grow to the file's size."""

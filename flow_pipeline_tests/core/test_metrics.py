@@ -13,6 +13,7 @@ from flow_pipeline.core.metrics import (
     evaluate_samples,
     frechet_distance,
     memorization_ratio,
+    copy_threshold,
     nearest_distance_streamed,
     nn_cosine,
     norm_stats,
@@ -136,29 +137,48 @@ def test_memorization_ratio_equalizes_reference_sizes():
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64])
-def test_streamed_nearest_distance_equals_brute_force(chunk_rows):
+def test_streamed_nearest_distance_equals_brute_force(chunk_rows, tmp_path):
     rng = np.random.default_rng(7)
     x, reference = rng.normal(size=(19, 5)), rng.normal(size=(50, 5)).astype(np.float32)
     want = [min(np.linalg.norm(row - ref) for ref in reference.astype(np.float64)) for row in x]
-    np.testing.assert_allclose(nearest_distance_streamed(x, reference, chunk_rows=chunk_rows), want, rtol=1e-12)
+    np.save(tmp_path / "reference.npy", reference)
+    mapped = np.load(tmp_path / "reference.npy", mmap_mode="r")  # read through one mapping per chunk
+    for ref in (reference, mapped):
+        np.testing.assert_allclose(nearest_distance_streamed(x, ref, chunk_rows=chunk_rows), want, rtol=1e-12)
+
+
+def _nearest_train(rows, train):
+    return np.array([min(np.linalg.norm(r - t) for t in train) for r in rows])
 
 
 def test_train_copy_fraction_equals_its_definition():
     rng = np.random.default_rng(8)
     generated, train, test = rng.normal(size=(40, 6)), rng.normal(size=(90, 6)), rng.normal(size=(60, 6))
     generated[:10] = train[rng.choice(90, 10, replace=False)]  # a quarter are exact copies
-    nearest = lambda rows: np.array([min(np.linalg.norm(r - t) for t in train) for r in rows])  # noqa: E731
-    threshold = np.quantile(nearest(test), 0.05)
-    got = train_copy_fraction(generated, train, test, quantile=0.05)
-    assert got["copy_threshold"] == pytest.approx(threshold, rel=1e-12)
-    assert got["train_copy_fraction"] == float(np.mean(nearest(generated) < threshold)) >= 0.25
+    want_threshold = np.quantile(_nearest_train(test, train), 0.05)
+    threshold = copy_threshold(train, test, quantile=0.05)
+    assert threshold == pytest.approx(want_threshold, rel=1e-12)
+    fraction = train_copy_fraction(generated, train, threshold)
+    assert fraction == float(np.mean(_nearest_train(generated, train) < want_threshold)) >= 0.25
+
+
+def test_copy_threshold_ignores_test_rows_that_duplicate_train_rows():
+    """5% of the test rows also sit in train: their distance 0 must not become the 1% threshold."""
+    rng = np.random.default_rng(9)
+    train, test = rng.normal(size=(200, 6)), rng.normal(size=(100, 6))
+    test[:5] = train[:5]
+    distances = _nearest_train(test, train)
+    threshold = copy_threshold(train, test)
+    assert threshold == pytest.approx(np.quantile(distances[5:], 0.01), rel=1e-12)
+    assert threshold > 0.1 * np.median(distances)
+    assert train_copy_fraction(train[100:150], train, threshold) == 1.0
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.5])
-def test_train_copy_fraction_rejects_a_quantile_outside_the_unit_interval(bad):
+def test_copy_threshold_rejects_a_quantile_outside_the_unit_interval(bad):
     x = np.zeros((3, 2))
     with pytest.raises(ValueError, match="quantile"):
-        train_copy_fraction(x, x, x, quantile=bad)
+        copy_threshold(x, x, quantile=bad)
 
 
 def test_copies_of_train_rows_outside_the_memorization_subsample_are_caught():
@@ -173,6 +193,9 @@ def test_copies_of_train_rows_outside_the_memorization_subsample_are_caught():
     assert caught["memorization_ratio"] > 0.5  # the subsampled ratio misses most copies...
     assert caught["train_copy_fraction"] > 0.95  # ...the full scan does not
     assert missed["train_copy_fraction"] < 0.05 and 0.9 < missed["memorization_ratio"] < 1.1
+    # The threshold handed back gives the same result without the second scan.
+    again = evaluate_samples(copies, train, test, seed=0, train_copy_threshold=caught["copy_threshold"])
+    assert again == caught
 
 
 def test_norm_stats_and_nn_cosine_equal_naive_formulas():
