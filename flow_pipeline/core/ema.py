@@ -45,8 +45,8 @@ class EMA:
         """Count ``steps`` (>= 1) updates, all with the model's current weights."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        first, self.num_updates = self.num_updates + 1, self.num_updates + steps
         params = self._params(model)
+        first, self.num_updates = self.num_updates + 1, self.num_updates + steps
         if first == 1:  # the first update copies; the others blend the copy with the same weights: no change
             torch._foreach_copy_(self.shadow, params)
             return

@@ -159,6 +159,17 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(wrong)})")
 
 
+def _latest_checkpoint(paths: list[Path], device: torch.device) -> tuple[Path, dict] | None:
+    """The existing checkpoint of ``paths`` with the highest global step, loaded; None if there is none.
+
+    Normally last.pt exists only while it is newer than best.pt, but a kill between writing best.pt and removing
+    the older last.pt leaves both: the step, not the name, says which one to continue from.
+    """
+    loaded = [(path, ckpt.load_checkpoint(path, map_location=device)) for path in paths if path.exists()]
+    # At equal steps (a last.pt saved at an epoch's final step, then best.pt after its validation) the later epoch.
+    return max(loaded, key=lambda item: (item[1]["global_step"], item[1]["epoch"]), default=None)
+
+
 def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tracker | None = None,
           dist: DistInfo | None = None) -> TrainResult:
     """Train one model; ``best.pt`` (and, while running, ``last.pt``) are written to ``run_dir``.
@@ -224,11 +235,11 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
 
     # --- resume ----------------------------------------------------------------------------------------------
     if config.resume:
-        source = last_path if last_path.exists() else best_path if best_path.exists() else None
-        if source is None:
+        resume_point = _latest_checkpoint([last_path, best_path], device)
+        if resume_point is None:
             logger.warning("resume requested but %s has no last.pt or best.pt: starting from scratch", run_dir)
         else:
-            state = ckpt.load_checkpoint(source, map_location=device)
+            source, state = resume_point
             _check_resumable(state["config"], config, source)
             saved_world_size = state.get("world_size", 1)
             if saved_world_size != dist.world_size and dist.is_main:

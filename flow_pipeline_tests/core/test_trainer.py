@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,15 @@ def test_an_improving_epoch_removes_the_older_last_pt(data, tmp_path):
             assert files[ckpt.LAST_NAME] == 10 * epoch > files[ckpt.BEST_NAME]
 
 
+def test_a_mid_epoch_last_pt_holds_an_up_to_date_ema(data, tmp_path):
+    # last.pt every 4 steps, EMA every 5: the save at step 24 must first fold steps 21-24 into the EMA.
+    config = tiny_config(max_epochs=3, save_every_steps=4, ema_every=5)
+    with pytest.raises(Interrupted):
+        train(config, data, tmp_path, tracker=InterruptingTracker(lambda step, m: "train/loss" in m and step == 25))
+    state = ckpt.load_checkpoint(tmp_path / ckpt.LAST_NAME)
+    assert state["global_step"] == state["ema_state"]["num_updates"] == 24
+
+
 def test_early_stopping_ends_the_run(data, tmp_path):
     # min_delta larger than any possible improvement: epoch 1 sets the best, every later epoch is bad.
     config = tiny_config(max_epochs=6, patience=2, min_delta=100.0)
@@ -318,6 +328,30 @@ def test_resume_mid_epoch_is_bit_exact(case, data, tmp_path, tmp_path_factory):
                                                   lambda step, m: "train/loss" in m and step == 25)
     _assert_bit_identical(result, reference)
     _assert_steps_continue(first, second, resumed_from=24, total=40)
+
+
+@pytest.mark.slow
+def test_resume_prefers_the_newer_checkpoint_over_a_stale_last_pt(data, tmp_path, tmp_path_factory):
+    """A kill between writing best.pt and removing the older last.pt leaves both: the resume must continue from
+    the newer best.pt, not replay from the stale last.pt."""
+    config = tiny_config(**RESUME_CONFIG, save_every_steps=1)
+    reference = _reference(config, data, tmp_path_factory)
+    stale = tmp_path / "stale.pt"
+
+    def when(step, metrics):
+        if "train/loss" in metrics and step == 15:  # last.pt now holds step 14
+            shutil.copyfile(tmp_path / ckpt.LAST_NAME, stale)
+        return "val/loss" in metrics and metrics["epoch"] == 2
+
+    with pytest.raises(Interrupted):
+        train(config, data, tmp_path, tracker=InterruptingTracker(when))
+    assert not (tmp_path / ckpt.LAST_NAME).exists(), "test precondition: epoch 2 improved and removed last.pt"
+    assert ckpt.load_checkpoint(tmp_path / ckpt.BEST_NAME)["global_step"] == 20
+    stale.rename(tmp_path / ckpt.LAST_NAME)  # the state a kill inside that window leaves
+    second = RecordingTracker()
+    result = train(config.model_copy(update={"resume": True}), data, tmp_path, tracker=second)
+    assert train_rows(second)[0][0] == 21
+    _assert_bit_identical(result, reference)
 
 
 @pytest.mark.slow
