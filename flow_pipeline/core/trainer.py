@@ -159,6 +159,13 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(wrong)})")
 
 
+def reads_values_every_step(device: torch.device) -> bool:
+    """Whether the loop reads the loss and gradient norm on the host at every step: on the CPU that is free, so
+    every step is checked for divergence and gradients are rescaled only when clipping changes them; on an
+    accelerator a read stalls the queue, so values are read at logging intervals and clipping never branches."""
+    return device.type == "cpu"
+
+
 def _latest_checkpoint(paths: list[Path], device: torch.device) -> tuple[Path, dict] | None:
     """The existing checkpoint of ``paths`` with the highest global step, loaded; None if there is none.
 
@@ -303,8 +310,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         return TrainingDiverged(f"{what} at step {step} (epoch {epoch + 1}) of run {config.run_name}; "
                                 f"the last good checkpoint {best_path} was left untouched")
 
-    # On the CPU a host read is free, so every step is checked; on CUDA only at logging intervals (a sync point).
-    check_every_step = device.type == "cpu"
+    check_every_step = reads_values_every_step(device)
     started = time.perf_counter()
     segment_start_seconds = train_seconds
 
@@ -345,6 +351,10 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
                     tracker.log({"train/loss": loss_value, "train/grad_norm": norm_value,
                                  "train/lr": step_lr, "epoch": epoch + 1}, step=global_step)
             if config.save_every_steps and global_step % config.save_every_steps == 0:
+                # Without per-step reads a non-finite step may not have been seen yet: one read here (saves are
+                # rare) keeps a diverged state out of last.pt. NaN in any step of the epoch makes the sum NaN.
+                if not check_every_step and not math.isfinite(loss_sum.item()):
+                    raise diverged("non-finite training loss found before a checkpoint save")
                 train_seconds = segment_start_seconds + time.perf_counter() - started
                 sync_ema()
                 save(last_path)

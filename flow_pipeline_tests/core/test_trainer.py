@@ -443,6 +443,54 @@ def test_nan_before_any_checkpoint_writes_no_best(data, tmp_path, monkeypatch):
     assert not (tmp_path / ckpt.BEST_NAME).exists()
 
 
+# --- the accelerator path, exercised on the CPU ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def without_per_step_reads(monkeypatch):
+    """The loop as it runs on CUDA: no host read of loss or norm between logging steps, clipping never branches."""
+    monkeypatch.setattr(trainer_module, "reads_values_every_step", lambda device: False)
+
+
+def test_accelerator_path_trains_bit_identically(data, tmp_path, monkeypatch):
+    """Rescaling by exactly 1.0 is the identity and the clip coefficient is the same on both paths, so the
+    sync-free path must give the very same weights, with steps on both sides of ``grad_clip``."""
+    config = tiny_config(max_epochs=2, grad_clip=0.8)
+    on_cpu = RecordingTracker()
+    train(config, data, tmp_path / "cpu", tracker=on_cpu)
+    norms = [m["train/grad_norm"] for _, m in train_rows(on_cpu)]
+    assert min(norms) < config.grad_clip < max(norms), f"test precondition: some steps clipped, some not: {norms}"
+    monkeypatch.setattr(trainer_module, "reads_values_every_step", lambda device: False)
+    train(config, data, tmp_path / "accelerator")
+    cpu, accelerator = (ckpt.load_checkpoint(tmp_path / run / ckpt.BEST_NAME) for run in ("cpu", "accelerator"))
+    for key in ("model_state_dict", "ema_shadow"):
+        for name, tensor in cpu[key].items():
+            assert torch.equal(accelerator[key][name], tensor), f"{key}[{name}]"
+
+
+def test_accelerator_path_catches_divergence_at_the_next_log_step(data, tmp_path, monkeypatch, without_per_step_reads):
+    _nan_at_training_call(monkeypatch, 14)
+    with pytest.raises(TrainingDiverged, match="step 15"):
+        train(tiny_config(log_every=5), data, tmp_path)
+    assert ckpt.load_checkpoint(tmp_path / ckpt.BEST_NAME)["global_step"] == 10  # epoch 1's, untouched
+
+
+def test_accelerator_path_never_saves_a_diverged_last_pt(data, tmp_path, monkeypatch, without_per_step_reads):
+    _nan_at_training_call(monkeypatch, 14)
+    with pytest.raises(TrainingDiverged, match="before a checkpoint save at step 14"):
+        train(tiny_config(log_every=5, save_every_steps=1), data, tmp_path)
+    last = ckpt.load_checkpoint(tmp_path / ckpt.LAST_NAME)
+    assert last["global_step"] == 13
+    assert all(torch.isfinite(tensor).all() for tensor in last["model_state_dict"].values())
+
+
+def test_bf16_autocast_trains_with_float32_weights(data, tmp_path):
+    result = train(tiny_config(precision="bf16"), data, tmp_path)
+    assert result.best_loss < 2.0
+    weights = ckpt.load_checkpoint(result.checkpoint_path)["model_state_dict"]
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+
+
 def test_huge_data_values_diverge(data, tmp_path):
     """Raw values that overflow float32 once normalised: caught as divergence, not trained on silently."""
     raw = data.train.clone()
