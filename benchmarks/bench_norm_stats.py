@@ -6,9 +6,8 @@
 The file is written in chunks (never whole in memory) after checking free disk space, fsynced, then read by:
 
 - ``stream``: ``flow_pipeline.core.stats.streaming_mean_std(np.load(path, mmap_mode="r"), chunk_rows)`` for each
-  ``--chunk-rows`` value (one pass, float64 chunk moments merged with Chan's update);
-- ``proposed``: :func:`proposed_streaming_mean_std`, a rewrite of the same algorithm suggested for
-  flow_pipeline/core/stats.py (BLAS column sums, float32 deviations in a reused buffer, one mapping per chunk);
+  ``--chunk-rows`` value (one pass: BLAS column sums around each chunk's mean in the data's float32, one reused
+  buffer, one short-lived mapping per chunk, chunk moments merged in float64 with Chan's update);
 - ``numpy mean``: ``a.mean(axis=0, dtype=np.float64)`` on the memmap: one pass that only sums, the fastest
   possible read of the file, which gives no std (an upper bound for any one-pass method);
 - ``numpy 2-pass``: the textbook plain-NumPy mean and std without a full-size temporary: ``a.mean(0, float64)``, then
@@ -148,43 +147,6 @@ def numpy_two_pass(array: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.n
     return mean, np.sqrt(m2 / (array.shape[0] - 1))
 
 
-def proposed_streaming_mean_std(array, chunk_rows: int = 1024) -> tuple[np.ndarray, np.ndarray, int]:
-    """A proposal for ``flow_pipeline.core.stats.streaming_mean_std`` (same contract and Chan merge), measured here.
-
-    Per chunk, instead of a float64 copy of the chunk plus two float64 temporaries of its size: column sums as a
-    BLAS matrix-vector product ``ones @ chunk`` (float32, ~2x faster than ``sum(axis=0, dtype=float64)``), the
-    deviations from that centre in one reused float32 buffer, squared in place and summed the same way. The
-    deviations are taken from the chunk's own mean, so float32 loses nothing that matters (std within ~1e-8
-    relative of the float64 result); the correction ``s`` makes the chunk's mean and M2 exact for the rounded
-    centre. Small chunks keep the buffer in cache. A file-backed memmap is read through one short-lived mapping
-    per chunk (the project's ``row_chunks``), so the process's RSS stays at about one chunk instead of growing to the file
-    size (the pages stay in the page cache either way).
-    """
-    from flow_pipeline.core.stats import row_chunks  # the same per-chunk mappings
-
-    rows, dim = array.shape
-    n, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
-    buffer = np.empty((min(chunk_rows, rows), dim), dtype=np.float32)
-    ones = np.ones(min(chunk_rows, rows), dtype=np.float32)
-    for chunk in row_chunks(array, chunk_rows):
-        k = chunk.shape[0]
-        centre = (ones[:k] @ chunk / k).astype(np.float32)
-        deviations = buffer[:k]
-        np.subtract(chunk, centre, out=deviations)
-        s = (ones[:k] @ deviations).astype(np.float64)
-        np.multiply(deviations, deviations, out=deviations)
-        chunk_m2 = (ones[:k] @ deviations).astype(np.float64) - s * s / k
-        n, mean, m2 = _merge(n, mean, m2, k, centre + s / k, chunk_m2)
-    return mean, np.sqrt(m2 / (n - 1)), n
-
-
-def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s merge, as in flow_pipeline.core.stats."""
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
-
-
 def child(kind: str, path: Path, chunk_rows: int) -> dict:
     """One measured pass in this (child) process; returns seconds, RSS peaks and a digest of the result."""
     from flow_pipeline.core.stats import streaming_mean_std  # imported before timing: part of the baseline
@@ -196,8 +158,6 @@ def child(kind: str, path: Path, chunk_rows: int) -> dict:
             mean = std = None
         elif kind == "stream":
             mean, std, _ = streaming_mean_std(array, chunk_rows=chunk_rows)
-        elif kind == "proposed":
-            mean, std, _ = proposed_streaming_mean_std(array, chunk_rows=chunk_rows)
         elif kind == "numpy mean":
             mean, std = array.mean(axis=0, dtype=np.float64), None
         elif kind == "numpy 2-pass":
@@ -247,9 +207,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--path", type=Path, default=None, help="the .npy to write (default: a temp file in /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the file (and reuse it if it exists)")
-    parser.add_argument("--chunk-rows", default="65536,8192", help="streaming_mean_std chunk sizes to time")
-    parser.add_argument("--proposed-chunk-rows", type=int, default=1024,
-                        help="chunk of the proposed streaming variant (0: skip it)")
+    parser.add_argument("--chunk-rows", default="2048", help="streaming_mean_std chunk sizes to time (comma-separated)")
     parser.add_argument("--numpy-chunk-rows", type=int, default=8192, help="chunk of the numpy 2-pass baseline")
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--skip-numpy-one-go", action="store_true", help="skip the file-sized-temporary baseline")
@@ -283,7 +241,7 @@ def main() -> None:
             drop_from_page_cache(path)
         resident = resident_fraction(path)
         result = run_child(kind, path, chunk_rows)
-        label = f"{kind} ({chunk_rows} rows)" if kind in ("stream", "proposed", "numpy 2-pass") else kind
+        label = f"{kind} ({chunk_rows} rows)" if kind in ("stream", "numpy 2-pass") else kind
         result.update(kind=kind, label=label, chunk_rows=chunk_rows, cache=cache, resident_before=resident)
         passes.append(result)
         print(f"{cache:4s} {label:24s} {result['seconds']:7.2f} s  {size / result['seconds'] / 1e9:5.2f} GB/s  "
@@ -301,13 +259,9 @@ def main() -> None:
         if not args.skip_cold:
             measure("stream", chunk_sizes[0], "cold")
             measure("numpy mean", 0, "cold")
-            if args.proposed_chunk_rows:
-                measure("proposed", args.proposed_chunk_rows, "cold")
         for _ in range(args.repeats):
             for chunk_rows in chunk_sizes:
                 measure("stream", chunk_rows, "warm")
-            if args.proposed_chunk_rows:
-                measure("proposed", args.proposed_chunk_rows, "warm")
             measure("numpy mean", 0, "warm")
             measure("numpy 2-pass", args.numpy_chunk_rows, "warm")
             if one_go:
@@ -355,7 +309,7 @@ def main() -> None:
     print(format_table(rows, ["cache", "pass", "n", "seconds", "GB/s", "vs numpy mean", "vs numpy 2-pass", "vs numpy one-go",
                               "maxrss MiB", "VmHWM MiB", "peak anon MiB", "peak file MiB"]))
     errors = {p["label"]: (p.get("max_rel_err_mean_vs_2pass"), p.get("max_rel_err_std_vs_2pass")) for p in passes
-              if p["kind"] in ("stream", "proposed")}
+              if p["kind"] == "stream"}
     print("\nstream vs numpy 2-pass, max error (mean: / max std; std: relative): "
           + "; ".join(f"{label}: {m:.1e}, {s:.1e}" for label, (m, s) in errors.items()))
     out = write_result(NAME, {"command": command_line(), "machine": machine, "args": vars(args), "file_bytes": size,
