@@ -225,8 +225,8 @@ def test_divergence_fails_at_the_first_bad_step_keeps_best_and_is_retried_until_
                    stats_path=str(root / DATA_DIR / "normalization_stats.npz"))
     train(config, load_train_data(job), best.parent)
     best_sha, best_weights = sha256_file(best), weights(best)
-    # The resume file holds one NaN weight: a diverged state, as a CUDA run (checked only every log_every steps)
-    # could save it. Resuming must fail at the first step and leave best.pt alone.
+    # The resume file holds one NaN weight: a diverged state (the trainer itself checks before every save, so it
+    # stands for a file written by other means). Resuming must fail at the first step and leave best.pt alone.
     state = load_checkpoint(best)
     name = sorted(state["model_state_dict"])[0]
     state["model_state_dict"][name].view(-1)[0] = float("nan")
