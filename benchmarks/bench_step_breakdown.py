@@ -57,7 +57,7 @@ def clip(model: torch.nn.Module, max_norm: float, mode: str) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
-    if total.item() + 1e-6 > max_norm:  # clip_grad_norm_'s coefficient max_norm / (norm + 1e-6) is < 1
+    if (max_norm / (total + 1e-6)).item() < 1.0:  # clip_grad_norm_'s very coefficient is below 1
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
     return total
 

@@ -27,8 +27,9 @@ def streaming_mean_std(array, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.
     sum of squared deviations) in its own precision (float32 for float32/float16 embeddings, float64 otherwise) with
     BLAS sums around the chunk's own mean, and the summaries are merged in float64 with Chan et al.'s parallel
     update, which stays accurate when the mean is large relative to the spread (unlike sum / sum-of-squares). For
-    float32 data the result agrees with a float64 two-pass computation to ~1e-7 relative, far below what float32
-    normalisation resolves; float64 data gets float64 throughout.
+    float32 embeddings the result agrees with a float64 two-pass computation to ~1e-7 relative (a few 1e-7 when the
+    mean is 1e5 times the spread), far below what float32 normalisation resolves; a float32 chunk whose squares
+    would overflow, and float64 data, are summed in float64.
 
     Returns (mean (dim,) float64, std (dim,) float64, n rows). Sample std because the statistics estimate the
     population the training split was drawn from. Raises DataError for fewer than 2 rows (sample std undefined)
@@ -42,12 +43,17 @@ def streaming_mean_std(array, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.
     if rows < 2:
         raise DataError(f"need at least 2 rows for a sample std, got {rows}")
     n, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
-    buffers: dict[np.dtype, np.ndarray] = {}  # one work buffer per precision, reused: no allocation per chunk
+    buffers: dict[np.dtype, np.ndarray] = {}  # one work buffer per precision, reused by every chunk
     for chunk in row_chunks(array, chunk_rows):
         chunk = _as_float_array(chunk)
-        if chunk.dtype not in buffers:
-            buffers[chunk.dtype] = np.empty((min(chunk_rows, rows), dim), dtype=chunk.dtype)
-        n, mean, m2 = _merge_moments(n, mean, m2, *_chunk_moments(chunk, buffers[chunk.dtype]))
+        with np.errstate(over="ignore"):  # an overflow is handled just below
+            moments = _chunk_moments(chunk, _buffer(buffers, chunk.dtype, min(chunk_rows, rows), dim))
+        if chunk.dtype == np.float32 and not np.isfinite(moments[2]).all():
+            # Finite float32 values beyond ~1e19 overflow when squared: redo this chunk in float64 (real NaN/inf
+            # stay non-finite there and are reported below).
+            chunk = chunk.astype(np.float64)
+            moments = _chunk_moments(chunk, _buffer(buffers, chunk.dtype, min(chunk_rows, rows), dim))
+        n, mean, m2 = _merge_moments(n, mean, m2, *moments)
     std = np.sqrt(m2 / (n - 1))
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
         raise DataError("array contains NaN or inf values; run validate_embeddings on it first")
@@ -77,6 +83,13 @@ def _as_float_array(chunk) -> np.ndarray:
     chunk = np.asarray(chunk)
     low_precision = chunk.dtype.kind == "f" and chunk.dtype.itemsize <= 4
     return np.asarray(chunk, dtype=np.float32 if low_precision else np.float64)
+
+
+def _buffer(buffers: dict, dtype: np.dtype, rows: int, dim: int) -> np.ndarray:
+    """The (rows, dim) work buffer of ``dtype`` in ``buffers``, created on first use."""
+    if dtype not in buffers:
+        buffers[dtype] = np.empty((rows, dim), dtype=dtype)
+    return buffers[dtype]
 
 
 def _chunk_moments(chunk: np.ndarray, buffer: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

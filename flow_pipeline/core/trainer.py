@@ -328,9 +328,10 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
             # epoch mean (part of the checkpoint) does not depend on which rank saved it.
             batch_loss = dist.all_reduce_mean(loss.detach())
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            # clip_grad_norm_ would rescale every gradient, by exactly 1.0 when nothing is clipped, so that CUDA never
-            # waits for the norm. On the CPU a host read is free: rescale only when the norm is over the limit.
-            if not check_every_step or grad_norm.item() + 1e-6 > config.grad_clip:
+            # clip_grad_norm_ rescales every gradient by min(1, grad_clip / (norm + 1e-6)), by exactly 1.0 when nothing
+            # is clipped, so that CUDA never waits for the norm. On the CPU a host read is free: rescale only when
+            # that very coefficient is below 1, which gives bit-identical gradients either way.
+            if not check_every_step or (config.grad_clip / (grad_norm + 1e-6)).item() < 1.0:
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), config.grad_clip, grad_norm)
             if check_every_step and not (math.isfinite(batch_loss.item()) and math.isfinite(grad_norm.item())):
                 raise diverged(f"non-finite loss {batch_loss.item()} / grad norm {grad_norm.item()}",
@@ -352,8 +353,10 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
                                  "train/lr": step_lr, "epoch": epoch + 1}, step=global_step)
             if config.save_every_steps and global_step % config.save_every_steps == 0:
                 # Without per-step reads a non-finite step may not have been seen yet: one read here (saves are
-                # rare) keeps a diverged state out of last.pt. NaN in any step of the epoch makes the sum NaN.
-                if not check_every_step and not math.isfinite(loss_sum.item()):
+                # rare) keeps a diverged state out of last.pt. A non-finite loss in any step of the epoch makes the
+                # sum non-finite; a non-finite gradient with a finite loss shows in this step's norm (an earlier
+                # one has already made the weights, and so this epoch's later losses, non-finite).
+                if not check_every_step and not math.isfinite((loss_sum + grad_norm).item()):
                     raise diverged("non-finite training loss found before a checkpoint save")
                 train_seconds = segment_start_seconds + time.perf_counter() - started
                 sync_ema()

@@ -25,8 +25,8 @@ def assert_float32_close(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> No
     np.testing.assert_allclose(std, reference_std, rtol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 101, 257, 1024])
-def test_streaming_matches_numpy_for_chunks_that_do_not_divide_rows(chunk_rows):
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 101, 257, 1024])  # 64, 101, 257, 1024 leave a short last chunk
+def test_streaming_matches_numpy_for_any_chunk_size(chunk_rows):
     x = _random_rows(1001, 13, seed=chunk_rows)
     mean, std, n = streaming_mean_std(x, chunk_rows=chunk_rows)
     assert n == x.shape[0]
@@ -74,6 +74,26 @@ def test_streaming_stays_accurate_with_a_large_mean():
     x = 1e6 + rng.standard_normal((3000, 3)) * 1e-2
     _, std, _ = streaming_mean_std(x, chunk_rows=333)
     np.testing.assert_allclose(std, x.std(axis=0, ddof=1), rtol=1e-6)
+
+
+def test_float32_data_far_from_zero_keeps_its_digits():
+    """Mean 1e4, spread 0.1 (mean/std = 1e5) in float32: the centre correction carries the digits a float32 centre
+    rounds away. Without the mean's s/k the mean is off by ~0.03 std; without M2's s^2/k the std by ~5e-4."""
+    rng = np.random.default_rng(12)
+    x = (1e4 + 0.1 * rng.standard_normal((20000, 8))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, std, _ = streaming_mean_std(x, chunk_rows=2048)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=0, atol=1e-6 * x64.std(axis=0).min())
+    np.testing.assert_allclose(std, x64.std(axis=0, ddof=1), rtol=1e-5)
+
+
+def test_float32_values_whose_squares_overflow_are_summed_in_float64():
+    x = _random_rows(300, 4, seed=13) * np.float32(1e20)  # finite in float32; squared deviations are not
+    assert np.isfinite(x).all()
+    mean, std, _ = streaming_mean_std(x, chunk_rows=64)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(std, x64.std(axis=0, ddof=1), rtol=1e-10)
 
 
 def test_streaming_rejects_too_few_rows_and_nonfinite_values():

@@ -484,6 +484,45 @@ def test_accelerator_path_never_saves_a_diverged_last_pt(data, tmp_path, monkeyp
     assert all(torch.isfinite(tensor).all() for tensor in last["model_state_dict"].values())
 
 
+def _inf_gradient_at_training_call(monkeypatch, bad_call: int):
+    """Give the trained model's first parameter an infinite gradient at its ``bad_call``-th backward pass, with a
+    finite loss: clipping turns it into NaN (inf x 0), and the optimizer step into NaN weights."""
+    real_build = trainer_module.build_model
+    built = []
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        if not built:
+            calls = {"n": 0}
+
+            def hook(grad):
+                calls["n"] += 1
+                return torch.full_like(grad, math.inf) if calls["n"] == bad_call else grad
+
+            next(model.parameters()).register_hook(hook)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", build)
+
+
+def test_accelerator_path_never_saves_weights_broken_by_an_infinite_gradient(data, tmp_path, monkeypatch,
+                                                                            without_per_step_reads):
+    _inf_gradient_at_training_call(monkeypatch, 14)
+    with pytest.raises(TrainingDiverged, match="before a checkpoint save at step 14"):
+        train(tiny_config(log_every=5, save_every_steps=1), data, tmp_path)
+    last = ckpt.load_checkpoint(tmp_path / ckpt.LAST_NAME)
+    assert last["global_step"] == 13
+    assert all(torch.isfinite(tensor).all() for tensor in last["model_state_dict"].values())
+
+
+def test_cpu_path_stops_at_an_infinite_gradient_before_the_optimizer_step(data, tmp_path, monkeypatch):
+    _inf_gradient_at_training_call(monkeypatch, 14)
+    with pytest.raises(TrainingDiverged, match="grad norm inf at step 14"):
+        train(tiny_config(log_every=5, save_every_steps=1), data, tmp_path)
+    assert ckpt.load_checkpoint(tmp_path / ckpt.LAST_NAME)["global_step"] == 13
+
+
 def test_bf16_autocast_trains_with_float32_weights(data, tmp_path):
     result = train(tiny_config(precision="bf16"), data, tmp_path)
     assert result.best_loss < 2.0
