@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs flow_pipeline into it (CPU torch 2.13.0 wheel; pip extras given as arguments).
+# Creates .venv and installs flow_pipeline into it (torch 2.13.0: the CPU wheel where pip is configured with one).
 #   scripts/install.sh              the pipeline itself
 #   scripts/install.sh test         plus what the test suite needs (and, as root, Debian's chromium and postgresql)
 set -euo pipefail
