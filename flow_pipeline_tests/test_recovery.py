@@ -387,9 +387,28 @@ def step_started_at(instance, run_id: str) -> float | None:
     return starts[0] if starts else None
 
 
-def gpu_pool_with_pending_step(instance):
+def gpu_pool_holder_and_waiter(instance) -> tuple[set[str], set[str]] | None:
+    """(run ids holding a gpu slot, run ids whose step waits for one), once both are non-empty. A waiting step is in
+    the pool's queue, unassigned or assigned: when two steps ask at the same moment Dagster can assign both, and the
+    one that loses the race for the slot stays assigned but blocked until a slot is free."""
     info = instance.event_log_storage.get_concurrency_info("gpu")
-    return info if info.active_run_ids and info.pending_run_ids else None
+    waiting = {step.run_id for step in info.pending_steps} - info.active_run_ids
+    return (info.active_run_ids, waiting) if info.active_run_ids and waiting else None
+
+
+def test_a_step_that_lost_the_race_for_the_slot_counts_as_waiting(tmp_path):
+    """Two steps ask for the one gpu slot at the same moment: both see a free slot and are assigned, one claims it.
+    The other is assigned but blocked, so Dagster's ``pending_run_ids`` (unassigned steps only) misses it."""
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        for run_id in ("first", "second"):  # both registered before either claims, as in the race
+            storage.add_pending_step(concurrency_key="gpu", run_id=run_id, step_key="trained_checkpoint",
+                                     should_assign=True)
+        claims = [storage.claim_concurrency_slot("gpu", run_id, "trained_checkpoint") for run_id in ("first", "second")]
+        assert [claim.is_claimed for claim in claims] == [True, False]
+        assert storage.get_concurrency_info("gpu").pending_run_ids == set()
+        assert gpu_pool_holder_and_waiter(instance) == ({"first"}, {"second"})
 
 
 # The sensor daemon evaluates sensors on its own loop: a sensor due every N s runs up to this much later.
@@ -424,11 +443,11 @@ def test_sigkilled_run_frees_the_gpu_pool_for_the_next_partition(dagster_home, r
     clis = {partition: materialize_cli(partition, log) for partition, log in logs.items()}
     explain = lambda: runs_and_logs(instance, logs)  # noqa: E731
     try:
-        pool = wait_for(lambda: gpu_pool_with_pending_step(instance), 240, "one run training and one waiting",
-                        explain=explain)
+        holding, waiting = wait_for(lambda: gpu_pool_holder_and_waiter(instance), 240,
+                                    "one run training and one waiting", explain=explain)
         runs = {partition: run_of(instance, partition) for partition in clis}
-        (victim,) = [p for p, run in runs.items() if run.run_id in pool.active_run_ids]
-        (waiter,) = [p for p, run in runs.items() if run.run_id in pool.pending_run_ids]
+        (victim,) = [p for p, run in runs.items() if run.run_id in holding]
+        (waiter,) = [p for p, run in runs.items() if run.run_id in waiting]
         training = wait_for(lambda: [p for p in descendants(clis[victim].pid) if "flow_pipeline.train" in cmdline(p)],
                             120, "the training process")
 
