@@ -512,8 +512,17 @@ def test_cpu_path_stops_at_an_infinite_gradient_before_the_optimizer_step(data, 
     assert ckpt.load_checkpoint(tmp_path / ckpt.LAST_NAME)["global_step"] == 13
 
 
-def test_bf16_autocast_trains_with_float32_weights(data, tmp_path):
+def test_bf16_autocast_trains_with_float32_weights(data, tmp_path, monkeypatch):
+    """precision: bf16 runs the training forward passes in bfloat16 (on the CPU too) and keeps the weights float32."""
+    output_dtypes = set()
+
+    def record(module, inputs, output):
+        if module.training:
+            output_dtypes.add(output.dtype)
+
+    _on_trained_model(monkeypatch, lambda model: model.register_forward_hook(record))
     result = train(tiny_config(precision="bf16"), data, tmp_path)
+    assert output_dtypes == {torch.bfloat16}
     assert result.best_loss < 2.0
     weights = ckpt.load_checkpoint(result.checkpoint_path)["model_state_dict"]
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
@@ -532,7 +541,7 @@ def test_huge_data_values_diverge(data, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("lr", -1.0), ("lr", 2.0), ("patience", -1),
-                                         ("max_epochs", 0), ("ema_decay", 1.0), ("dim", 0)])
+                                         ("max_epochs", 0), ("ema_decay", 1.0), ("ema_every", 0), ("dim", 0)])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValidationError) as info:
         tiny_config(**{field: value})
