@@ -180,8 +180,10 @@ def exit_with_parent() -> None:
     import signal
 
     pr_set_pdeathsig = 1
+    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    # A parent that died before prctl took effect left us to init or a subreaper (tini, systemd): another parent.
+    if os.getppid() != parent:
         sys.exit("flow_pipeline.train: parent process is gone; not starting")
 
 

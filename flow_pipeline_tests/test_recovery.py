@@ -9,6 +9,7 @@
   within a stated bound.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -409,6 +410,36 @@ def test_a_step_that_lost_the_race_for_the_slot_counts_as_waiting(tmp_path):
         assert [claim.is_claimed for claim in claims] == [True, False]
         assert storage.get_concurrency_info("gpu").pending_run_ids == set()
         assert gpu_pool_holder_and_waiter(instance) == ({"first"}, {"second"})
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_training_process_dies_with_its_parent(tmp_path):
+    """flow_pipeline.train calls exit_with_parent: when its parent (the run worker) is SIGKILLed, the kernel
+    SIGTERMs the training process instead of leaving it on the GPU whose pool slot is given back."""
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, pathlib, time; from flow_pipeline.train import exit_with_parent; exit_with_parent(); "
+             f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {child!r}]).wait()"],
+                              start_new_session=True)
+    try:
+        child_pid = wait_for(lambda: pid_file.exists() and pid_file.read_text() and int(pid_file.read_text()), 60,
+                             "the child to start")
+        assert alive(child_pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        wait_for(lambda: not alive(child_pid), 10, "the child to die with its parent")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is empty when all went well
+            os.killpg(parent.pid, signal.SIGKILL)
 
 
 # The sensor daemon evaluates sensors on its own loop: a sensor due every N s runs up to this much later.
