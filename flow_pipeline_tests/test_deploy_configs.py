@@ -311,7 +311,10 @@ def test_dockerfile_installs_the_package_the_readme_installs():
     readme_side += [args for line in (REPO_ROOT / "README.md").read_text().splitlines() if "pip install" in line
                     for args in pip_installs(line.strip().strip("`$ "))]
     readme_targets = [project_target(args) for args in readme_side if project_target(args)]
-    assert readme_targets and all(target[0] == "." for target in readme_targets)
+    assert readme_targets, "the README's install does not install the project"
+    # Every extra the image installs is one the README's install (and so the test suite) installs too.
+    readme_extras = set().union(*(target_extras for _, target_extras in readme_targets))
+    assert extras <= readme_extras, f"the image installs extras the README's install never does: {extras - readme_extras}"
 
 
 def test_dockerignore_sends_only_what_the_image_installs():
