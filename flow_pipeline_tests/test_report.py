@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 
 from flow_pipeline.defs.assets import trained_checkpoint
-from flow_pipeline.defs.evaluation_assets import EVALUATION_JSON, ablation_report, evaluation
+from flow_pipeline.defs.evaluation_assets import EVALUATION_JSON, EvaluationConfig, ablation_report, evaluation
 from flow_pipeline.report import (
     COLUMN_KEYS,
     COLUMNS,
@@ -159,7 +159,9 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         bad_sampler = dg.materialize([evaluation], instance=instance, resources=resources(), partition_key="unet-vp",
                                      run_config={"ops": {"evaluation": {"config": {"extra_samplers": ["heun:3"]}}}},
                                      raise_on_error=False)
-        assert not bad_sampler.success and "unknown solver 'heun'" in step_failure_message(bad_sampler)
+        assert not bad_sampler.success
+        assert "config: extra_samplers[0]: " in step_failure_message(bad_sampler)
+        assert "unknown solver 'heun'" in step_failure_message(bad_sampler)
 
         for partition in PARTITIONS:
             assert train_and_evaluate(instance, partition).success
@@ -228,3 +230,10 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
     notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}
     assert "trained again since this evaluation" in notes[stale]
     assert all(notes[p] == MISSING for p in PARTITIONS[1:])
+
+
+@pytest.mark.parametrize("config,field", [({"solver": "heun"}, "solver"), ({"steps": 0}, "solver"),
+                                          ({"extra_samplers": ["rk4:4", "euler:x"]}, "extra_samplers[1]")])
+def test_a_bad_sampler_setting_names_its_config_field(config, field):
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: "):
+        EvaluationConfig(**config).samplers()

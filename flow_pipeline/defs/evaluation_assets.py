@@ -30,8 +30,16 @@ class EvaluationConfig(dg.Config):
     batch_size: int = Field(default=1024, description="rows integrated at once")
 
     def samplers(self) -> list[SamplerSpec]:
+        """The primary sampler, then the extra ones; a bad one raises ValueError naming its config field."""
         primary = self.solver if self.solver in ADAPTIVE_SOLVERS else f"{self.solver}:{self.steps}"
-        return [SamplerSpec.parse(text) for text in (primary, *self.extra_samplers)]
+        fields = [("solver", primary), *((f"extra_samplers[{i}]", text) for i, text in enumerate(self.extra_samplers))]
+        specs = []
+        for field, text in fields:
+            try:
+                specs.append(SamplerSpec.parse(text))
+            except ValueError as exc:
+                raise ValueError(f"{field}: {exc}") from exc
+        return specs
 
 
 def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None = None) -> dict | None:
