@@ -63,3 +63,32 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, **extra}
     env.pop("WANDB_API_KEY", None)
     return env
+
+
+# --- process trees (Linux /proc) ------------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, not ``pid`` itself (from /proc parent links). Needed where children run in
+    sessions of their own (torchrun's ranks, Dagster's training process), so a process-group kill would miss them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not exited, not zombie) process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

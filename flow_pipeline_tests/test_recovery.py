@@ -53,7 +53,8 @@ from flow_pipeline.defs.schedules import (
 from flow_pipeline.definitions import defs
 from flow_pipeline.train import RESULT_NAME, TrainJob, load_train_data
 from flow_pipeline.train import main as train_main
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
+from flow_pipeline_tests.conftest import (REPO_ROOT, TINY_DATASET, TINY_TRAIN, alive, cli_env, dagster_cli, descendants,
+                                         run_config)
 
 PARTITION = "unet-icfm"  # the fastest tiny model
 DATA_DIR = "data"
@@ -319,23 +320,6 @@ def test_fail_orphaned_runs_marks_only_dead_workers_on_this_host_failed(tmp_path
 # --- end to end: a SIGKILLed run frees the gpu pool ----------------------------------------------------------------
 
 
-def descendants(pid: int) -> list[int]:
-    """pid and every process below it (from /proc parent links)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -412,14 +396,6 @@ def test_a_step_that_lost_the_race_for_the_slot_counts_as_waiting(tmp_path):
         assert gpu_pool_holder_and_waiter(instance) == ({"first"}, {"second"})
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_training_process_dies_with_its_parent(tmp_path):
     """flow_pipeline.train calls exit_with_parent: when its parent (the run worker) is SIGKILLed, the kernel
@@ -483,7 +459,7 @@ def test_sigkilled_run_frees_the_gpu_pool_for_the_next_partition(dagster_home, r
                             120, "the training process")
 
         # SIGKILL the run worker (the CLI process, which runs the step) and the training process below it.
-        tree = descendants(clis[victim].pid)
+        tree = [clis[victim].pid, *descendants(clis[victim].pid)]
         assert set(training) <= set(tree)
         killed_at = time.time()
         for pid in tree:

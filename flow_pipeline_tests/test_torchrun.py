@@ -30,7 +30,7 @@ from flow_pipeline.core.stats import floor_std, streaming_mean_std
 from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.datasets import build_splits
 from flow_pipeline.train import LOSS_CURVE_NAME, RESULT_NAME, TrainJob, load_train_data
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET
+from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, alive, descendants
 
 NPROC = 2
 # 512 training rows / 64 = 8 steps per epoch, 32 steps; last.pt after every step so a kill lands mid-epoch.
@@ -70,24 +70,6 @@ def torchrun(job_path: Path, log_dir: Path) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc). torchrun starts each rank in a session of its own, so
-    killing the agent's process group would leave the ranks running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_all(process: subprocess.Popen) -> None:
     """SIGKILL the torchrun agent and every rank, as a lost node would."""
     for pid in [*descendants(process.pid), process.pid]:
@@ -95,13 +77,6 @@ def kill_all(process: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return "X"
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -200,7 +175,7 @@ def test_killed_two_process_run_resumes_bit_exactly(reference, data_root, tmp_pa
     kill_all(process)
     process.communicate(timeout=60)
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in ranks):
+    while any(alive(pid) for pid in ranks):
         assert time.monotonic() < deadline, "ranks still running after SIGKILL"
         time.sleep(0.05)
     # The resume point: last.pt once a step of epoch 2 was saved; best.pt if the kill came first (an improving
