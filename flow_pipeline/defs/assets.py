@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
-from flow_pipeline.ablations import PARTITION_KEYS, ablation_for
+from flow_pipeline.ablations import PARTITION_KEYS
 from flow_pipeline.artifacts import save_normalization_stats
-from flow_pipeline.config import TrainConfig, format_validation_error
+from flow_pipeline.config import format_validation_error
 from flow_pipeline.core.sources import DataError, load_saved_splits, save_splits, validate_embeddings
 from flow_pipeline.core.stats import floor_std, streaming_mean_std
 from flow_pipeline.datasets import SYNTHETIC, build_splits
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
+from flow_pipeline.defs.run_config import TrainRunConfig
 from flow_pipeline.defs.tracking import WandbResource
 from flow_pipeline.train import FAILURE_NAME, TrainJob
 
@@ -95,42 +96,6 @@ def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsR
         "n_floored_dims": int((floored > std).sum()),
         "stats_path": dg.MetadataValue.path(str(layout.stats_path)),
     })
-
-
-class TrainRunConfig(dg.Config):
-    """Run-level switches of one training run; validated by :class:`TrainConfig` before any compute."""
-
-    max_epochs: int = TrainConfig.model_fields["max_epochs"].default
-    batch_size: int = TrainConfig.model_fields["batch_size"].default
-    lr: float = TrainConfig.model_fields["lr"].default
-    weight_decay: float = TrainConfig.model_fields["weight_decay"].default
-    warmup_steps: int = TrainConfig.model_fields["warmup_steps"].default
-    patience: int = TrainConfig.model_fields["patience"].default
-    min_delta: float = TrainConfig.model_fields["min_delta"].default
-    ema_decay: float = TrainConfig.model_fields["ema_decay"].default
-    ema_every: int = TrainConfig.model_fields["ema_every"].default
-    grad_clip: float = TrainConfig.model_fields["grad_clip"].default
-    seed: int = TrainConfig.model_fields["seed"].default
-    dataset: str = Field(default="full", description="training subset: 1k, 5k, 10k or full (first N train rows)")
-    aug: str = Field(default="none", description="data augmentation: none, noise, mixup, dropout, mixup+noise")
-    model_size: str = Field(default="small", description="tiny (tests), small (CPU), base (GPU)")
-    resume: bool = Field(default=False, description="continue from the run's last.pt (or best.pt)")
-    device: str = Field(default="auto", description="auto (the compute resource decides), cpu, cuda")
-    precision: str = TrainConfig.model_fields["precision"].default
-    compile: bool = TrainConfig.model_fields["compile"].default
-    log_every: int = TrainConfig.model_fields["log_every"].default
-    save_every_steps: int = TrainConfig.model_fields["save_every_steps"].default
-    gpus_per_run: int = Field(
-        default=1, ge=1,
-        description="training processes of the run, one per GPU (torchrun, data parallel; on a CPU-only machine "
-        "N CPU processes). The run still holds one slot of the 'gpu' pool: set its limit to GPUs // gpus_per_run",
-    )
-
-    def to_train_config(self, partition_key: str, dim: int, device: str) -> TrainConfig:
-        ablation = ablation_for(partition_key)
-        values = self.model_dump(exclude={"gpus_per_run"})  # how many processes train is not a TrainConfig knob
-        values["device"] = device if values["device"] == "auto" else values["device"]
-        return TrainConfig(arch=ablation.arch, flow=ablation.flow, dim=dim, **values)
 
 
 def training_command(job_path: Path, processes: int) -> list[str]:
