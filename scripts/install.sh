@@ -21,7 +21,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 if [ "$extras" = "test" ]; then
-  .venv/bin/pip install -q -e '.[test,postgres,dg,k8s]'
+  .venv/bin/pip install -q -e '.[test,postgres,k8s]'
 else
   .venv/bin/pip install -q -e .
 fi
