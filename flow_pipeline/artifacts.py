@@ -1,7 +1,7 @@
 """Where the pipeline's files live under one root directory, and the small files it writes there.
 
     <root>/data/splits/               train/val/test .npy + row indices + splits.json
-    <root>/data/normalization_stats.npz
+    <root>/data/normalization_stats/  <dataset>-<normalization>.npz: one Normalizer per training subset and method
     <root>/checkpoints/<run_name>/    best.pt (last.pt while running), job.json, loss_curve.png, result.json
     <root>/wandb/                     offline Wandb runs
     <root>/evaluation/<run_name>/     evaluation results
@@ -32,8 +32,12 @@ class ArtifactLayout:
         return self.root / "data" / "splits"
 
     @property
-    def stats_path(self) -> Path:
-        return self.root / "data" / "normalization_stats.npz"
+    def stats_dir(self) -> Path:
+        return self.root / "data" / "normalization_stats"
+
+    def stats_path(self, dataset: str, normalization: str) -> Path:
+        """The statistics of training subset ``dataset`` (1k, 5k, 10k, full) under ``normalization``."""
+        return self.stats_dir / f"{dataset}-{normalization}.npz"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -73,15 +77,27 @@ def write_json(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
 
 
-def save_normalization_stats(path: Path, mean: np.ndarray, std: np.ndarray, n: int) -> None:
-    """mean/std (dim,) float64 from the train split; ``std`` already floored; ``n`` rows they came from."""
+def save_normalizer(path: Path, normalizer: Normalizer, extra: dict | None = None) -> None:
+    """Write a Normalizer's state (method, mean, std, components when whitening) as one ``.npz``, atomically;
+    ``extra`` (JSON-serialisable: where the rows came from, how many) is kept beside it under ``info``."""
+    arrays = {key: value.numpy() for key, value in normalizer.state_dict().items() if key != "method"}
+    info = {**normalizer.details, **(extra or {})}
     buffer = io.BytesIO()
-    np.savez(buffer, mean=mean, std=std, n=np.int64(n))
+    np.savez(buffer, method=np.array(normalizer.method), info=np.array(json.dumps(info, sort_keys=True)), **arrays)
     write_atomic(path, buffer.getvalue())
 
 
 def load_normalizer(path: Path) -> Normalizer:
+    """The Normalizer saved by :func:`save_normalizer` at ``path``."""
     if not path.is_file():
         raise FileNotFoundError(f"normalization stats not found: {path} (materialize normalization_stats first)")
-    with np.load(path) as stats:
-        return Normalizer(torch.from_numpy(stats["mean"]).float(), torch.from_numpy(stats["std"]).float())
+    with np.load(path, allow_pickle=False) as stats:
+        state = {key: torch.from_numpy(stats[key]) for key in stats.files if key not in ("method", "info")}
+        state["method"] = str(stats["method"]) if "method" in stats.files else "zscore"
+    return Normalizer.from_state_dict(state)
+
+
+def load_normalizer_info(path: Path) -> dict:
+    """The ``info`` saved with a Normalizer (rows it was fitted on, subset, shrinkage...)."""
+    with np.load(path, allow_pickle=False) as stats:
+        return json.loads(str(stats["info"])) if "info" in stats.files else {}

@@ -12,6 +12,7 @@ from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
 
 DEFAULT_MODEL_SIZE = "small"
 DEFAULT_SEED = 42
+DEFAULT_NORMALIZATION = "zscore"
 
 
 def _one_of(field: str, value: str, valid) -> str:
@@ -35,6 +36,10 @@ class TrainConfig(BaseModel):
     # data
     dataset: str = "full"
     aug: str = "none"
+    normalization: Literal["zscore", "whiten"] = Field(
+        DEFAULT_NORMALIZATION, description="zscore: per-dimension mean/std; whiten: PCA whitening with the training "
+        "rows' full covariance (eigenvalues shrunk, Ledoit-Wolf). Statistics come from the training rows the run uses",
+    )
     noise_std: float = Field(0.1, ge=0)
     mixup_max: float = Field(0.2, ge=0, le=1)
     dropout_p: float = Field(0.1, ge=0, lt=1)
@@ -73,9 +78,12 @@ class TrainConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """``{arch}-{flow}-{dataset}-{aug}``, plus model size and seed when they differ from the defaults,
-        so two runs never share a checkpoint directory."""
+        """``{arch}-{flow}-{dataset}-{aug}``, plus normalisation, model size and seed when they differ from the
+        defaults, so two runs never share a checkpoint directory (losses under different normalisations are not the
+        same quantity)."""
         name = f"{self.arch}-{self.flow}-{self.dataset}-{self.aug}"
+        if self.normalization != DEFAULT_NORMALIZATION:
+            name += f"-{self.normalization}"
         if self.model_size != DEFAULT_MODEL_SIZE:
             name += f"-{self.model_size}"
         if self.seed != DEFAULT_SEED:

@@ -49,7 +49,7 @@ def test_two_partitions_materialize_with_readable_metadata(artifacts_root, tmp_p
         assert stats_meta["n"].value == splits_meta["n_train"].value
         # The stats come from the train split only: recompute them from the saved train.npy.
         train = np.load(artifacts_root / "data" / "splits" / "train.npy")
-        saved = np.load(artifacts_root / "data" / "normalization_stats.npz")
+        saved = np.load(artifacts_root / "data" / "normalization_stats" / "full-zscore.npz")
         np.testing.assert_allclose(saved["mean"], train.astype(np.float64).mean(0), rtol=1e-6, atol=1e-9)
 
         for partition in ("mlp-icfm", "dit-fm"):

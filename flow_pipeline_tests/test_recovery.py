@@ -161,7 +161,7 @@ def kill_mid_write(process: multiprocessing.Process, run_dir: Path, timeout_s: f
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_bit_identical(root, tmp_path, trainer_server):
     config = TrainRunConfig(**KILL_TRAIN, resume=True).to_train_config(PARTITION, dim=1024, device="cpu")
-    data = {"splits_dir": str(root / DATA_DIR / "splits"), "stats_path": str(root / DATA_DIR / "normalization_stats.npz")}
+    data = {"splits_dir": str(root / DATA_DIR / "splits"), "stats_path": str(root / DATA_DIR / "normalization_stats" / "full-zscore.npz")}
 
     # The uninterrupted reference, with the same seed, in its own directory.
     reference_job = TrainJob(config=config.model_dump(), run_dir=str(tmp_path / "reference"), **data).save()
@@ -224,7 +224,7 @@ def test_divergence_fails_at_the_first_bad_step_keeps_best_and_is_retried_until_
     config = TrainRunConfig(**one_epoch).to_train_config(PARTITION, dim=1024, device="cpu")
     best = root / "checkpoints" / config.run_name / BEST_NAME
     job = TrainJob(config=config.model_dump(), run_dir=str(best.parent), splits_dir=str(root / DATA_DIR / "splits"),
-                   stats_path=str(root / DATA_DIR / "normalization_stats.npz"))
+                   stats_path=str(root / DATA_DIR / "normalization_stats" / "full-zscore.npz"))
     train(config, load_train_data(job), best.parent)
     best_sha, best_weights = sha256_file(best), weights(best)
     # The resume file holds one NaN weight: a diverged state (the trainer itself checks before every save, so it

@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flow_pipeline.artifacts import ArtifactLayout, save_normalization_stats
+from flow_pipeline.artifacts import ArtifactLayout, save_normalizer
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
 from flow_pipeline.core.data import Normalizer
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.sources import save_splits
-from flow_pipeline.core.stats import floor_std, streaming_mean_std
 from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.datasets import build_splits
 from flow_pipeline.train import LOSS_CURVE_NAME, RESULT_NAME, TrainJob, load_train_data
@@ -47,8 +46,7 @@ def data_root(tmp_path_factory) -> Path:
     splits = build_splits("synthetic", TINY_DATASET["dim"], TINY_DATASET["n_synthetic"], TINY_DATASET["seed"],
                           (0.8, 0.1, 0.1))
     save_splits(splits, layout.splits_dir)
-    mean, std, n = streaming_mean_std(splits.train)
-    save_normalization_stats(layout.stats_path, mean, floor_std(std), n)
+    save_normalizer(layout.stats_path("full", "zscore"), Normalizer.fit(splits.train))
     return layout.root
 
 
@@ -56,7 +54,7 @@ def write_job(root: Path, name: str, config: TrainConfig = CONFIG) -> Path:
     layout = ArtifactLayout(root)
     run_dir = layout.run_dir(name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return TrainJob(config=config.model_dump(), splits_dir=str(layout.splits_dir), stats_path=str(layout.stats_path),
+    return TrainJob(config=config.model_dump(), splits_dir=str(layout.splits_dir), stats_path=str(layout.stats_path("full", "zscore")),
                     run_dir=str(run_dir)).save()
 
 

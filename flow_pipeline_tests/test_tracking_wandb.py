@@ -21,10 +21,10 @@ import torch
 import wandb
 
 import flow_pipeline.tracking_wandb as tracking_wandb
-from flow_pipeline.artifacts import save_normalization_stats
+from flow_pipeline.artifacts import save_normalizer
 from flow_pipeline.config import TrainConfig
+from flow_pipeline.core.normalization import Normalizer
 from flow_pipeline.core.sources import save_splits, split_array, synthetic_sonar_like
-from flow_pipeline.core.stats import floor_std, streaming_mean_std
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline.defs.tracking import WandbResource
@@ -74,8 +74,7 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("data")
     splits = split_array(synthetic_sonar_like(N_ROWS, dim=DIM, seed=0), (0.8, 0.1, 0.1), seed=0, source="test")
     save_splits(splits, root / "splits")
-    mean, std, n = streaming_mean_std(splits.train)
-    save_normalization_stats(root / "stats.npz", mean, floor_std(std), n)
+    save_normalizer(root / "stats.npz", Normalizer.fit(splits.train))
     return root / "splits", root / "stats.npz"
 
 

@@ -1,4 +1,5 @@
-"""In-memory training data: normalisation, a seeded resumable batch sampler, and data augmentation."""
+"""In-memory training data: a seeded resumable batch sampler and data augmentation (normalisation lives in
+:mod:`flow_pipeline.core.normalization` and is re-exported here)."""
 
 from __future__ import annotations
 
@@ -7,40 +8,24 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer  # noqa: F401  (re-exported)
+
 AUGMENTATIONS = ("none", "noise", "mixup", "dropout", "mixup+noise")
 DATASET_SIZES: dict[str, int | None] = {"1k": 1_000, "5k": 5_000, "10k": 10_000, "full": None}
 
 
-class Normalizer:
-    """Per-dimension z-scoring with a floored std, so near-constant dimensions do not blow up.
-
-    mean, std: (dim,) float32 tensors; ``std`` is clamped to at least ``std_floor``.
-    """
-
-    def __init__(self, mean: Tensor, std: Tensor, std_floor: float = 1e-6):
-        if mean.shape != std.shape or mean.ndim != 1:
-            raise ValueError(f"mean and std must be 1-D of the same length, got {tuple(mean.shape)} and {tuple(std.shape)}")
-        self.mean = mean.detach().float()
-        self.std = std.detach().float().clamp_min(std_floor)
-
-    @property
-    def dim(self) -> int:
-        return self.mean.shape[0]
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """(batch, dim) raw embeddings -> z-scores."""
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-    def denormalize(self, z: Tensor) -> Tensor:
-        """(batch, dim) z-scores -> raw embedding space."""
-        return z * self.std.to(z.device) + self.mean.to(z.device)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"mean": self.mean.cpu(), "std": self.std.cpu()}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> "Normalizer":
-        return cls(torch.as_tensor(state["mean"]), torch.as_tensor(state["std"]))
+def first_training_rows(train, dataset: str):
+    """The first N rows of a train split (array or tensor) for ``dataset`` (``1k``, ``5k``, ``10k``; ``full`` keeps
+    all): the subset rule for sources that are one split set. Raises ValueError naming the dataset when the split
+    has fewer than N rows."""
+    if dataset not in DATASET_SIZES:
+        raise ValueError(f"dataset: unknown value {dataset!r}; valid: {', '.join(DATASET_SIZES)}")
+    n = DATASET_SIZES[dataset]
+    if n is None:
+        return train
+    if train.shape[0] < n:
+        raise ValueError(f"dataset={dataset!r} needs {n} training rows, the train split has {train.shape[0]}")
+    return train[:n]
 
 
 class EpochBatchSampler:

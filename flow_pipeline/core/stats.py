@@ -137,3 +137,44 @@ def floor_std(
         raise ValueError(f"need rel_floor >= 0 and abs_floor > 0, got {rel_floor} and {abs_floor}")
     floor = max(abs_floor, rel_floor * float(np.median(std)))
     return np.maximum(std, floor)
+
+
+def streaming_scatter(array, mean: np.ndarray, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, float, int]:
+    """Scatter matrix and fourth moment of a (rows, dim) array around a given ``mean``, one chunk in memory at a time.
+
+    Returns (scatter = sum_k (x_k - mean)(x_k - mean)^T, (dim, dim) float64; sum_k ||x_k - mean||^4 as a float;
+    rows). Summed in float64 (a 1024-d chunk of 2048 rows is one ~4 GFLOP product), so a mean that is large next
+    to the spread loses nothing. ``array`` is anything :func:`row_chunks` reads; the caller has checked it is finite.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    mean = np.asarray(mean, dtype=np.float64)
+    dim = int(array.shape[1])
+    if mean.shape != (dim,):
+        raise ValueError(f"mean must have shape ({dim},), got {mean.shape}")
+    scatter, fourth, rows = np.zeros((dim, dim)), 0.0, 0
+    for chunk in row_chunks(array, chunk_rows):
+        centred = np.asarray(_as_float_array(chunk), dtype=np.float64) - mean
+        scatter += centred.T @ centred
+        fourth += float(np.square(np.einsum("ij,ij->i", centred, centred)).sum())
+        rows += centred.shape[0]
+    return scatter, fourth, rows
+
+
+def ledoit_wolf_shrinkage(scatter: np.ndarray, fourth: float, rows: int) -> float:
+    """Ledoit & Wolf's (2004) optimal weight ``a`` in ``(1 - a) S + a mu I`` (``S = scatter / rows``, ``mu`` its mean
+    eigenvalue), from the moments :func:`streaming_scatter` returns; in [0, 1].
+
+    ``a = min(b2, d2) / d2`` with ``d2 = ||S - mu I||_F^2 / dim`` (how far S is from isotropic) and
+    ``b2 = (sum_k ||x_k||^4 / rows - ||S||_F^2) / (rows * dim)`` (the estimation error of S). Few rows next to the
+    dimension give a large ``a``; many rows drive it to 0.
+    """
+    dim = scatter.shape[0]
+    sample_cov = scatter / rows
+    mu = float(np.trace(sample_cov)) / dim
+    frobenius_sq = float(np.square(sample_cov).sum())
+    d2 = (frobenius_sq - 2.0 * mu * float(np.trace(sample_cov)) + dim * mu * mu) / dim
+    b2 = max(0.0, (fourth / rows - frobenius_sq) / (rows * dim))
+    if d2 <= 0.0:
+        return 0.0  # already isotropic: nothing to shrink towards
+    return min(b2, d2) / d2

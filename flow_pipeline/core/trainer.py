@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
-from flow_pipeline.core.data import DATASET_SIZES, EpochBatchSampler, Normalizer, augment
+from flow_pipeline.core.data import EpochBatchSampler, Normalizer, augment, first_training_rows
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
@@ -80,12 +80,7 @@ def resolve_device(name: str) -> torch.device:
 
 def select_training_rows(train: Tensor, dataset: str) -> Tensor:
     """The first N training rows for ``dataset`` (``1k``, ``5k``, ``10k``; ``full`` keeps all)."""
-    n = DATASET_SIZES[dataset]
-    if n is None:
-        return train
-    if train.shape[0] < n:
-        raise ValueError(f"dataset={dataset!r} needs {n} training rows, the train split has {train.shape[0]}")
-    return train[:n]
+    return first_training_rows(train, dataset)
 
 
 def draw_path(flow: Flow, x_1: Tensor, generator: torch.Generator) -> PathSample:
@@ -149,12 +144,14 @@ def _set_rng_state(state: dict, noise_generator: torch.Generator) -> None:
 
 
 # Config fields that must match for a resume to continue the same trajectory.
-_RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug")
+_RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug", "normalization")
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
-    wrong = [f"{key}: checkpoint {saved.get(key)!r} vs run {getattr(config, key)!r}"
-             for key in _RESUME_MUST_MATCH if saved.get(key) != getattr(config, key)]
+    # A key an older checkpoint lacks had its default then.
+    saved = {key: saved.get(key, TrainConfig.model_fields[key].default) for key in _RESUME_MUST_MATCH}
+    wrong = [f"{key}: checkpoint {saved[key]!r} vs run {getattr(config, key)!r}"
+             for key in _RESUME_MUST_MATCH if saved[key] != getattr(config, key)]
     if wrong:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(wrong)})")
 
@@ -200,6 +197,9 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
     # --- data: normalised once, resident on the device; batches are index selections ---------------------------
     if data.normalizer.dim != config.dim or data.train.shape[1] != config.dim:
         raise ValueError(f"dim: config says {config.dim}, data has {data.train.shape[1]} columns")
+    if data.normalizer.method != config.normalization:
+        raise ValueError(f"normalization: config says {config.normalization!r}, the statistics given are "
+                         f"{data.normalizer.method!r}")
     train_rows = select_training_rows(data.train, config.dataset)
     train_z = data.normalizer.normalize(torch.as_tensor(train_rows, dtype=torch.float32)).to(device)
     val_z = data.normalizer.normalize(torch.as_tensor(data.val, dtype=torch.float32)).to(device)

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
 from flow_pipeline.ablations import PARTITION_KEYS
-from flow_pipeline.artifacts import save_normalization_stats
+from flow_pipeline.artifacts import load_normalizer, save_normalizer
 from flow_pipeline.config import format_validation_error
 from flow_pipeline.core.sources import DataError, load_saved_splits, save_splits, validate_embeddings
-from flow_pipeline.core.stats import floor_std, streaming_mean_std
+from flow_pipeline.core.data import DATASET_SIZES, first_training_rows
+from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer
 from flow_pipeline.datasets import SYNTHETIC, build_splits
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
@@ -77,25 +77,47 @@ def dataset_splits(context: dg.AssetExecutionContext, config: DatasetConfig, art
 
 @dg.asset(deps=[dataset_splits], group_name="data", owners=OWNERS, kinds={"numpy"})
 def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
-    """Per-dimension mean/std of the train split only (streamed in chunks; std floored for near-constant dims)."""
+    """One Normalizer per training subset and method (zscore, whiten), fitted on exactly the training rows a run
+    with that ``dataset`` uses (streamed in chunks; std floored; whitening eigenvalues shrunk, Ledoit-Wolf)."""
     layout = artifacts.layout
     try:
         train = load_saved_splits(layout.splits_dir).train
         validate_embeddings(train, train.shape[1], f"{layout.splits_dir / 'train.npy'}", min_rows=2)
     except DataError as exc:
         raise dg.Failure(description=f"normalization_stats: {exc}") from exc
-    mean, std, n = streaming_mean_std(train)
-    floored = floor_std(std)
-    save_normalization_stats(layout.stats_path, mean, floored, n)
+    written, skipped = [], {}
+    for dataset in DATASET_SIZES:
+        try:
+            rows = first_training_rows(train, dataset)
+        except ValueError as exc:
+            skipped[dataset] = str(exc)
+            continue
+        for method in NORMALIZATIONS:
+            normalizer = Normalizer.fit(rows, method)
+            path = layout.stats_path(dataset, method)
+            save_normalizer(path, normalizer, {"dataset": dataset, "subset": f"first {rows.shape[0]} train rows"})
+            written.append({"dataset": dataset, "normalization": method, **normalizer.details, "path": str(path)})
+    kept = {Path(item["path"]).name for item in written}
+    for stale in layout.stats_dir.glob("*.npz"):  # subsets the current splits no longer have
+        if stale.name not in kept:
+            stale.unlink()
     return dg.MaterializeResult(metadata={
-        "dim": int(mean.shape[0]),
-        "n": int(n),
-        "min_std": float(std.min()),
-        "median_std": float(np.median(std)),
-        "min_std_after_floor": float(floored.min()),
-        "n_floored_dims": int((floored > std).sum()),
-        "stats_path": dg.MetadataValue.path(str(layout.stats_path)),
+        "dim": int(train.shape[1]),
+        "n": int(train.shape[0]),  # rows of the train split (the ``full`` subset)
+        "stats": dg.MetadataValue.md(_stats_table(written)),
+        "datasets": sorted({item["dataset"] for item in written}, key=list(DATASET_SIZES).index),
+        "skipped_datasets": dg.MetadataValue.json(skipped),
+        "stats_dir": dg.MetadataValue.path(str(layout.stats_dir)),
     })
+
+
+def _stats_table(written: list[dict]) -> str:
+    lines = ["| dataset | normalization | rows | shrinkage | min std | median std | floored |", "|---|---|---:|---:|---:|---:|---:|"]
+    for item in written:
+        shrinkage = f"{item['shrinkage']:.3f}" if "shrinkage" in item else "-"
+        lines.append(f"| {item['dataset']} | {item['normalization']} | {item['rows']} | {shrinkage} | "
+                     f"{item['min_std']:.3g} | {item['median_std']:.3g} | {item['n_floored']} |")
+    return "\n".join(lines)
 
 
 def training_command(job_path: Path, processes: int) -> list[str]:
@@ -144,10 +166,14 @@ def trained_checkpoint(
     partition = context.partition_key
     context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
     try:
-        dim = int(np.load(layout.stats_path)["mean"].shape[0]) if layout.stats_path.exists() else 0
-        if not dim:
-            raise dg.Failure(f"normalization stats not found at {layout.stats_path}: materialize normalization_stats first")
-        train_config = config.to_train_config(partition, dim, compute.resolve_device(context.log))
+        device = compute.resolve_device(context.log)
+        probe = config.to_train_config(partition, 1, device)  # every field validated before any data is read
+        stats_path = layout.stats_path(probe.dataset, probe.normalization)
+        if not stats_path.exists():
+            raise dg.Failure(f"normalization stats for dataset={probe.dataset!r}, normalization="
+                             f"{probe.normalization!r} not found at {stats_path}: materialize normalization_stats "
+                             f"(it writes one file per training subset the splits hold)")
+        train_config = config.to_train_config(partition, load_normalizer(stats_path).dim, device)
         if train_config.batch_size % config.gpus_per_run:
             raise ValueError(f"batch_size: {train_config.batch_size} is not a multiple of gpus_per_run="
                              f"{config.gpus_per_run} (every process takes an equal block of each batch)")
@@ -162,7 +188,7 @@ def trained_checkpoint(
     job = TrainJob(
         config=train_config.model_dump(),
         splits_dir=str(layout.splits_dir),
-        stats_path=str(layout.stats_path),
+        stats_path=str(stats_path),
         run_dir=str(run_dir),
         partition_key=partition,
         tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),

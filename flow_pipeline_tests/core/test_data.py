@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,27 +35,34 @@ def test_normalizer_round_trip_and_z_scores():
     assert norm.dim == 48
 
 
-def test_normalizer_std_floor():
+def test_normalizer_fit_zscore_floors_near_constant_dimensions_once():
     x = _raw(2)
     x[:, 3] = 0.25  # a constant dimension: std 0
     x[:, 7] = 0.1 + 1e-9 * torch.randn(x.shape[0], generator=torch.Generator().manual_seed(3))  # nearly constant
-    std = x.std(0)
-    norm = Normalizer(x.mean(0), std, std_floor=1e-4)
-    assert norm.std[3] == pytest.approx(1e-4) and norm.std[7] == pytest.approx(1e-4)
-    others = [i for i in range(48) if i not in (3, 7)]
-    torch.testing.assert_close(norm.std[others], std[others], rtol=0, atol=0)
+    norm = Normalizer.fit(x.numpy(), "zscore")
+    rows = x.double().numpy()
+    std = rows.std(0, ddof=1)
+    floor = 0.1 * np.median(std)  # the one floor rule (core.stats.floor_std), written out
+    np.testing.assert_allclose(norm.mean.numpy(), rows.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(norm.std.numpy(), np.maximum(std, floor), rtol=1e-5)
+    assert norm.std[3] == pytest.approx(floor, rel=1e-5) and norm.std[7] == pytest.approx(floor, rel=1e-5)
     z = norm.normalize(x)
-    assert torch.isfinite(z).all()
-    assert z[:, 3].abs().max() < 1e-3 and z[:, 7].abs().max() < 1e-3
-    # The default floor also keeps a zero std finite.
-    assert torch.isfinite(Normalizer(x.mean(0), std).normalize(x)).all()
+    assert torch.isfinite(z).all() and z[:, 3].abs().max() < 1e-3 and z[:, 7].abs().max() < 1e-3
+    assert norm.details["n_floored"] == 2 and norm.details["rows"] == 200
+
+
+def test_normalizer_refuses_a_zero_std_instead_of_flooring_it_again():
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        Normalizer(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
 
 
 def test_normalizer_state_round_trip():
     x = _raw(4)
     norm = Normalizer(x.mean(0), x.std(0))
-    buffer = json.dumps({k: v.tolist() for k, v in norm.state_dict().items()})
-    restored = Normalizer.from_state_dict({k: torch.tensor(v) for k, v in json.loads(buffer).items()})
+    tensors = {k: v.tolist() for k, v in norm.state_dict().items() if k != "method"}
+    buffer = json.dumps({**tensors, "method": norm.state_dict()["method"]})
+    restored = Normalizer.from_state_dict({k: v if k == "method" else torch.tensor(v)
+                                           for k, v in json.loads(buffer).items()})
     torch.testing.assert_close(restored.normalize(x), norm.normalize(x), rtol=0, atol=0)
     restored2 = Normalizer.from_state_dict(norm.state_dict())
     assert torch.equal(restored2.mean, norm.mean) and torch.equal(restored2.std, norm.std)
