@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flow_pipeline.core.atomic import write_bytes_atomic
 from flow_pipeline.core.data import Normalizer
 
 
@@ -59,18 +58,8 @@ class ArtifactLayout:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a same-directory temp file and ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically, the directory fsynced (:func:`flow_pipeline.core.atomic.write_bytes_atomic`)."""
+    write_bytes_atomic(path, data)
 
 
 def write_json(path: Path, value: object) -> None:

@@ -1,5 +1,7 @@
 """Checkpoint files: atomic writes, sha256, safe loads with clear errors.
 
+``TEMP_PREFIX`` and ``remove_stale_temp_files`` are re-exported from :mod:`flow_pipeline.core.atomic`.
+
 ``best.pt`` keeps the keys the research code's consumers read (:data:`REQUIRED_KEYS`) plus resume state;
 ``last.pt`` beside it is the rolling resume point while a run is in progress and has moved past its best epoch
 (after an improving epoch best.pt is the resume point and last.pt is removed rather than written a second time).
@@ -9,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from flow_pipeline.core.atomic import TEMP_PREFIX, remove_stale_temp_files, write_atomic_with  # noqa: F401 (re-exported)
+
 FORMAT_VERSION = 1
 BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
-TEMP_PREFIX = ".tmp-"
 
 REQUIRED_KEYS = (
     "epoch",
@@ -43,46 +45,23 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> str:
-    """Write ``state`` to ``path`` atomically and return the file's sha256.
+    """Write ``state`` to ``path`` atomically (:mod:`flow_pipeline.core.atomic`) and return the file's sha256.
 
-    Temp file in the same directory -> flush -> fsync -> ``os.replace`` -> fsync the directory: a crash at any
-    point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one; a failed write (a full disk)
+    raises :class:`~flow_pipeline.core.atomic.AtomicWriteError` naming the file and leaves the old one untouched.
+    The digest is taken from what was written, before the rename, so it can never describe another file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        digest = sha256_file(tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    digest = ""
+
+    def write(handle) -> None:
+        nonlocal digest
+        torch.save(state, handle)
+        handle.flush()
+        digest = sha256_file(handle.name)
+
+    write_atomic_with(path, write)
     return digest
-
-
-def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete temp files left by writes that were killed midway; returns what was removed."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = sorted(directory.glob(TEMP_PREFIX + "*"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -1,0 +1,104 @@
+"""The one atomic writer: a full disk (a real tmpfs of a few KB) or a failing writer leaves the old file byte for
+byte, no temp file, and an OSError with errno ENOSPC whose message names the file — for every caller."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flow_pipeline.artifacts import save_normalization_stats, write_json
+from flow_pipeline.core.atomic import TEMP_PREFIX, AtomicWriteError, write_atomic_with, write_bytes_atomic
+from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+
+
+@contextlib.contextmanager
+def small_disk(parent: Path, size_kb: int):
+    """A tmpfs of ``size_kb`` mounted under ``parent`` (root only; the test is skipped where mounting is refused)."""
+    mount_point = parent / f"disk-{uuid.uuid4().hex[:8]}"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> None:
+    """Use up every free byte of the filesystem of ``directory``."""
+    with open(directory / "filler", "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 4096)
+
+
+def checkpoint_state(numbers: int) -> dict:
+    tensor = torch.randn(numbers)
+    return {"epoch": 1, "model_state_dict": {"w": tensor}, "ema_shadow": {"w": tensor.clone()},
+            "optimizer_state_dict": {}, "scheduler_state_dict": {}, "best_loss": 1.0, "config": {},
+            "normalization_stats": {}}
+
+
+WRITERS = {
+    "checkpoint": lambda path: save_checkpoint(checkpoint_state(16 * 1024), path),
+    "json": lambda path: write_json(path, {"values": list(range(20_000))}),
+    "normalization stats": lambda path: save_normalization_stats(path, np.random.rand(30_000), np.random.rand(30_000), 9),
+    "bytes": lambda path: write_bytes_atomic(path, os.urandom(300_000)),
+}
+
+
+@pytest.mark.parametrize("caller", sorted(WRITERS))
+def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path, caller):
+    with small_disk(tmp_path, size_kb=512) as disk:
+        target = disk / "artifact.bin"
+        target.write_bytes(b"the previous version")
+        fill(disk)
+        with pytest.raises(OSError) as raised:
+            WRITERS[caller](target)
+        assert isinstance(raised.value, AtomicWriteError)
+        assert raised.value.errno == errno.ENOSPC
+        assert str(target) in str(raised.value)
+        assert target.read_bytes() == b"the previous version"
+        assert not list(disk.glob(TEMP_PREFIX + "*"))
+        # Space back: the same write succeeds.
+        (disk / "filler").unlink()
+        WRITERS[caller](target)
+        assert target.read_bytes() != b"the previous version"
+
+
+def test_checkpoint_sha256_is_that_of_the_file_written(tmp_path):
+    path = tmp_path / "best.pt"
+    digest = save_checkpoint(checkpoint_state(1000), path)
+    assert digest == sha256_file(path)
+    assert load_checkpoint(path)["model_state_dict"]["w"].shape == (1000,)
+
+
+def test_a_writer_that_raises_leaves_the_old_file_and_its_error(tmp_path):
+    target = tmp_path / "report.md"
+    target.write_text("old")
+
+    def half_then_fail(handle):
+        handle.write(b"new but not finished")
+        raise ValueError("the writer broke")
+
+    with pytest.raises(ValueError, match="the writer broke"):
+        write_atomic_with(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
+
+
+def test_an_unwritable_directory_is_named(tmp_path):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where a directory should be")
+    with pytest.raises(AtomicWriteError, match=str(blocked / "x.json")):
+        write_json(blocked / "x.json", {"a": 1})
