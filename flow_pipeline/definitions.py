@@ -8,12 +8,8 @@ from flow_pipeline.defs.assets import dataset_splits, normalization_stats, train
 from flow_pipeline.defs.checks import trained_checkpoint_checks
 from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource, default_root
-from flow_pipeline.defs.schedules import (
-    build_retry_schedule,
-    fail_orphaned_runs,
-    retrain_job,
-    retry_settings_from_env,
-)
+from flow_pipeline.defs.orphans import fail_orphaned_runs
+from flow_pipeline.defs.retries import build_retry_schedule, retrain_job, retry_settings_from_env
 from flow_pipeline.defs.tracking import WandbResource
 
 # FLOW_PIPELINE_RERUN_CRON / FLOW_PIPELINE_MAX_ATTEMPTS: when failed partitions are retried, and how often.

@@ -150,6 +150,7 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
     except BaseException as exc:
         if dist.is_main:
             write_json(run_dir / FAILURE_NAME, {"error": type(exc).__name__, "message": str(exc),
+                                                "errno": getattr(exc, "errno", None),
                                                 "partition": job.partition_key, "run_name": config.run_name})
         raise
     finally:

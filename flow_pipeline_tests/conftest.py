@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -92,3 +93,34 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+# --- a full disk ------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(mount_point: Path, size_kb: int):
+    """A real tmpfs of ``size_kb`` mounted at ``mount_point`` (created if needed); needs root, and the test is skipped
+    where mounting is refused. Unmounted afterwards."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path, leave_bytes: int = 0) -> Path:
+    """Use up the free space of the filesystem of ``directory`` but ``leave_bytes`` (rounded to 4 KiB); returns the
+    filler file, whose removal gives the space back."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:
+            free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+            if free <= leave_bytes:
+                break
+            handle.write(b"\0" * min(4096, max(free - leave_bytes, 1)))
+    return filler

@@ -17,6 +17,7 @@ from flow_pipeline.core.sources import DataError, load_saved_splits, save_splits
 from flow_pipeline.core.data import DATASET_SIZES, first_training_rows
 from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer
 from flow_pipeline.datasets import SYNTHETIC, build_splits
+from flow_pipeline.defs.failures import CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
 from flow_pipeline.defs.tracking import WandbResource
@@ -136,12 +137,20 @@ def _visible_gpus(compute: ComputeResource) -> int:
     return torch.cuda.device_count()
 
 
-def _read_failure(run_dir: Path) -> str:
+def _read_failure(run_dir: Path) -> tuple[str, str]:
+    """(failure kind, message) of a training process that failed, from its ``failure.json``."""
     path = run_dir / FAILURE_NAME
-    if not path.exists():
-        return "the training process exited with an error (see the run's logs)"
-    failure = json.loads(path.read_text())
-    return f"{failure['error']}: {failure['message']}"
+    failure = json.loads(path.read_text()) if path.exists() else None
+    kind = classify_training_failure(failure)
+    if failure is None:
+        return kind, "the training process exited without a failure report: killed (SIGKILL, OOM killer) or crashed"
+    return kind, f"{failure['error']}: {failure['message']}"
+
+
+def _fail(context: dg.AssetExecutionContext, kind: str, description: str) -> dg.Failure:
+    """A Failure whose run carries the failure kind as a tag (read by the retry schedule)."""
+    context.instance.add_run_tags(context.run.run_id, {FAILURE_KIND_TAG: kind})
+    return dg.Failure(description=f"{description} [failure: {kind}]")
 
 
 @dg.asset(
@@ -170,9 +179,9 @@ def trained_checkpoint(
         probe = config.to_train_config(partition, 1, device)  # every field validated before any data is read
         stats_path = layout.stats_path(probe.dataset, probe.normalization)
         if not stats_path.exists():
-            raise dg.Failure(f"normalization stats for dataset={probe.dataset!r}, normalization="
-                             f"{probe.normalization!r} not found at {stats_path}: materialize normalization_stats "
-                             f"(it writes one file per training subset the splits hold)")
+            raise _fail(context, MISSING_INPUT, f"normalization stats for dataset={probe.dataset!r}, normalization="
+                        f"{probe.normalization!r} not found at {stats_path}: materialize normalization_stats "
+                        f"(it writes one file per training subset the splits hold)")
         train_config = config.to_train_config(partition, load_normalizer(stats_path).dim, device)
         if train_config.batch_size % config.gpus_per_run:
             raise ValueError(f"batch_size: {train_config.batch_size} is not a multiple of gpus_per_run="
@@ -180,9 +189,9 @@ def trained_checkpoint(
         if train_config.device.startswith("cuda") and _visible_gpus(compute) < config.gpus_per_run:
             raise ValueError(f"gpus_per_run: {config.gpus_per_run} GPUs requested, {_visible_gpus(compute)} visible")
     except ValidationError as exc:
-        raise dg.Failure(description=f"partition {partition}: {format_validation_error(exc)}") from exc
+        raise _fail(context, CONFIG, f"partition {partition}: {format_validation_error(exc)}") from exc
     except ValueError as exc:
-        raise dg.Failure(description=f"partition {partition}: {exc}") from exc
+        raise _fail(context, CONFIG, f"partition {partition}: {exc}") from exc
 
     run_dir = layout.run_dir(train_config.run_name)
     job = TrainJob(
@@ -194,6 +203,7 @@ def trained_checkpoint(
         tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),
     )
     job_path = job.save()
+    (run_dir / FAILURE_NAME).unlink(missing_ok=True)  # an earlier attempt's report must not explain this one
     context.log.info(f"training {train_config.run_name} on {train_config.device} "
                      f"({config.gpus_per_run} process(es)) in {run_dir}")
     try:
@@ -204,5 +214,6 @@ def trained_checkpoint(
             env={**compute.environment(), **wandb.environment()},
         )
     except Exception as exc:  # the process failed: report its own error, not Pipes' exit-code message
-        raise dg.Failure(description=f"partition {partition} ({train_config.run_name}): {_read_failure(run_dir)}") from exc
+        kind, message = _read_failure(run_dir)
+        raise _fail(context, kind, f"partition {partition} ({train_config.run_name}): {message}") from exc
     return invocation.get_materialize_result()

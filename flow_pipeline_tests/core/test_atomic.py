@@ -3,13 +3,8 @@ byte, no temp file, and an OSError with errno ENOSPC whose message names the fil
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
-import subprocess
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,28 +13,7 @@ import torch
 from flow_pipeline.artifacts import save_normalization_stats, write_json
 from flow_pipeline.core.atomic import TEMP_PREFIX, AtomicWriteError, write_atomic_with, write_bytes_atomic
 from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-
-
-@contextlib.contextmanager
-def small_disk(parent: Path, size_kb: int):
-    """A tmpfs of ``size_kb`` mounted under ``parent`` (root only; the test is skipped where mounting is refused)."""
-    mount_point = parent / f"disk-{uuid.uuid4().hex[:8]}"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(directory: Path) -> None:
-    """Use up every free byte of the filesystem of ``directory``."""
-    with open(directory / "filler", "wb", buffering=0) as handle, contextlib.suppress(OSError):
-        while True:
-            handle.write(b"\0" * 4096)
+from flow_pipeline_tests.conftest import fill, small_disk
 
 
 def checkpoint_state(numbers: int) -> dict:
@@ -59,7 +33,7 @@ WRITERS = {
 
 @pytest.mark.parametrize("caller", sorted(WRITERS))
 def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path, caller):
-    with small_disk(tmp_path, size_kb=512) as disk:
+    with small_disk(tmp_path / "disk", size_kb=512) as disk:
         target = disk / "artifact.bin"
         target.write_bytes(b"the previous version")
         fill(disk)

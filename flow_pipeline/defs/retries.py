@@ -1,25 +1,20 @@
-"""Recovery: a schedule that re-runs failed training partitions, and a sensor that fails runs whose worker died.
+"""Recovery, part 1: the schedule ``retry_failed_training`` re-runs failed training partitions.
 
-- ``retry_failed_training`` (hourly by default): every partition of ``trained_checkpoint`` whose latest attempt failed
-  is re-run with ``resume: true`` and the failed run's own training config, until it has had ``max_attempts``
-  attempts since its last materialization. The decision is the pure function :func:`plan_retries`; the schedule only
-  reads its inputs from the instance and explains every partition it leaves alone.
-- ``fail_orphaned_runs``: a run whose worker process was SIGKILLed (OOM killer, ``kill -9``, a crashed
-  ``dagster asset materialize``) stays STARTED forever and keeps its ``gpu`` pool slot. When no code server is left
-  to notice (runs launched by the CLI, or a daemon restarted since the launch), this sensor marks such runs failed;
-  run monitoring (``free_slots_after_run_end_seconds`` in dagster.yaml) then frees their slots.
+Hourly by default, every partition of ``trained_checkpoint`` whose latest attempt failed for a reason a retry can fix
+(see :mod:`flow_pipeline.defs.failures`) is re-run with ``resume: true`` and the failed run's own training config,
+until it has had ``max_attempts`` attempts since its last materialization. The decision is the pure function
+:func:`plan_retries`; the schedule only reads its inputs from the instance and explains every partition it leaves
+alone. Part 2, runs whose worker died, is :mod:`flow_pipeline.defs.orphans`.
 """
 
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import dagster as dg
 
-from flow_pipeline.defs.assets import RUN_HOST_TAG, ablation_partitions, trained_checkpoint
+from flow_pipeline.defs.assets import ablation_partitions, trained_checkpoint
+from flow_pipeline.defs.failures import FAILURE_KIND_TAG, retry_verdict
 
 RERUN_CRON_ENV = "FLOW_PIPELINE_RERUN_CRON"
 MAX_ATTEMPTS_ENV = "FLOW_PIPELINE_MAX_ATTEMPTS"
@@ -29,7 +24,6 @@ DEFAULT_MAX_ATTEMPTS = 3
 PARTITION_TAG = "dagster/partition"
 ATTEMPT_TAG = "flow_pipeline/attempt"
 RETRAIN_JOB_NAME = "retrain_trained_checkpoint"
-ORPHAN_CHECK_INTERVAL_S = 10
 
 Status = dg.AssetPartitionStatus
 
@@ -91,18 +85,24 @@ class RetryPlan:
         return "\n".join(f"{reason}: {', '.join(partitions)}" for reason, partitions in by_reason.items())
 
 
-def plan_retries(statuses: Mapping[str, Status | None], attempts: Mapping[str, int], max_attempts: int) -> RetryPlan:
+def plan_retries(statuses: Mapping[str, Status | None], attempts: Mapping[str, int], max_attempts: int,
+                 failure_kinds: Mapping[str, str | None] | None = None) -> RetryPlan:
     """Which partitions to re-run, and why each other one is left alone.
 
     statuses: partition -> its status (``get_status_by_partition``; None: never materialized).
     attempts: partition -> attempts made since its last materialization, the first run included (missing: 1).
-    A FAILED partition is retried while attempts < max_attempts; nothing else is ever retried.
+    failure_kinds: partition -> the failure kind tag of its latest failed run (missing or None: untagged, retried).
+    A FAILED partition is retried while attempts < max_attempts, unless its failure is one a retry cannot fix
+    (:data:`flow_pipeline.defs.failures.NOT_RETRIED`); nothing else is ever retried.
     """
-    plan = RetryPlan()
+    plan, failure_kinds = RetryPlan(), failure_kinds or {}
     for partition, status in statuses.items():
         if status == Status.FAILED:
             made = max(1, attempts.get(partition, 1))
-            if made < max_attempts:
+            not_retried = retry_verdict(failure_kinds.get(partition))
+            if not_retried:
+                plan.skipped[partition] = f"failed, not retried ({not_retried})"
+            elif made < max_attempts:
                 plan.retries.append(Retry(partition, made + 1))
             else:
                 plan.skipped[partition] = f"failed, gave up after {made} of {max_attempts} attempts"
@@ -136,14 +136,25 @@ def attempts_since_materialization(instance: dg.DagsterInstance, partition: str)
     return max([1, *(int(run.tags[ATTEMPT_TAG]) for run in runs if run.tags.get(ATTEMPT_TAG, "").isdigit())])
 
 
+def latest_attempt(instance: dg.DagsterInstance, partition: str) -> dg.DagsterRun | None:
+    """The run that made the latest attempt at the partition (None if there was none)."""
+    planned = instance.get_latest_planned_materialization_info(trained_checkpoint.key, partition)
+    return instance.get_run_by_id(planned.run_id) if planned else None
+
+
 def failed_training_config(instance: dg.DagsterInstance, partition: str) -> dict:
     """The ``trained_checkpoint`` op config of the run that made the latest attempt at the partition ({} when that
     run used the defaults): a resume must use the same config, or it would train another run directory."""
-    planned = instance.get_latest_planned_materialization_info(trained_checkpoint.key, partition)
-    run = instance.get_run_by_id(planned.run_id) if planned else None
+    run = latest_attempt(instance, partition)
     if run is None:
         return {}
     return dict(run.run_config.get("ops", {}).get(trained_checkpoint.op.name, {}).get("config", {}))
+
+
+def failure_kind(instance: dg.DagsterInstance, partition: str) -> str | None:
+    """The failure kind tag of the partition's latest attempt (None: untagged)."""
+    run = latest_attempt(instance, partition)
+    return run.tags.get(FAILURE_KIND_TAG) if run is not None else None
 
 
 def retry_run_request(retry: Retry, config: dict) -> dg.RunRequest:
@@ -156,7 +167,7 @@ def retry_run_request(retry: Retry, config: dict) -> dg.RunRequest:
 
 
 def build_retry_schedule(settings: RetrySettings) -> dg.ScheduleDefinition:
-    """The schedule of :mod:`flow_pipeline.defs.schedules`, running on ``settings.cron`` (started by default)."""
+    """The schedule of this module, running on ``settings.cron`` (started by default)."""
 
     def retry_failed_training(context: dg.ScheduleEvaluationContext):
         instance = context.instance
@@ -165,7 +176,8 @@ def build_retry_schedule(settings: RetrySettings) -> dg.ScheduleDefinition:
         statuses = {partition: statuses.get(partition) for partition in partitions}
         attempts = {partition: attempts_since_materialization(instance, partition)
                     for partition, status in statuses.items() if status == Status.FAILED}
-        plan = plan_retries(statuses, attempts, settings.max_attempts)
+        kinds = {partition: failure_kind(instance, partition) for partition in attempts}
+        plan = plan_retries(statuses, attempts, settings.max_attempts, kinds)
         if not plan.retries:
             yield dg.SkipReason(f"no failed partition of trained_checkpoint to retry.\n{plan.explain()}")
             return
@@ -183,91 +195,8 @@ def build_retry_schedule(settings: RetrySettings) -> dg.ScheduleDefinition:
             default_status=dg.DefaultScheduleStatus.RUNNING,
             description=f"Re-run failed trained_checkpoint partitions with resume: true, at most "
                         f"{settings.max_attempts} attempts each (cron from {RERUN_CRON_ENV}, cap from "
-                        f"{MAX_ATTEMPTS_ENV}).",
+                        f"{MAX_ATTEMPTS_ENV}); failures a retry cannot fix (bad config or data, divergence) are "
+                        "left alone, each named with its reason in the tick.",
         )
     except dg.DagsterInvalidDefinitionError as exc:
         raise ValueError(f"{RERUN_CRON_ENV}={settings.cron!r} is not a valid cron string: {exc}") from exc
-
-
-# --- orphaned runs -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunWorker:
-    pid: int
-    seen_at: float  # when the run logged the pid (epoch seconds): the process was alive then
-
-
-def run_worker(instance: dg.DagsterInstance, run_id: str) -> RunWorker | None:
-    """The process that executes the run: the first engine event of the run that carries a ``pid``
-    ("Started process for run" of a launched run, "Executing steps ..." of a CLI run)."""
-    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=20).records:
-        pid = record.event_log_entry.dagster_event.engine_event_data.metadata.get("pid")
-        if pid is not None and str(pid.value).isdigit():
-            return RunWorker(int(pid.value), record.event_log_entry.timestamp)
-    return None
-
-
-def _proc_start_time(pid: int) -> tuple[str, float] | None:
-    """(state, start time in epoch seconds) of a Linux process from /proc; None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # Field 2 (the command name) may hold spaces and parentheses: the fields after the last ")" are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    state, start_ticks = fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime, clock ticks after boot)
-    boot_time = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                     if line.startswith("btime"))
-    return state, boot_time + start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-# /proc start times are rounded to whole seconds of boot time: a process is "the same" within this slack.
-_START_TIME_SLACK_S = 5.0
-
-
-def process_alive(worker: RunWorker) -> bool:
-    """Whether the worker process still runs. A zombie, or a pid reused by a process started after the run logged
-    it, counts as dead. Without /proc (macOS) only the pid's existence is checked."""
-    if Path("/proc/self/stat").exists():
-        found = _proc_start_time(worker.pid)
-        if found is None:
-            return False
-        state, started_at = found
-        return state not in ("Z", "X") and started_at <= worker.seen_at + _START_TIME_SLACK_S
-    try:
-        os.kill(worker.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@dg.sensor(
-    name="fail_orphaned_runs",
-    minimum_interval_seconds=ORPHAN_CHECK_INTERVAL_S,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Marks a STARTED training run failed when its worker process on this host is gone (SIGKILL, OOM), "
-                "so that run monitoring frees its gpu pool slot and the retry schedule can resume it.",
-)
-def fail_orphaned_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-    """Only runs tagged with this host by ``trained_checkpoint`` are judged: a pid means nothing on another machine."""
-    instance = context.instance
-    host = socket.gethostname()
-    failed, alive = [], 0
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED],
-                                                       tags={RUN_HOST_TAG: host})):
-        worker = run_worker(instance, run.run_id)
-        if worker is None or process_alive(worker):
-            alive += 1
-            continue
-        message = (f"run worker process {worker.pid} on {host} is gone (killed or crashed) while the run was "
-                   "STARTED; marked failed by the fail_orphaned_runs sensor")
-        instance.report_run_failed(run, message=message)
-        context.log.warning(f"{run.run_id}: {message}")
-        failed.append(f"{run.run_id} ({run.tags.get(PARTITION_TAG, 'unpartitioned')}, pid {worker.pid})")
-    if failed:
-        return dg.SkipReason(f"marked {len(failed)} orphaned run(s) failed: {'; '.join(failed)}; "
-                             f"{alive} started run(s) on {host} have a live worker")
-    return dg.SkipReason(f"no orphaned runs: {alive} started training run(s) on {host}, all with a live worker")

@@ -1,15 +1,28 @@
 """The retry schedule: the pure decision, its settings, and the schedule evaluated on a real sqlite instance with
 real failed runs (training that fails for want of normalisation stats), a run in progress and materializations."""
 
+import errno
 import socket
 
 import dagster as dg
+import numpy as np
 import pytest
 
 from flow_pipeline.defs.assets import RUN_HOST_TAG, trained_checkpoint
 from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource, default_root
-from flow_pipeline.defs.schedules import (
+from flow_pipeline.defs.failures import (
+    CONFIG,
+    DATA,
+    DISK_FULL,
+    DIVERGED,
+    ERROR,
+    FAILURE_KIND_TAG,
+    KILLED,
+    MISSING_INPUT,
+    classify_training_failure,
+)
+from flow_pipeline.defs.retries import (
     ATTEMPT_TAG,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_RERUN_CRON,
@@ -169,3 +182,50 @@ def test_schedule_retries_exactly_the_failed_partitions_with_resume_until_the_ca
         assert "failed, gave up after 1 of 1 attempts: mlp-vp" in lines
         assert "failed, gave up after 3 of 1 attempts: unet-vp" in lines
         assert any(line.startswith("never materialized: ") and "dit-icfm" in line for line in lines)
+
+
+# --- retry only what a retry can fix -------------------------------------------------------------------------------
+
+
+def test_failure_kinds_of_training_reports():
+    expected = {  # failure.json -> kind, written out independently of the module's table
+        None: KILLED,
+        ("TrainingDiverged", None): DIVERGED,
+        ("DataError", None): DATA,
+        ("CheckpointError", None): DATA,
+        ("ValueError", None): CONFIG,
+        ("AtomicWriteError", errno.ENOSPC): DISK_FULL,
+        ("OSError", errno.ENOSPC): DISK_FULL,
+        ("OSError", errno.EIO): ERROR,
+        ("RuntimeError", None): ERROR,
+    }
+    for report, kind in expected.items():
+        failure = None if report is None else {"error": report[0], "errno": report[1], "message": "..."}
+        assert classify_training_failure(failure) == kind, report
+
+
+def test_plan_retries_leaves_failures_a_retry_cannot_fix_and_says_why():
+    statuses = {key: FAILED for key in ("config", "data", "diverged", "killed", "disk", "untagged")}
+    kinds = {"config": CONFIG, "data": DATA, "diverged": DIVERGED, "killed": KILLED, "disk": DISK_FULL}
+    plan = plan_retries(statuses, attempts={}, max_attempts=3, failure_kinds=kinds)
+    assert sorted(retry.partition for retry in plan.retries) == ["disk", "killed", "untagged"]
+    assert plan.skipped["config"].startswith("failed, not retried (bad config")
+    assert plan.skipped["data"].startswith("failed, not retried (bad data")
+    assert plan.skipped["diverged"].startswith("failed, not retried (diverged")
+
+
+@pytest.mark.slow
+def test_a_config_failure_is_tagged_and_never_retried_while_a_missing_input_is(artifacts_root, tmp_path):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        failing_run(instance, "mlp-icfm", TINY_TRAIN)  # no normalisation stats yet: fixed by materializing them
+        (artifacts_root / "data").mkdir(parents=True)
+        np.savez(artifacts_root / "data" / "normalization_stats.npz", mean=np.zeros(8), std=np.ones(8), n=np.int64(9))
+        failing_run(instance, "unet-fm", {**TINY_TRAIN, "lr": 5.0})  # lr must be <= 1: fails the same way again
+        kinds = {partition: instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": partition}))[0]
+                 .tags.get(FAILURE_KIND_TAG) for partition in ("mlp-icfm", "unet-fm")}
+        assert kinds == {"mlp-icfm": MISSING_INPUT, "unet-fm": CONFIG}
+        data = evaluate(instance, max_attempts=3)
+        assert set(requests_by_partition(data)) == {"mlp-icfm"}
+        tick = evaluate(instance, max_attempts=1)  # nothing requested: the tick explains every partition
+        assert any(line.startswith("failed, not retried (bad config") and line.endswith(": unet-fm")
+                   for line in tick.skip_message.splitlines()), tick.skip_message

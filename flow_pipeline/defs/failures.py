@@ -1,0 +1,54 @@
+"""Why a training run failed, as a run tag, so the retry schedule re-runs only what a retry can fix.
+
+The kind is written as the run tag ``flow_pipeline/failure`` by ``trained_checkpoint`` (from the training process's
+``failure.json``, or from its own validation) and by the ``fail_orphaned_runs`` sensor (``killed``). A run failed
+with no tag (the run worker itself died, the instance database went away) counts as ``killed``.
+
+Not retried — the same config on the same data fails the same way (and resume is bit-exact, so a diverged run
+diverges again): ``config``, ``data``, ``diverged``. Retried up to the attempt cap: everything else.
+"""
+
+from __future__ import annotations
+
+import errno
+
+FAILURE_KIND_TAG = "flow_pipeline/failure"
+
+CONFIG = "config"  # the run config does not validate, or does not match the checkpoint it must resume
+DATA = "data"  # malformed input data or an unreadable checkpoint
+DIVERGED = "diverged"  # non-finite loss or gradient
+DISK_FULL = "disk_full"  # a write hit ENOSPC: succeeds once space is freed
+MISSING_INPUT = "missing_input"  # an upstream asset is not materialized yet
+KILLED = "killed"  # the process was killed (SIGKILL, OOM killer) or vanished without a report
+ERROR = "error"  # any other exception
+
+NOT_RETRIED = {
+    CONFIG: "bad config: a retry would fail the same way",
+    DATA: "bad data: a retry would fail the same way",
+    DIVERGED: "diverged: a bit-exact resume would diverge again; change lr/grad_clip and launch it yourself",
+}
+
+# Exception class names of the training process (failure.json's "error") and what they mean.
+_KIND_OF_ERROR = {
+    "ValidationError": CONFIG,
+    "ValueError": CONFIG,
+    "DataError": DATA,
+    "CheckpointError": DATA,
+    "TrainingDiverged": DIVERGED,
+    "MemoryError": KILLED,
+}
+
+
+def classify_training_failure(failure: dict | None) -> str:
+    """The kind of a training process's failure from its ``failure.json`` (``error``: exception class name,
+    ``errno`` when it was an OSError); None — the process left no report — means it was killed."""
+    if failure is None:
+        return KILLED
+    if failure.get("errno") == errno.ENOSPC:
+        return DISK_FULL
+    return _KIND_OF_ERROR.get(str(failure.get("error")), ERROR)
+
+
+def retry_verdict(kind: str | None) -> str | None:
+    """None if a run that failed with ``kind`` (None: untagged) should be retried, else why it is not."""
+    return NOT_RETRIED.get(kind or KILLED)
