@@ -8,6 +8,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from flow_pipeline.artifacts import ArtifactLayout, save_normalizer
+from flow_pipeline.core.normalization import Normalizer
 from flow_pipeline.defs.assets import RUN_HOST_TAG, trained_checkpoint
 from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource, default_root
@@ -218,8 +220,7 @@ def test_plan_retries_leaves_failures_a_retry_cannot_fix_and_says_why():
 def test_a_config_failure_is_tagged_and_never_retried_while_a_missing_input_is(artifacts_root, tmp_path):
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         failing_run(instance, "mlp-icfm", TINY_TRAIN)  # no normalisation stats yet: fixed by materializing them
-        (artifacts_root / "data").mkdir(parents=True)
-        np.savez(artifacts_root / "data" / "normalization_stats.npz", mean=np.zeros(8), std=np.ones(8), n=np.int64(9))
+        save_normalizer(ArtifactLayout(artifacts_root).stats_path("full", "zscore"), Normalizer.fit(np.random.rand(9, 8)))
         failing_run(instance, "unet-fm", {**TINY_TRAIN, "lr": 5.0})  # lr must be <= 1: fails the same way again
         kinds = {partition: instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": partition}))[0]
                  .tags.get(FAILURE_KIND_TAG) for partition in ("mlp-icfm", "unet-fm")}

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from flow_pipeline.artifacts import save_normalization_stats, write_json
+from flow_pipeline.artifacts import save_normalizer, write_json
 from flow_pipeline.core.atomic import TEMP_PREFIX, AtomicWriteError, write_atomic_with, write_bytes_atomic
+from flow_pipeline.core.normalization import Normalizer
 from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from flow_pipeline_tests.conftest import fill, small_disk
 
@@ -26,7 +27,7 @@ def checkpoint_state(numbers: int) -> dict:
 WRITERS = {
     "checkpoint": lambda path: save_checkpoint(checkpoint_state(16 * 1024), path),
     "json": lambda path: write_json(path, {"values": list(range(20_000))}),
-    "normalization stats": lambda path: save_normalization_stats(path, np.random.rand(30_000), np.random.rand(30_000), 9),
+    "normalization stats": lambda path: save_normalizer(path, Normalizer.fit(np.random.rand(9, 30_000))),
     "bytes": lambda path: write_bytes_atomic(path, os.urandom(300_000)),
 }
 
