@@ -110,6 +110,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "train_seconds": typed(round(result.train_seconds, 2), "float"),
         "device": typed(result.device, "text"),
         "world_size": typed(world_size, "int"),
+        "threads": typed(torch.get_num_threads(), "int"),
         "num_params": typed(result.num_params, "int"),
         "run_name": typed(config.run_name, "text"),
         "config": typed(config.model_dump(), "json"),

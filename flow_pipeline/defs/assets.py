@@ -24,6 +24,7 @@ from flow_pipeline.defs.tracking import WandbResource
 from flow_pipeline.train import FAILURE_NAME, TrainJob
 
 ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
+GPU_POOL = "gpu"  # limits concurrent trainings; its limit is the number of GPUs (1 on a CPU machine)
 OWNERS = ["team:flow-matching"]
 # Run tag naming the host that trains: the fail_orphaned_runs sensor judges a run worker's pid only on that host.
 RUN_HOST_TAG = "flow_pipeline/host"
@@ -130,6 +131,15 @@ def training_command(job_path: Path, processes: int) -> list[str]:
             "-m", "flow_pipeline.train", "--job", str(job_path)]
 
 
+def gpu_pool_limit(instance: dg.DagsterInstance) -> int:
+    """How many trainings may run at once: the ``gpu`` pool's limit on this instance (1 when none is set)."""
+    try:
+        slots = instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count
+    except Exception:  # an instance storage without pools
+        return 1
+    return max(1, slots or 1)
+
+
 def _visible_gpus(compute: ComputeResource) -> int:
     """GPUs the training processes will see: the compute resource's CUDA_VISIBLE_DEVICES list, else all here."""
     if compute.visible_devices:
@@ -156,7 +166,7 @@ def _fail(context: dg.AssetExecutionContext, kind: str, description: str) -> dg.
 @dg.asset(
     partitions_def=ablation_partitions,
     deps=[normalization_stats],
-    pool="gpu",
+    pool=GPU_POOL,
     group_name="training",
     owners=OWNERS,
     kinds={"pytorch", "wandb"},
@@ -202,16 +212,17 @@ def trained_checkpoint(
         partition_key=partition,
         tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),
     )
+    threads = compute.threads(gpu_pool_limit(context.instance), config.gpus_per_run)
     job_path = job.save()
     (run_dir / FAILURE_NAME).unlink(missing_ok=True)  # an earlier attempt's report must not explain this one
     context.log.info(f"training {train_config.run_name} on {train_config.device} "
-                     f"({config.gpus_per_run} process(es)) in {run_dir}")
+                     f"({config.gpus_per_run} process(es), {threads} thread(s) each) in {run_dir}")
     try:
         # Under torchrun every rank inherits the Pipes environment; rank 0 alone opens Pipes (see train.main).
         invocation = pipes_subprocess_client.run(
             context=context,
             command=training_command(job_path, config.gpus_per_run),
-            env={**compute.environment(), **wandb.environment()},
+            env={**compute.environment(threads), **wandb.environment()},
         )
     except Exception as exc:  # the process failed: report its own error, not Pipes' exit-code message
         kind, message = _read_failure(run_dir)

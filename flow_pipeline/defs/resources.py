@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import torch
+from pydantic import Field
 
 from flow_pipeline.artifacts import ArtifactLayout
 
@@ -37,6 +38,11 @@ class ComputeResource(dg.ConfigurableResource):
 
     device: str = "auto"
     visible_devices: str = ""
+    threads_per_training: int = Field(
+        default=0, ge=0,
+        description="torch intra-op threads of each training process; 0: the cores this machine gives the run "
+        "worker divided by the trainings that may run at once (the gpu pool limit x processes per run)",
+    )
 
     def resolve_device(self, log) -> str:
         if self.device == "auto":
@@ -48,9 +54,21 @@ class ComputeResource(dg.ConfigurableResource):
             raise dg.Failure(f"compute.device: unknown value {self.device!r}; valid: auto, cpu, cuda")
         return self.device
 
-    def environment(self) -> dict[str, str]:
-        """Environment overrides for the training process."""
-        return {"CUDA_VISIBLE_DEVICES": self.visible_devices} if self.visible_devices else {}
+    def threads(self, concurrent_trainings: int, processes_per_run: int = 1) -> int:
+        """Threads of one training process when ``concurrent_trainings`` runs of ``processes_per_run`` processes
+        each may train at once on this machine: two 1-thread trainings do more work together than one 2-thread
+        training (BENCHMARKS.md), so the cores are shared out rather than oversubscribed."""
+        if self.threads_per_training:
+            return self.threads_per_training
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, concurrent_trainings * processes_per_run))
+
+    def environment(self, threads: int | None = None) -> dict[str, str]:
+        """Environment overrides for the training process (``threads``: its OpenMP/torch intra-op threads)."""
+        env = {"CUDA_VISIBLE_DEVICES": self.visible_devices} if self.visible_devices else {}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool reads it at start-up; torchrun too
+        return env
 
 
 def default_root() -> str:
