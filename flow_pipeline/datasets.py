@@ -10,9 +10,9 @@ from flow_pipeline.core.sources import (
     load_embeddings,
     load_split_dir,
     split_array,
-    synthetic_sonar_like,
     validate_embeddings,
 )
+from flow_pipeline.core.synthetic import synthetic_sonar_mixture
 
 SYNTHETIC = "synthetic"
 # A split with fewer rows than this cannot train, validate or be evaluated meaningfully.
@@ -26,8 +26,8 @@ def build_splits(source: str, dim: int, n_synthetic: int, seed: int, fractions: 
     written, so bad input never replaces an existing split set.
     """
     if source == SYNTHETIC:
-        embeddings = synthetic_sonar_like(n_synthetic, dim=dim, seed=seed)
-        splits = split_array(embeddings, fractions, seed, source=f"synthetic SONAR-like (n={n_synthetic}, seed={seed})")
+        embeddings = synthetic_sonar_mixture(n_synthetic, dim=dim, seed=seed)
+        splits = split_array(embeddings, fractions, seed, source=f"synthetic SONAR-like mixture (n={n_synthetic}, seed={seed})")
     else:
         path = Path(source).expanduser().resolve()
         if path.is_dir():

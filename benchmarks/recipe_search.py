@@ -1,0 +1,214 @@
+"""Recipe search: which training recipe makes a flow beat the full-covariance Gaussian baseline?
+
+Datasets: ``builtin`` (the built-in generator, 12,000 rows split 0.8/0.1/0.1 like the quickstart's dataset_splits,
+scored with n = 1,000 generated rows against the test split) and ``real`` (the 800 real SONAR vectors in
+../shared/data, 600 fit / 200 held out, scored with n = 200). Every run prints one JSON line with the config, steps,
+wall time, FD / floor, precision, recall, density, coverage, train-copy fraction, and the median nearest-train
+distance of the generated rows relative to the held-out rows' (``nn_train_ratio``: < 1 means closer to training rows
+than unseen real rows are, the sign of memorisation). Reference rows: ``--model gaussian-full`` (Ledoit-Wolf
+covariance of the fit rows) and ``--model heldout`` (real held-out rows, or for ``builtin`` fresh rows of the true
+distribution).
+
+    python benchmarks/recipe_search.py --data real --norm whiten --time logit_normal --skip --steps 1500
+    python benchmarks/recipe_search.py calibrate   # the generator's calibration against the real vectors
+
+Single-threaded (torch.set_num_threads(1)) so a shared 2-core machine keeps a core for others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
+from flow_pipeline.core.models import build_model
+from flow_pipeline.core.sources import split_array
+from flow_pipeline.core.synthetic import ledoit_wolf_gaussian, sonar_mixture, synthetic_sonar_mixture
+
+# ../shared/data beside the checkout; REAL_SONAR_EMBEDDINGS overrides (e.g. from a git worktree elsewhere).
+REAL = Path(os.environ.get("REAL_SONAR_EMBEDDINGS",
+                           Path(__file__).resolve().parents[2] / "shared" / "data" / "sonar_embeddings_real.npy"))
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def load(data: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(fit rows, held-out rows, n generated) for a dataset."""
+    if data == "real":
+        x = np.load(REAL).astype(np.float32)
+        perm = np.random.default_rng(seed).permutation(len(x))
+        return x[perm[:600]], x[perm[600:800]], 200
+    splits = split_array(synthetic_sonar_mixture(12_000, 1024, seed=0), (0.8, 0.1, 0.1), seed=0)
+    return np.asarray(splits.train), np.asarray(splits.test), 1000
+
+
+class Whitener:
+    """PCA whitening fitted on rows (n, dim): z = (x - m) V / sqrt(max(lambda, floor)); floor = floor_ratio * mean
+    eigenvalue, so the directions the rows do not span (n < dim) or barely span are not blown up."""
+
+    def __init__(self, x: np.ndarray, floor_ratio: float = 0.1):
+        x = np.asarray(x, np.float64)
+        self.mean = x.mean(0)
+        eigval, self.vec = np.linalg.eigh(np.cov(x, rowvar=False))
+        self.scale = np.sqrt(np.maximum(eigval, floor_ratio * eigval.mean()))
+
+    def normalize(self, x):
+        return ((np.asarray(x, np.float64) - self.mean) @ self.vec / self.scale).astype(np.float32)
+
+    def denormalize(self, z):
+        return (np.asarray(z, np.float64) * self.scale) @ self.vec.T + self.mean
+
+
+class ZScore(Whitener):
+    def __init__(self, x: np.ndarray):
+        x = np.asarray(x, np.float64)
+        self.mean, self.std = x.mean(0), np.maximum(x.std(0), 1e-6)
+
+    def normalize(self, x):
+        return ((np.asarray(x, np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def denormalize(self, z):
+        return np.asarray(z, np.float64) * self.std + self.mean
+
+
+class SkipVelocity(nn.Module):
+    """v(x, t) = net(x, t) + g(t) * x with a learned per-dimension gain g(t) = a + b t + c t^2 (a linear skip path:
+    for Gaussian data the exact velocity is linear in x)."""
+
+    def __init__(self, net: nn.Module, dim: int):
+        super().__init__()
+        self.net, self.coef = net, nn.Parameter(torch.zeros(3, dim))
+
+    def forward(self, x, t):
+        tc = t.reshape(-1, 1)
+        return self.net(x, t) + (self.coef[0] + self.coef[1] * tc + self.coef[2] * tc * tc) * x
+
+
+def draw_t(n: int, how: str, g: torch.Generator) -> torch.Tensor:
+    if how == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=g))
+    return torch.rand(n, generator=g)
+
+
+def train_flow(z: np.ndarray, a: argparse.Namespace) -> nn.Module:
+    torch.manual_seed(a.seed)
+    model = build_model("mlp", z.shape[1], a.size)
+    if a.skip:
+        model = SkipVelocity(model, z.shape[1])
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+    warm = min(100, a.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
+    data, g = torch.from_numpy(z), torch.Generator().manual_seed(a.seed)
+    for step in range(a.steps):
+        x1 = data[torch.randint(len(data), (a.batch,), generator=g)]
+        x0 = torch.randn(x1.shape, generator=g)
+        t = draw_t(len(x1), a.time, g)
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.lerp_(p, 1 - decay)
+    with torch.no_grad():
+        for e, p in zip(ema, model.parameters()):
+            p.copy_(e)
+    return model
+
+
+@torch.no_grad()
+def sample_flow(model: nn.Module, n: int, dim: int, steps: int, seed: int) -> np.ndarray:
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed + 1000))
+    for i in range(steps):  # midpoint rule
+        t = torch.full((n,), i / steps)
+        mid = x + 0.5 / steps * model(x, t)
+        x = x + model(mid, t + 0.5 / steps) / steps
+    return x.numpy()
+
+
+def run(a: argparse.Namespace) -> dict:
+    fit, held, n = load(a.data, a.split_seed)
+    start = time.perf_counter()
+    if a.model == "gaussian-full":
+        mean, cov = ledoit_wolf_gaussian(fit)
+        gen = np.random.default_rng(a.seed).multivariate_normal(mean, cov, size=n, method="cholesky")
+    elif a.model == "heldout":
+        # real: 200 of the fit rows (only 800 real rows: no third set); builtin: fresh rows of the true mixture.
+        gen = fit[np.random.default_rng(a.seed).permutation(len(fit))[:n]] if a.data == "real" else \
+            sonar_mixture(1024, 0).sample(n, np.random.default_rng(a.seed + 7))[0]
+    else:
+        norm = Whitener(fit, a.floor) if a.norm == "whiten" else ZScore(fit)
+        model = train_flow(norm.normalize(fit), a)
+        gen = norm.denormalize(sample_flow(model.eval(), n, fit.shape[1], a.sample_steps, a.seed))
+    wall = time.perf_counter() - start
+    m = evaluate_samples(gen, fit, held, k=5, seed=0)
+    nn_gen, nn_held = nearest_distance(gen, fit), nearest_distance(held[:n], fit)
+    keys = ("fd_ratio", "precision", "recall", "density", "coverage", "train_copy_fraction")
+    row = {"data": a.data, "model": a.model, "norm": a.norm, "time": a.time, "skip": a.skip, "size": a.size,
+           "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed, "split_seed": a.split_seed,
+           "wall_s": round(wall, 1), **{k: round(m[k], 3) for k in keys},
+           "nn_train_ratio": round(float(np.median(nn_gen) / np.median(nn_held)), 3)}
+    return row
+
+
+def calibrate(seeds=(0, 1, 2, 3, 4)) -> dict:
+    """LW-Gaussian precision / coverage and held-out -> fit nearest-neighbour distance quantiles at 600 / 200 rows,
+    averaged over split seeds, for the real vectors and for 800 rows of the generator."""
+    out = {}
+    for name, x in (("real", np.load(REAL)), ("generator", synthetic_sonar_mixture(800, 1024, seed=0))):
+        out[name] = np.mean([calibration_stats(x, s) for s in seeds], axis=0).round(3).tolist()
+    return out
+
+
+def calibration_stats(x: np.ndarray, seed: int) -> list[float]:
+    """[precision, coverage, *NN quantiles] of a Ledoit-Wolf Gaussian on a 600 / 200 split of x (800, dim)."""
+    x = np.asarray(x, np.float64)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    fit, held = x[perm[:600]], x[perm[600:800]]
+    mean, cov = ledoit_wolf_gaussian(fit)
+    gen = mean + np.random.default_rng(seed + 10).standard_normal((200, x.shape[1])) @ np.linalg.cholesky(cov).T
+    scores = prdc(held, gen, k=5)
+    return [scores["precision"], scores["coverage"], *np.quantile(nearest_distance(held, fit), QUANTILES)]
+
+
+def main(argv=None) -> None:
+    torch.set_num_threads(1)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["calibrate"]:
+        print(json.dumps(calibrate()))
+        return
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", choices=("builtin", "real"), default="builtin")
+    p.add_argument("--model", choices=("flow", "gaussian-full", "heldout"), default="flow")
+    p.add_argument("--norm", choices=("zscore", "whiten"), default="whiten")
+    p.add_argument("--floor", type=float, default=0.1)
+    p.add_argument("--time", choices=("uniform", "logit_normal"), default="uniform")
+    p.add_argument("--skip", action="store_true")
+    p.add_argument("--size", default="small")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0)
+    print(json.dumps(run(p.parse_args(argv))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
