@@ -29,7 +29,8 @@ class TrainConfig(BaseModel):
     # what is trained
     arch: str = "mlp"
     flow: str = "icfm"
-    model_size: str = DEFAULT_MODEL_SIZE
+    model_size: str = Field(DEFAULT_MODEL_SIZE, description="tiny (tests), small (CPU), base (GPU), matched (mlp, dit "
+                            "and unet within 4% of 1.3M parameters: an architecture comparison at equal capacity)")
     dim: int = Field(1024, gt=0)
     sigma: float = Field(0.0, ge=0, description="icfm/otcfm path noise; 0 is rectified flow")
     sigma_min: float = Field(1e-4, ge=0, lt=1, description="fm path minimum std")

@@ -14,6 +14,7 @@ from flow_pipeline.core.models import (
     PRESET_PARAM_COUNTS,
     build_model,
     count_parameters,
+    flops_per_sample,
     dit,
     mlp,
     unet,
@@ -175,7 +176,7 @@ def test_unknown_architecture_lists_valid_names() -> None:
 
 
 def test_unknown_size_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="unknown model size 'huge'; valid: tiny, small, base"):
+    with pytest.raises(ValueError, match="unknown model size 'huge'; valid: tiny, small, base, matched"):
         build_model("mlp", size="huge")
 
 
@@ -208,3 +209,26 @@ def test_tiny_presets_are_small() -> None:
     for arch in ARCHITECTURES:
         assert PRESET_PARAM_COUNTS[(arch, "tiny")] < 200_000, arch
 
+
+
+def test_matched_presets_are_parameter_matched_within_15_percent() -> None:
+    counts = [PRESET_PARAM_COUNTS[(arch, "matched")] for arch in ARCHITECTURES]
+    reference = sum(counts) / len(counts)
+    for arch, count in zip(ARCHITECTURES, counts):
+        assert abs(count - reference) / reference <= 0.15, (arch, count, reference)
+    assert max(counts) / min(counts) <= 1.15
+
+
+@pytest.mark.parametrize("arch", ["mlp", "unet"])
+def test_flops_per_sample_of_linear_models_is_twice_their_matmul_weights(arch: str) -> None:
+    # mlp and unet are Linear layers plus elementwise ops: one sample costs 2 FLOPs per Linear weight.
+    model = build_model(arch, dim=1024, size="tiny")
+    linear_weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear))
+    assert flops_per_sample(model, 1024) == 2 * linear_weights
+
+
+def test_dit_flops_include_attention_over_tokens() -> None:
+    model = build_model("dit", dim=1024, size="tiny")
+    linear_weights = sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear))
+    # Token-wise layers run once per token, so a DiT costs far more than 2 FLOPs per weight.
+    assert flops_per_sample(model, 1024) > 4 * linear_weights

@@ -11,7 +11,9 @@ from torch import nn
 from . import dit, mlp, unet
 
 ARCHITECTURES = ("mlp", "dit", "unet")
-MODEL_SIZES = ("tiny", "small", "base")
+# "matched": the three architectures within ±15% of one parameter count (the presets say how close), so an
+# architecture comparison is not a capacity comparison; "small" differs 4.6x between them.
+MODEL_SIZES = ("tiny", "small", "base", "matched")
 
 # Parameter counts of every (architecture, size) preset at dim=1024, as stated
 # in each module's preset comments.
@@ -37,6 +39,20 @@ def build_model(arch: str, dim: int = 1024, size: str = "small") -> nn.Module:
     return unet.MLPUNet(dim, unet.UNET_PRESETS[size])
 
 
+def flops_per_sample(model: nn.Module, dim: int) -> int:
+    """Floating-point operations of one forward pass on one sample (x_t (1, dim), t (1,)), counted by
+    ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs; matmuls, attention and convolutions only)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(model.parameters())
+    x_t = torch.zeros(1, dim, dtype=parameter.dtype, device=parameter.device)
+    t = torch.full((1,), 0.5, dtype=parameter.dtype, device=parameter.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x_t, t)
+    return int(counter.get_total_flops())
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (those with requires_grad)."""
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
@@ -48,4 +64,5 @@ __all__ = [
     "PRESET_PARAM_COUNTS",
     "build_model",
     "count_parameters",
+    "flops_per_sample",
 ]

@@ -44,6 +44,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # 1,288,384 params at dim=1024 (16 tokens x 64): trainable on CPU (compute scales with
     # tokens x params, so it is kept narrower than the mlp/unet small presets).
     "small": DiTConfig(num_tokens=16, hidden_size=128, depth=4, num_heads=4, mlp_ratio=4),
+    # 1,288,384 params at dim=1024, the "small" DiT: the reference the other architectures' "matched" presets are sized to.
+    "matched": DiTConfig(num_tokens=16, hidden_size=128, depth=4, num_heads=4, mlp_ratio=4),
     # 38,779,424 params at dim=1024 (32 tokens x 32): GPU.
     "base": DiTConfig(num_tokens=32, hidden_size=512, depth=8, num_heads=8, mlp_ratio=4),
 }
@@ -52,6 +54,7 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 PRESET_PARAM_COUNTS: dict[str, int] = {
     "tiny": 154_624,
     "small": 1_288_384,
+    "matched": 1_288_384,
     "base": 38_779_424,
 }
 

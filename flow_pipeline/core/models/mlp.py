@@ -27,6 +27,8 @@ MLP_PRESETS: dict[str, MLPConfig] = {
     "tiny": MLPConfig(width=48, depth=2, mlp_ratio=2, time_dim=64),
     # 5,913,600 params at dim=1024: trainable on CPU.
     "small": MLPConfig(width=512, depth=4, mlp_ratio=2, time_dim=256),
+    # 1,317,440 params at dim=1024: parameter-matched (within 3%) to dit/unet "matched", for fair comparisons.
+    "matched": MLPConfig(width=192, depth=4, mlp_ratio=2, time_dim=256),
     # 40,293,376 params at dim=1024: GPU.
     "base": MLPConfig(width=1024, depth=8, mlp_ratio=2, time_dim=512),
 }
@@ -35,6 +37,7 @@ MLP_PRESETS: dict[str, MLPConfig] = {
 PRESET_PARAM_COUNTS: dict[str, int] = {
     "tiny": 145_232,
     "small": 5_913_600,
+    "matched": 1_317_440,
     "base": 40_293_376,
 }
 

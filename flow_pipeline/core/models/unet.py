@@ -31,6 +31,8 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(widths=(48, 24), time_dim=64),
     # 3,399,936 params at dim=1024: trainable on CPU.
     "small": UNetConfig(widths=(512, 256, 128), time_dim=256),
+    # 1,334,528 params at dim=1024: parameter-matched (within 4%) to mlp/dit "matched".
+    "matched": UNetConfig(widths=(240, 120), time_dim=256),
     # 30,569,472 params at dim=1024: GPU.
     "base": UNetConfig(widths=(2048, 1024, 512), time_dim=512),
 }
@@ -39,6 +41,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 PRESET_PARAM_COUNTS: dict[str, int] = {
     "tiny": 153_728,
     "small": 3_399_936,
+    "matched": 1_334_528,
     "base": 30_569_472,
 }
 
