@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flow_pipeline.core.data import AUGMENTATIONS, DATASET_SIZES
-from flow_pipeline.core.flows import FLOWS
+from flow_pipeline.core.flows import FLOWS, get_flow
 from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
 
 DEFAULT_MODEL_SIZE = "small"
@@ -97,6 +97,18 @@ class TrainConfig(BaseModel):
         if self.flow == "fm":
             return {"sigma_min": self.sigma_min}
         return {}
+
+    def zero_predictor_loss(self) -> float:
+        """Validation loss of a model that always predicts zero: the scale this run's losses are read on."""
+        return get_flow(self.flow, **self.flow_params()).zero_predictor_loss()
+
+
+def zero_predictor_loss_of(config: dict) -> float:
+    """:meth:`TrainConfig.zero_predictor_loss` of a stored config dict (checkpoint, metadata); only the flow's
+    fields are read, so configs written by other versions still give their reference."""
+    fields = {name: config[name] for name in ("flow", "sigma", "sigma_min") if name in config}
+    return TrainConfig.model_construct(**{**{name: TrainConfig.model_fields[name].default
+                                             for name in ("sigma", "sigma_min")}, **fields}).zero_predictor_loss()
 
 
 def format_validation_error(error: ValidationError) -> str:

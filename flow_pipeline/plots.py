@@ -21,13 +21,14 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path:
-    """Train / val / EMA-val loss per epoch of one run, with the zero predictor's 2.0 for reference."""
+def plot_loss_curve(history: list[dict], path: Path, title: str, zero_predictor_loss: float) -> Path:
+    """Train / val / EMA-val loss per epoch of one run, with the loss of predicting zero for reference (the flow's
+    own: 2.0 for icfm, pi^2/4 for vp; see ``Flow.zero_predictor_loss``)."""
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
         ax.plot(epochs, [row[key] for row in history], marker=".", label=label)
-    ax.axhline(2.0, color="grey", linestyle=":", label="zero predictor")
+    ax.axhline(zero_predictor_loss, color="grey", linestyle=":", label=f"zero predictor ({zero_predictor_loss:.3f})")
     ax.set(xlabel="epoch", ylabel="flow-matching loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)

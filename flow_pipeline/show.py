@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import dagster as dg
 
 from flow_pipeline.ablations import ablation_for
+from flow_pipeline.config import zero_predictor_loss_of
 
 SHOWN = ("checkpoint_path", "best_val_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds", "device",
          "sha256", "wandb_url", "wandb_run_dir", "wandb_sync_command")
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"partition {args.partition} has no materialization of trained_checkpoint yet", file=sys.stderr)
         return 1
     metadata = records[0].asset_materialization.metadata
-    print(f"trained_checkpoint[{args.partition}]  (zero predictor's val loss: 2.0)")
+    zero_loss = zero_predictor_loss_of(metadata["config"].value) if "config" in metadata else math.nan
+    print(f"trained_checkpoint[{args.partition}]  (zero predictor's val loss: {zero_loss:.4f})")
     for key in SHOWN:
         if key in metadata:
             print(f"  {key:20s} {metadata[key].value}")

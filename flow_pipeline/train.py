@@ -103,6 +103,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "sha256": typed(result.sha256, "text"),
         "size_bytes": typed(result.size_bytes, "int"),
         "best_val_loss": typed(result.best_loss, "float"),
+        "zero_predictor_loss": typed(config.zero_predictor_loss(), "float"),
         "best_epoch": typed(result.best_epoch, "int"),
         "epochs_run": typed(result.epochs_run, "int"),
         "stopped_early": typed(result.stopped_early, "bool"),
@@ -162,7 +163,8 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         from flow_pipeline.plots import plot_loss_curve  # matplotlib costs seconds: import it only when needed
 
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
-        loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name)
+        loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name,
+                                     config.zero_predictor_loss())
         metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size)
         process = {"pid": os.getpid(), "started_at": started_at, "finished_at": time.time()}
         write_json(run_dir / RESULT_NAME, {**{key: value["raw_value"] for key, value in metadata.items()},

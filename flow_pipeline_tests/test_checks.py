@@ -12,6 +12,7 @@ import torch
 
 from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from flow_pipeline.core.data import Normalizer
+from flow_pipeline.config import zero_predictor_loss_of
 from flow_pipeline.core.flows import FLOWS, get_flow
 from flow_pipeline.core.sources import synthetic_sonar_like
 from flow_pipeline.core.trainer import TrainData, train
@@ -20,7 +21,6 @@ from flow_pipeline.defs.checks import (
     BEATS_ZERO_PREDICTOR,
     FILE_INTACT,
     WEIGHTS_FINITE,
-    ZERO_PREDICTOR_LOSS,
     verify_checkpoint,
     verify_trained_checkpoint,
 )
@@ -130,10 +130,12 @@ def test_zero_predictor_losses_match_the_flows(flow):
     x_0, x_1 = torch.randn(256, 1024, generator=generator), torch.randn(256, 1024, generator=generator)
     t = torch.rand(256, generator=generator)
     measured = float(get_flow(flow).sample(x_0, x_1, t, generator=generator).target.pow(2).mean())
-    if flow == "otcfm":  # minibatch OT pairs nearer points: the table's 2.0 is an upper bound
-        assert measured < ZERO_PREDICTOR_LOSS[flow]
+    reference = zero_predictor_loss_of({"flow": flow})
+    assert reference == pytest.approx(math.pi**2 / 4 if flow == "vp" else 2.0, rel=1e-3)
+    if flow == "otcfm":  # minibatch OT pairs nearer points: the independent-coupling 2.0 is an upper bound
+        assert measured < reference
     else:
-        assert measured == pytest.approx(ZERO_PREDICTOR_LOSS[flow], rel=0.02)
+        assert measured == pytest.approx(reference, rel=0.02)
 
 
 # --- in Dagster --------------------------------------------------------------------------------------------------

@@ -64,6 +64,25 @@ class Flow:
     def params(self) -> dict[str, float]:
         return {"target_scale": self.target_scale}
 
+    def zero_predictor_loss(self, quadrature_points: int = 64) -> float:
+        """Flow-matching loss (mean over dimensions) of a model that always predicts zero, on data with zero mean
+        and unit variance per dimension (z-scored or whitened) paired independently with x_0 ~ N(0, I).
+
+        Derived from the path itself, not tabulated by name: every path here has u_t = a(t) x_1 + b(t) x_0, so the
+        loss is target_scale^2 * E_t[a(t)^2 + b(t)^2] with t ~ U(0, 1). a and b are read off ``interpolate`` at
+        (x_0, x_1) = (0, 1) and (1, 0), and the integral over t is Gauss-Legendre quadrature (exact for
+        polynomial paths, 1e-12 for vp). icfm/fm: 2 (fm: 1 + (1 - sigma_min)^2); vp: pi^2/4. otcfm's minibatch OT
+        pairing lowers its loss below this independent-coupling value, which stays its reference.
+        """
+        nodes, weights = np.polynomial.legendre.leggauss(quadrature_points)
+        t = torch.from_numpy((nodes + 1) / 2).double()  # [-1, 1] -> [0, 1]; the weights then sum to 2
+        ones, zeros = torch.ones(len(t), 1, dtype=torch.float64), torch.zeros(len(t), 1, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(0)  # path noise (icfm's sigma) moves x_t, never u_t
+        _, a = self.interpolate(zeros, ones, t, generator)
+        _, b = self.interpolate(ones, zeros, t, generator)
+        second_moment = (a.squeeze(1) ** 2 + b.squeeze(1) ** 2).numpy()
+        return float(self.target_scale**2 * np.dot(weights, second_moment) / 2)
+
 
 def _col(t: Tensor) -> Tensor:
     """(batch,) -> (batch, 1) so that times broadcast over the feature dimension."""
