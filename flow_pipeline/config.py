@@ -45,7 +45,11 @@ class TrainConfig(BaseModel):
     mixup_max: float = Field(0.2, ge=0, le=1)
     dropout_p: float = Field(0.1, ge=0, lt=1)
     # optimisation
-    max_epochs: int = Field(50, ge=1)
+    max_epochs: int = Field(50, ge=1, description="training length in passes over the data (when max_steps is 0)")
+    max_steps: int = Field(0, ge=0, description="optimizer steps of the run and the LR schedule's total, the same for "
+                           "every dataset size (a study's budget); 0: max_epochs epochs")
+    eval_every_steps: int = Field(0, ge=0, description="validate, keep the best and count patience every N optimizer "
+                                  "steps (and after the last); 0: at the end of every epoch")
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -55,7 +59,8 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_every: int = Field(10, ge=1, description="update the EMA every N steps (decay^N), and always before it "
                            "is validated or saved; 1: every step")
-    patience: int = Field(20, ge=0)
+    patience: int = Field(20, ge=0, description="evaluations without EMA val improvement (after warmup) before "
+                          "stopping")
     min_delta: float = Field(0.0, ge=0)
     seed: int = Field(DEFAULT_SEED, ge=0)
     # runtime
@@ -73,6 +78,9 @@ class TrainConfig(BaseModel):
         _one_of("model_size", self.model_size, MODEL_SIZES)
         _one_of("dataset", self.dataset, tuple(DATASET_SIZES))
         _one_of("aug", self.aug, AUGMENTATIONS)
+        if self.max_steps and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} >= max_steps {self.max_steps}: the LR would never "
+                             f"leave warmup; lower warmup_steps or raise max_steps")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: unknown value {self.device!r}; valid: auto, cpu, cuda, cuda:N")
         return self

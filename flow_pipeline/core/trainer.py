@@ -144,7 +144,8 @@ def _set_rng_state(state: dict, noise_generator: torch.Generator) -> None:
 
 
 # Config fields that must match for a resume to continue the same trajectory.
-_RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug", "normalization")
+_RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug", "normalization",
+                      "max_steps", "eval_every_steps")
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
@@ -172,6 +173,18 @@ def _latest_checkpoint(paths: list[Path], device: torch.device) -> tuple[Path, d
     loaded = [(path, ckpt.load_checkpoint(path, map_location=device)) for path in paths if path.exists()]
     # At equal steps (a last.pt saved at an epoch's final step, then best.pt after its validation) the later epoch.
     return max(loaded, key=lambda item: (item[1]["global_step"], item[1]["epoch"]), default=None)
+
+
+def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run, the LR schedule's total: ``max_steps`` when set (the same for every dataset size),
+    else ``max_epochs`` epochs. A warmup that never ends is rejected: the LR would never decay and early stopping,
+    which counts only after warmup, would never act."""
+    total = config.max_steps or config.max_epochs * steps_per_epoch
+    if config.warmup_steps >= total:
+        source = "max_steps" if config.max_steps else f"max_epochs x {steps_per_epoch} steps per epoch"
+        raise ValueError(f"warmup_steps: {config.warmup_steps} >= the run's {total} optimizer steps ({source}); "
+                         f"lower warmup_steps or raise max_steps/max_epochs")
+    return total
 
 
 def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tracker | None = None,
@@ -223,7 +236,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         train_model = torch.compile(train_model)
     # Fused AdamW runs one kernel per parameter group instead of a Python loop (CPU and CUDA in torch >= 2.4).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    total_steps = config.max_epochs * sampler.steps_per_epoch
+    total_steps = planned_steps(config, sampler.steps_per_epoch)
     scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     stopper = EarlyStopping(patience=config.patience, min_delta=config.min_delta)
     flow = get_flow(config.flow, **config.flow_params())
@@ -312,11 +325,65 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
 
     check_every_step = reads_values_every_step(device)
     started = time.perf_counter()
-    segment_start_seconds = train_seconds
+    segment_start_seconds, segment_start_step = train_seconds, global_step
+    eval_by_steps = config.eval_every_steps > 0
+    period_started = started  # start of the steps the next evaluation reports on
+
+    def evaluate() -> None:
+        """Validate raw and EMA weights on the steps since the last evaluation, select on EMA, write best.pt (or
+        last.pt), log. Called at every epoch end, or every ``eval_every_steps`` steps, and after the final step."""
+        nonlocal loss_sum, steps_this_epoch, best_epoch, stopped_early, train_seconds, period_started
+        train_loss = float(loss_sum / max(1, steps_this_epoch))
+        if not math.isfinite(train_loss):
+            raise diverged(f"non-finite mean training loss {train_loss}")
+        loss_sum = torch.zeros((), device=device)
+        steps_this_epoch = 0
+        val_seed = config.seed + _VAL_SEED_OFFSET
+        val_loss = validate(model, flow, val_z, batch_size, val_seed, autocast, dist)
+        sync_ema()
+        ema.copy_to(ema_model)
+        ema_val_loss = validate(ema_model, flow, val_z, batch_size, val_seed, autocast, dist)
+        if not math.isfinite(ema_val_loss):
+            raise diverged(f"non-finite EMA validation loss {ema_val_loss}")
+        improved = stopper.update(ema_val_loss, counting=global_step >= config.warmup_steps)
+        train_seconds = segment_start_seconds + time.perf_counter() - started
+        lr = scheduler.get_last_lr()[0]
+        # Step-cadence evaluations fall inside epochs: their epoch is fractional (steps / steps per epoch).
+        epoch_label = round(global_step / sampler.steps_per_epoch, 3) if eval_by_steps else epoch
+        history.append({"epoch": epoch_label, "step": global_step, "train_loss": train_loss, "val_loss": val_loss,
+                        "ema_val_loss": ema_val_loss, "lr": lr, "seconds": train_seconds})
+        if improved:
+            best_epoch = epoch
+            save(best_path)  # before the patience check: the best weights are on disk before we may stop
+            # best.pt now holds exactly the state a resume needs, so the older last.pt goes instead of a second
+            # write of the same ~100 MB (a resume reads last.pt when there is one, else best.pt).
+            if dist.is_main:
+                last_path.unlink(missing_ok=True)
+        else:
+            save(last_path)
+        stopped_early = stopper.should_stop
+        if dist.is_main:
+            tracker.log({"val/loss": val_loss, "val/ema_loss": ema_val_loss, "val/best_loss": stopper.best_loss,
+                         "epoch": epoch_label}, step=global_step)
+            period_seconds = time.perf_counter() - period_started
+            seconds_per_step = (train_seconds - segment_start_seconds) / max(1, global_step - segment_start_step)
+            eta = 0 if stopped_early else seconds_per_step * (total_steps - global_step)
+            best = " *best*" if improved else ""
+            if eval_by_steps:
+                logger.info("step %d/%d (epoch %s) train_loss=%.4f val_loss=%.4f ema_val_loss=%.4f%s lr=%.2e "
+                            "period_s=%.1f elapsed_s=%.1f eta_s=%.0f", global_step, total_steps, epoch_label,
+                            train_loss, val_loss, ema_val_loss, best, lr, period_seconds, train_seconds, eta)
+            else:
+                logger.info("epoch %d/%d train_loss=%.4f val_loss=%.4f ema_val_loss=%.4f%s lr=%.2e epoch_s=%.1f "
+                            "elapsed_s=%.1f eta_s=%.0f", epoch, -(-total_steps // sampler.steps_per_epoch),
+                            train_loss, val_loss, ema_val_loss, best, lr, period_seconds, train_seconds, eta)
+            if stopped_early:
+                logger.info("early stopping at step %d: no EMA val improvement for %d evaluations", global_step,
+                            stopper.bad_epochs)
+        period_started = time.perf_counter()
 
     # --- training loop -----------------------------------------------------------------------------------------
-    while epoch < config.max_epochs and not stopped_early:
-        epoch_start = time.perf_counter()
+    while global_step < total_steps and not stopped_early:
         train_model.train()
         for rows in sampler.epoch_batches(device):
             x_1 = augment(train_z[rows], config.aug, noise_generator, config.noise_std, config.mixup_max, config.dropout_p)
@@ -361,47 +428,20 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
                 train_seconds = segment_start_seconds + time.perf_counter() - started
                 sync_ema()
                 save(last_path)
-
-        # --- end of epoch: validate raw and EMA weights, select on EMA ------------------------------------------
-        epoch += 1
-        train_loss = float(loss_sum / max(1, steps_this_epoch))
-        if not math.isfinite(train_loss):
-            raise diverged(f"non-finite mean training loss {train_loss}")
-        loss_sum = torch.zeros((), device=device)
-        steps_this_epoch = 0
-        val_seed = config.seed + _VAL_SEED_OFFSET
-        val_loss = validate(model, flow, val_z, batch_size, val_seed, autocast, dist)
-        sync_ema()
-        ema.copy_to(ema_model)
-        ema_val_loss = validate(ema_model, flow, val_z, batch_size, val_seed, autocast, dist)
-        if not math.isfinite(ema_val_loss):
-            raise diverged(f"non-finite EMA validation loss {ema_val_loss}")
-        improved = stopper.update(ema_val_loss, counting=global_step >= config.warmup_steps)
-        train_seconds = segment_start_seconds + time.perf_counter() - started
-        lr = scheduler.get_last_lr()[0]
-        history.append({"epoch": epoch, "step": global_step, "train_loss": train_loss, "val_loss": val_loss,
-                        "ema_val_loss": ema_val_loss, "lr": lr, "seconds": train_seconds})
-        if improved:
-            best_epoch = epoch
-            save(best_path)  # before the patience check: the best weights are on disk before we may stop
-            # best.pt now holds exactly the state a resume needs, so the older last.pt goes instead of a second
-            # write of the same ~100 MB (a resume reads last.pt when there is one, else best.pt).
-            if dist.is_main:
-                last_path.unlink(missing_ok=True)
+            finished = global_step >= total_steps
+            inside_epoch = sampler.position < sampler.steps_per_epoch
+            if eval_by_steps and (finished or global_step % config.eval_every_steps == 0):
+                evaluate()
+            elif finished and inside_epoch:
+                evaluate()  # max_steps ended the run inside an epoch: its final evaluation
+            # Leave mid-epoch only; at an epoch's last batch the loop ends by itself, and the sampler moves on.
+            if (finished or stopped_early) and inside_epoch:
+                break
         else:
-            save(last_path)
-        stopped_early = stopper.should_stop
-        if dist.is_main:
-            tracker.log({"val/loss": val_loss, "val/ema_loss": ema_val_loss, "val/best_loss": stopper.best_loss,
-                         "epoch": epoch}, step=global_step)
-        epoch_seconds = time.perf_counter() - epoch_start
-        eta = epoch_seconds * (config.max_epochs - epoch)
-        if dist.is_main:
-            logger.info("epoch %d/%d train_loss=%.4f val_loss=%.4f ema_val_loss=%.4f%s lr=%.2e epoch_s=%.1f "
-                        "elapsed_s=%.1f eta_s=%.0f", epoch, config.max_epochs, train_loss, val_loss, ema_val_loss,
-                        " *best*" if improved else "", lr, epoch_seconds, train_seconds, 0 if stopped_early else eta)
-        if stopped_early and dist.is_main:
-            logger.info("early stopping at epoch %d: no EMA val improvement for %d epochs", epoch, stopper.bad_epochs)
+            # --- end of epoch: validate raw and EMA weights, select on EMA -------------------------------------
+            epoch += 1
+            if not eval_by_steps:
+                evaluate()
 
     # --- finish: best-only on disk ----------------------------------------------------------------------------
     dist.barrier()

@@ -21,7 +21,7 @@ from flow_pipeline.core import checkpoint as ckpt
 from flow_pipeline.core.data import AUGMENTATIONS
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.tracking import RecordingTracker
-from flow_pipeline.core.trainer import TrainingDiverged, TrainResult, train
+from flow_pipeline.core.trainer import TrainData, TrainingDiverged, TrainResult, train
 from flow_pipeline_tests.core.mixture_data import mixture_train_data
 
 DIM, N_TRAIN, N_VAL, BATCH = 64, 320, 64, 32
@@ -623,3 +623,55 @@ def test_importing_all_of_core_loads_no_dagster_or_wandb():
         "; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --- equal budgets: max_steps and eval_every_steps ------------------------------------------------------------------
+
+
+def test_max_steps_trains_every_data_size_the_same_steps_and_schedule(data, tmp_path):
+    small = TrainData(train=data.train[:64], val=data.val, normalizer=data.normalizer)  # 2 steps per epoch
+    config = tiny_config(max_steps=12, eval_every_steps=4, warmup_steps=5, min_lr_ratio=0.1, patience=50)
+    results = {name: train(config, d, tmp_path / name) for name, d in (("full", data), ("small", small))}
+    for result in results.values():
+        assert result.global_step == 12
+        assert [row["step"] for row in result.history] == [4, 8, 12]
+        # After 12 steps: warmup over (5), cosine progress (12 - 5) / (12 - 5) = 1 -> min_lr_ratio * lr.
+        assert result.history[-1]["lr"] == pytest.approx(0.1 * config.lr)
+        # After 4 steps the scheduler stands at 0-based step 4, the last warmup step: factor (4 + 1) / 5. After 8:
+        # cosine progress (8 - 5) / 7.
+        assert result.history[0]["lr"] == pytest.approx(config.lr * 5 / 5)
+        assert result.history[1]["lr"] == pytest.approx(config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 7))))
+    assert results["full"].epochs_run == 1 and results["small"].epochs_run == 6
+
+
+def test_max_steps_ends_a_run_inside_an_epoch_with_a_final_evaluation(data, tmp_path):
+    result = train(tiny_config(max_steps=15, warmup_steps=5), data, tmp_path)  # 10 steps per epoch
+    assert result.global_step == 15
+    assert [row["step"] for row in result.history] == [10, 15]  # epoch end, then the final step
+
+
+def test_warmup_longer_than_the_run_is_rejected_naming_both_fields(data, tmp_path):
+    with pytest.raises(ValidationError, match="warmup_steps.*max_steps"):
+        tiny_config(max_steps=10, warmup_steps=10)
+    # In epochs the total depends on the data: 64 rows / batch 32 x 3 epochs = 6 steps.
+    small = TrainData(train=data.train[:64], val=data.val, normalizer=data.normalizer)
+    with pytest.raises(ValueError, match="warmup_steps: 6 >= the run's 6 optimizer steps .max_epochs"):
+        train(tiny_config(warmup_steps=6), small, tmp_path)
+
+
+@pytest.mark.slow
+def test_resume_with_step_cadence_is_bit_exact(data, tmp_path, tmp_path_factory):
+    # Evaluations at steps 7, 14, 21, 28 and 33 (10 steps per epoch): most fall inside an epoch.
+    config = tiny_config(max_steps=33, eval_every_steps=7, warmup_steps=5, patience=50)
+    ref_result, ref = _reference(config, data, tmp_path_factory)
+    assert [row["step"] for row in ref_result.history] == [7, 14, 21, 28, 33]
+    # Crash right after the mid-epoch evaluation at step 14 was saved.
+    result, first, second = _interrupt_and_resume(config, data, tmp_path,
+                                                  lambda step, m: "val/loss" in m and step == 14)
+    state = ckpt.load_checkpoint(result.checkpoint_path)
+    for key in ("model_state_dict", "ema_shadow"):
+        for name, tensor in ref["state"][key].items():
+            assert torch.equal(state[key][name], tensor), f"{key}[{name}] differs after resume"
+    assert (result.best_loss, result.global_step) == (ref_result.best_loss, 33)
+    assert _without_seconds(result.history) == _without_seconds(ref_result.history)
+    _assert_steps_continue(first, second, resumed_from=14, total=33)
