@@ -2,6 +2,7 @@
 
 
 import json
+import math
 import socket
 import sys
 from pathlib import Path
@@ -12,12 +13,13 @@ from pydantic import Field, ValidationError
 
 from flow_pipeline.ablations import PARTITION_KEYS
 from flow_pipeline.artifacts import load_normalizer, save_normalizer
-from flow_pipeline.config import format_validation_error
+from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.sources import DataError, load_saved_splits, save_splits, validate_embeddings
 from flow_pipeline.core.data import DATASET_SIZES, first_training_rows
 from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer
 from flow_pipeline.datasets import SYNTHETIC, build_splits
 from flow_pipeline.defs.failures import CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
+from flow_pipeline.replicates import completed_result, replicate_entry, replicate_seeds, summary_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
 from flow_pipeline.defs.tracking import WandbResource
@@ -203,6 +205,49 @@ def trained_checkpoint(
     except ValueError as exc:
         raise _fail(context, CONFIG, f"partition {partition}: {exc}") from exc
 
+    seeds = replicate_seeds(train_config.seed, config.replicates)
+    entries, first = [], None
+    for seed in seeds:
+        replicate = train_config.model_copy(update={"seed": seed})
+        run_dir = layout.run_dir(replicate.run_name)
+        done = completed_result(run_dir, replicate.model_dump()) if replicate.resume else None
+        if done is not None:
+            context.log.info(f"replicate seed={seed}: {run_dir / 'best.pt'} is complete and intact, skipped")
+            metadata = {key: value for key, value in done.items() if key != "process"}
+        else:
+            metadata = _train_one(context, config, replicate, stats_path, layout, compute, wandb,
+                                  pipes_subprocess_client)
+        entries.append(replicate_entry({key: getattr(value, "value", value) for key, value in metadata.items()}))
+        first = first or metadata
+    summary = summary_metadata(entries)
+    if len(entries) > 1:
+        context.log.info(f"{partition}: {len(entries)} replicates, best val loss {summary['best_val_loss_mean']:.4f} "
+                         f"(95% CI {summary['best_val_loss_ci95_low']:.4f} .. {summary['best_val_loss_ci95_high']:.4f})")
+    # The first replicate's values stay at the top level (one-replicate readers keep working); the list has all.
+    return dg.MaterializeResult(metadata={**_typed(first), **{key: _typed_value(value) for key, value in summary.items()}})
+
+
+def _typed_value(value):
+    if isinstance(value, (list, dict)):
+        return dg.MetadataValue.json(value)
+    if isinstance(value, float) and math.isnan(value):
+        return dg.MetadataValue.float(value)
+    return value
+
+
+def _typed(metadata: dict) -> dict:
+    """Plain values (result.json) or Dagster metadata values (a Pipes report) -> Dagster metadata values."""
+    kinds = {"checkpoint_path": dg.MetadataValue.path, "loss_curve_png": dg.MetadataValue.path,
+             "loss_curve": dg.MetadataValue.md, "wandb_url": dg.MetadataValue.url}
+    return {key: value if isinstance(value, dg.MetadataValue) else kinds.get(key, _typed_value)(value)
+            for key, value in metadata.items()}
+
+
+def _train_one(context, config: TrainRunConfig, train_config: TrainConfig, stats_path: Path, layout,
+               compute: ComputeResource, wandb: WandbResource,
+               pipes_subprocess_client: dg.PipesSubprocessClient) -> dict:
+    """Train one replicate in its own process via Pipes; its reported materialization metadata."""
+    partition = context.partition_key
     run_dir = layout.run_dir(train_config.run_name)
     job = TrainJob(
         config=train_config.model_dump(),
@@ -227,4 +272,4 @@ def trained_checkpoint(
     except Exception as exc:  # the process failed: report its own error, not Pipes' exit-code message
         kind, message = _read_failure(run_dir)
         raise _fail(context, kind, f"partition {partition} ({train_config.run_name}): {message}") from exc
-    return invocation.get_materialize_result()
+    return dict(invocation.get_materialize_result().metadata)

@@ -36,12 +36,19 @@ def _description(name: str, info) -> str | None:
 
 
 class _RunOnlyConfig(dg.Config):
-    """Knobs of the Dagster run that are not part of one training's config."""
+    """Knobs of the Dagster run that are not part of one training's config (how many processes, how many seeds)."""
 
     gpus_per_run: int = Field(
         default=1, ge=1,
         description="training processes of the run, one per GPU (torchrun, data parallel; on a CPU-only machine "
         "N CPU processes). The run still holds one slot of the 'gpu' pool: set its limit to GPUs // gpus_per_run",
+    )
+
+    replicates: int = Field(
+        default=1, ge=1,
+        description="seeds seed, seed+1, ... trained one after another in this materialization (each its own run "
+        "directory, best.pt and Wandb run), under the run's one 'gpu' pool slot; with resume, finished replicates "
+        "are skipped",
     )
 
     def training_values(self) -> dict:
@@ -71,6 +78,6 @@ TrainRunConfig = create_model(
     "TrainRunConfig",
     __base__=_RunOnlyConfig,
     __doc__="Run config of one training run: every TrainConfig knob (validated by TrainConfig before any compute) "
-            "plus the run-level gpus_per_run.",
+            "plus the run-level gpus_per_run and replicates.",
     **_train_run_fields(),
 )

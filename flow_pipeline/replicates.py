@@ -1,0 +1,86 @@
+"""Replicates of one run identity: which seeds, whether one is already done, and the one reader of the replicate
+list in a ``trained_checkpoint`` materialization (evaluation, checks, report and ``show`` all use it).
+
+A run's *identity* is its full training config minus the seed (and ``resume``, which does not change the result):
+runs of one identity differ only by seed, so they are replicates of each other and may be pooled; runs of different
+identities never are. Pure: no Dagster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from flow_pipeline.core.checkpoint import BEST_NAME, LAST_NAME, CheckpointError, load_checkpoint, sha256_file
+from flow_pipeline.core.study_stats import t_interval
+from flow_pipeline.train import RESULT_NAME
+
+NOT_IDENTITY = ("seed", "resume")
+# The identity's fields a reader sees first (the rest is in the hash).
+IDENTITY_FIELDS = ("arch", "flow", "dataset", "aug", "model_size")
+
+
+def identity_of(config: dict) -> dict:
+    """The config minus :data:`NOT_IDENTITY`, as a plain dict."""
+    return {key: value for key, value in sorted(config.items()) if key not in NOT_IDENTITY}
+
+
+def identity_key(config: dict) -> str:
+    """Short readable key of the identity: ``arch-flow-dataset-aug-size#hash`` (hash of every identity field)."""
+    identity = identity_of(config)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return "-".join(str(identity.get(field, "?")) for field in IDENTITY_FIELDS) + f"#{digest}"
+
+
+def replicate_seeds(seed: int, replicates: int) -> list[int]:
+    """``seed, seed + 1, …, seed + replicates - 1``."""
+    if replicates < 1:
+        raise ValueError(f"replicates: must be at least 1, got {replicates}")
+    return list(range(seed, seed + replicates))
+
+
+def completed_result(run_dir: Path, config: dict) -> dict | None:
+    """The finished run's ``result.json`` values if it is a run of ``config`` (same identity and seed) and its
+    ``best.pt`` is complete and intact: no ``last.pt`` (a run in progress), the sha256 that was reported, and it
+    loads with weights_only=True. None otherwise (train it)."""
+    result_path, best_path = run_dir / RESULT_NAME, run_dir / BEST_NAME
+    if not result_path.is_file() or not best_path.is_file() or (run_dir / LAST_NAME).exists():
+        return None
+    try:
+        result = json.loads(result_path.read_text())
+        if (identity_of(result["config"]) != identity_of(config) or result["config"]["seed"] != config["seed"]
+                or Path(result["checkpoint_path"]) != best_path or sha256_file(best_path) != result.get("sha256")):
+            return None
+        load_checkpoint(best_path)
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return None
+    return result
+
+
+def replicate_entry(values: dict) -> dict:
+    """One replicate as listed in the materialization: seed, run name, path, sha256, best val loss, steps."""
+    return {"seed": int(values["config"]["seed"]), "run_name": values["run_name"],
+            "checkpoint_path": str(values["checkpoint_path"]), "sha256": values["sha256"],
+            "best_val_loss": float(values["best_val_loss"]), "global_step": int(values["global_step"]),
+            "stopped_early": bool(values["stopped_early"]), "train_seconds": float(values["train_seconds"])}
+
+
+def summary_metadata(entries: list[dict]) -> dict:
+    """Plain metadata over the replicates: their list, count, and mean and 95% t-interval of the best val loss."""
+    interval = t_interval([entry["best_val_loss"] for entry in entries])
+    return {"replicates": entries, "n_replicates": len(entries), "replicate_seeds": [e["seed"] for e in entries],
+            "best_val_loss_mean": interval.mean, "best_val_loss_ci95_low": interval.low,
+            "best_val_loss_ci95_high": interval.high}
+
+
+def replicates_from_metadata(metadata: dict) -> list[dict]:
+    """Every replicate of a ``trained_checkpoint`` materialization (plain metadata values): the ``replicates`` list,
+    or, for a materialization written before replicates existed, its one checkpoint as a one-item list."""
+    if metadata.get("replicates"):
+        return list(metadata["replicates"])
+    config = metadata.get("config") or {}
+    return [{"seed": config.get("seed"), "run_name": metadata.get("run_name"),
+             "checkpoint_path": str(metadata["checkpoint_path"]), "sha256": metadata.get("sha256"),
+             "best_val_loss": metadata.get("best_val_loss"), "global_step": metadata.get("global_step"),
+             "stopped_early": metadata.get("stopped_early"), "train_seconds": metadata.get("train_seconds")}]
