@@ -21,6 +21,7 @@ from flow_pipeline.defs.checks import (
     BEATS_ZERO_PREDICTOR,
     FILE_INTACT,
     WEIGHTS_FINITE,
+    combine_replicates,
     verify_checkpoint,
     verify_trained_checkpoint,
 )
@@ -87,6 +88,20 @@ def test_a_deleted_file_fails_every_check(real_best, copy):
     assert not any(result.passed for result in results.values())
     assert "checkpoint not found" in results[FILE_INTACT].metadata["error"].value
     assert str(copy) in results[WEIGHTS_FINITE].metadata["error"].value
+
+
+def test_a_check_over_replicates_fails_when_one_replicate_fails(real_best, copy, tmp_path):
+    good = tmp_path / "good" / "best.pt"
+    good.parent.mkdir()
+    shutil.copyfile(real_best[0], good)
+    copy.write_bytes(copy.read_bytes()[:-10])  # replicate 1: truncated
+    combined = {r.check_name: r for r in combine_replicates([verify_checkpoint(good, real_best[1]),
+                                                            verify_checkpoint(copy, real_best[1])])}
+    assert {name: r.passed for name, r in combined.items()} == {name: False for name in ALL_PASS}
+    assert combined[FILE_INTACT].metadata["failed_replicates"].value == "1"
+    assert str(copy) in combined[FILE_INTACT].metadata["path"].value
+    both_good = combine_replicates([verify_checkpoint(good, real_best[1])] * 2)
+    assert all(r.passed for r in both_good) and both_good[0].metadata["n_replicates"].value == 2
 
 
 def test_a_wrong_reported_sha256_fails_only_the_file_check(copy):

@@ -20,6 +20,7 @@ import torch
 from flow_pipeline.config import zero_predictor_loss_of
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from flow_pipeline.defs.assets import ablation_partitions, trained_checkpoint
+from flow_pipeline.replicates import replicates_from_metadata
 
 WEIGHT_GROUPS = ("model_state_dict", "ema_shadow")
 
@@ -121,26 +122,42 @@ CHECK_SPECS = [
 ]
 
 
-def reported_checkpoint(instance: dg.DagsterInstance, partition: str) -> tuple[Path, str] | None:
-    """(checkpoint_path, sha256) from the latest materialization of the partition, or None."""
+def reported_checkpoints(instance: dg.DagsterInstance, partition: str) -> list[tuple[Path, str]] | None:
+    """(checkpoint_path, sha256) of every replicate of the partition's latest materialization, or None."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=trained_checkpoint.key, asset_partitions=[partition]), limit=1
     ).records
     if not records:
         return None
-    metadata = records[0].asset_materialization.metadata
-    return Path(metadata["checkpoint_path"].value), str(metadata["sha256"].value)
+    metadata = {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
+    return [(Path(entry["checkpoint_path"]), str(entry["sha256"])) for entry in replicates_from_metadata(metadata)]
+
+
+def combine_replicates(per_replicate: list[list[dg.AssetCheckResult]]) -> list[dg.AssetCheckResult]:
+    """One result per check over all replicates: passed only if every replicate passed; with several replicates the
+    metadata says how many failed and which (the first failure's metadata is kept whole)."""
+    if len(per_replicate) == 1:
+        return per_replicate[0]
+    combined = []
+    for results in zip(*per_replicate):
+        failed = [index for index, result in enumerate(results) if not result.passed]
+        shown = results[failed[0]] if failed else results[0]
+        metadata = {**shown.metadata, "n_replicates": len(results), "n_failed": len(failed),
+                    "failed_replicates": ", ".join(map(str, failed)) or "none"}
+        combined.append(dg.AssetCheckResult(check_name=results[0].check_name, passed=not failed, metadata=metadata))
+    return combined
 
 
 @dg.multi_asset_check(specs=CHECK_SPECS, name="verify_trained_checkpoint")
 def verify_trained_checkpoint(context: dg.AssetCheckExecutionContext):
-    """Verifies the partition's best.pt against its latest materialization (see the module docstring)."""
-    reported = reported_checkpoint(context.instance, context.partition_key)
+    """Verifies every replicate's best.pt against the partition's latest materialization (see the module
+    docstring); a check passes only if it passes for every replicate."""
+    reported = reported_checkpoints(context.instance, context.partition_key)
     if reported is None:
         error = f"trained_checkpoint[{context.partition_key}] has no materialization to check"
         yield from (_failed(spec.name, error) for spec in CHECK_SPECS)
         return
-    yield from verify_checkpoint(*reported)
+    yield from combine_replicates([verify_checkpoint(path, sha256) for path, sha256 in reported])
 
 
 trained_checkpoint_checks = [verify_trained_checkpoint]
