@@ -21,7 +21,9 @@ from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
                "train_copy_fraction", "copy_threshold",
-               "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n"}
+               "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n", "kid", "kid_se",
+               "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope", "variance_ratio", "norm_ratio",
+               "memorising"}
 
 
 # --------------------------------------------------------------------------------------------- sampler specs
