@@ -21,13 +21,12 @@ from torch import nn
 
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.data import Normalizer, first_training_rows
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.distances import TrainSpace
 from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
-from flow_pipeline.core.trainer import select_training_rows
 from flow_pipeline.evaluation_references import ReferenceEvaluation, score_references
 from flow_pipeline.sentences import nearest_sentences
 
@@ -189,7 +188,7 @@ class Evaluation:
 def run_training_rows(train_split, config: TrainConfig):
     """The rows the run was trained on (its ``dataset`` subset of the train split): the one place that decides
     which rows both memorisation measures, the train-normalised space and the baselines use."""
-    return select_training_rows(train_split, config.dataset)
+    return first_training_rows(train_split, config.dataset)
 
 
 def sample_count_note(n: int, dim: int, n_test: int) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flow_pipeline.core.stats import DEFAULT_CHUNK_ROWS, row_chunks, streaming_mean_std
+from flow_pipeline.core.stats import DEFAULT_CHUNK_ROWS, ledoit_wolf_shrinkage, streaming_mean_std, streaming_scatter
 
 BASELINES = ("gaussian-full", "gaussian-diag")
 
@@ -30,28 +30,15 @@ class LedoitWolf:
 
 
 def ledoit_wolf(x, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> LedoitWolf:
-    """Ledoit–Wolf shrinkage of the covariance of x (n, dim), streamed over row chunks.
-
-    With centred rows x_k, S = (1/n) sum_k x_k x_k^T, mu = tr S / dim, delta² = ||S - mu I||_F², and
-    beta² = min(delta², (1/n²) sum_k ||x_k x_k^T - S||_F²), the intensity is beta² / delta² (Ledoit & Wolf 2004,
-    Lemma 3.2–3.4). The sum over k needs no dim x dim matrix per row: ||x_k x_k^T - S||_F² = ||x_k||⁴ -
-    2 x_k^T S x_k + ||S||_F², and sum_k x_k^T S x_k = n ||S||_F², so it equals sum_k ||x_k||⁴ - n ||S||_F².
-    """
-    mean, _, n = streaming_mean_std(x, chunk_rows)
-    dim = mean.shape[0]
-    scatter, fourth = np.zeros((dim, dim)), 0.0
-    for chunk in row_chunks(x, chunk_rows):
-        centred = np.asarray(chunk, dtype=np.float64) - mean
-        scatter += centred.T @ centred
-        fourth += float(np.sum(np.sum(centred**2, axis=1) ** 2))
+    """Ledoit–Wolf shrinkage of the covariance of x (n, dim), streamed over row chunks (two passes: mean, then
+    scatter and fourth moment), with the intensity of :func:`flow_pipeline.core.stats.ledoit_wolf_shrinkage`
+    (Ledoit & Wolf 2004, Lemmas 3.2–3.4) — the same estimate the whitening normaliser uses for its eigenvalues."""
+    mean, _, _ = streaming_mean_std(x, chunk_rows)
+    scatter, fourth, n = streaming_scatter(x, mean, chunk_rows)
     sample_cov = scatter / n
-    mu = float(np.trace(sample_cov)) / dim
-    frob_sq = float(np.sum(sample_cov**2))
-    delta_sq = frob_sq - 2.0 * mu * float(np.trace(sample_cov)) + mu**2 * dim  # ||S - mu I||_F²
-    beta_sq = min(delta_sq, (fourth - n * frob_sq) / n**2)
-    shrinkage = 0.0 if delta_sq <= 0.0 else max(0.0, beta_sq / delta_sq)
+    shrinkage = ledoit_wolf_shrinkage(scatter, fourth, n)
     covariance = (1.0 - shrinkage) * sample_cov
-    covariance[np.diag_indices(dim)] += shrinkage * mu
+    covariance[np.diag_indices(mean.shape[0])] += shrinkage * float(np.trace(sample_cov)) / mean.shape[0]
     return LedoitWolf(mean=mean, covariance=covariance, shrinkage=shrinkage)
 
 
