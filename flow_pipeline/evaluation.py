@@ -21,7 +21,7 @@ from torch import nn
 
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from flow_pipeline.core.data import Normalizer, first_training_rows
+from flow_pipeline.core.data import DATASET_SIZES, Normalizer, first_training_rows
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.distances import TrainSpace
 from flow_pipeline.core.metrics import evaluate_samples
@@ -187,7 +187,12 @@ class Evaluation:
 
 def run_training_rows(train_split, config: TrainConfig):
     """The rows the run was trained on (its ``dataset`` subset of the train split): the one place that decides
-    which rows both memorisation measures, the train-normalised space and the baselines use."""
+    which rows both memorisation measures, the train-normalised space and the baselines use. Rows that are already
+    the run's (``core.split_store.load_run_splits``: a size's own train split, or the first N rows) are kept whole;
+    a longer train split is cut to its first N rows."""
+    limit = DATASET_SIZES.get(config.dataset)
+    if limit is None or train_split.shape[0] <= limit:
+        return train_split
     return first_training_rows(train_split, config.dataset)
 
 

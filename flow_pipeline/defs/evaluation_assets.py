@@ -9,6 +9,7 @@ from flow_pipeline.artifacts import write_json
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
 from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
 from flow_pipeline.core.sources import DataError, load_saved_splits
+from flow_pipeline.core.split_store import RunSplits, load_run_splits
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
@@ -81,12 +82,15 @@ def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partit
     return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
 
 
-def _sentences(splits_dir, splits, n_sentences: int) -> tuple[list[str], list[str]] | None:
-    """(train, test) sentences when both splits carry them and any are asked for; else None."""
+def _sentences(run: RunSplits, n_sentences: int) -> tuple[list[str], list[str]] | None:
+    """(train, test) sentences when both splits carry them and any are asked for; else None. Train: the sentences
+    of the run's own training rows (the first rows of its set's train split)."""
     if n_sentences == 0:
         return None
-    train = read_split_sentences(splits_dir, "train", splits.train.shape[0])
-    test = read_split_sentences(splits_dir, "test", splits.test.shape[0])
+    whole = load_saved_splits(run.set_dir)  # the .jsonl files are row-aligned with the whole saved splits
+    train = read_split_sentences(run.set_dir, "train", whole.train.shape[0])
+    test = read_split_sentences(run.set_dir, "test", whole.test.shape[0])
+    train = None if train is None else train[: run.splits.train.shape[0]]
     return (train, test) if train is not None and test is not None else None
 
 
@@ -153,12 +157,15 @@ def evaluation(
                          f"checkpoint_path for this partition; materialize trained_checkpoint[{partition}] first")
     layout = artifacts.layout
     try:
-        splits = load_saved_splits(layout.splits_dir)
+        # The run's own data: for a per-size store, the test split of the size it trained on.
+        # The run's own data: its training rows, and for a per-size store the val/test splits of its size.
+        run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
+        splits = run.splits
         result = evaluate_checkpoint(
             training["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,
             seed=config.seed, k=config.k, device=compute.resolve_device(context.log), batch_size=config.batch_size,
             expected_sha256=training.get("sha256"), val=splits.val if config.references else None,
-            sentences=_sentences(layout.splits_dir, splits, config.n_sentences), n_sentences=config.n_sentences,
+            sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
         )
     except (CheckpointError, DataError, ValueError) as exc:
         raise dg.Failure(description=f"evaluation of {partition}: {exc}") from exc
