@@ -17,7 +17,7 @@ from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.sources import DataError
 from flow_pipeline.core.split_store import load_run_splits
 from flow_pipeline.defs.data_assets import OWNERS, DatasetConfig, dataset_splits, normalization_stats  # noqa: F401
-from flow_pipeline.defs.failures import CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
+from flow_pipeline.defs.failures import CONFIG, DATA, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
 from flow_pipeline.replicates import completed_result, replicate_entry, replicate_seeds, summary_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
@@ -121,7 +121,8 @@ def trained_checkpoint(
         try:
             load_run_splits(layout.splits_dir, probe.dataset)  # a subset the splits lack: names the ones they have
         except DataError as exc:
-            kind = CONFIG if str(exc).startswith("dataset:") else MISSING_INPUT
+            missing = "file not found" in str(exc)  # dataset_splits not materialized (or not finished)
+            kind = CONFIG if str(exc).startswith("dataset:") else MISSING_INPUT if missing else DATA
             raise _fail(context, kind, f"partition {partition}: {exc}") from exc
         stats_path = layout.stats_path(probe.dataset, probe.normalization)
         if not stats_path.exists():
