@@ -23,10 +23,12 @@ class DatasetConfig(dg.Config):
         "complete size directory 1k, 5k, 10k, full; training's `dataset` then picks that size's own splits)",
     )
     dim: int = Field(default=1024, description="embedding dimension every split must have")
-    n_synthetic: int = Field(default=12_000, description="rows drawn by the synthetic generator")
+    # 25,600 rows at 60/20/20: val and test hold 5,120 = 5 x 1024 rows each, the evaluation's default n (distances
+    # and k-NN metrics need n well above dim; val is the held-out real reference row at the same n).
+    n_synthetic: int = Field(default=25_600, description="rows drawn by the synthetic generator")
     seed: int = Field(default=0, description="seed of the generator and of the split permutation")
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = Field(default=0.2, description="share of rows in the val split")
+    test_fraction: float = Field(default=0.2, description="share of rows in the test split")
 
 
 @dg.asset(group_name="data", owners=OWNERS, kinds={"numpy"})
