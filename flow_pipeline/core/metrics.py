@@ -3,10 +3,13 @@
 All inputs are numpy arrays (n, dim), converted to float64. Distances are Euclidean, computed in row chunks with
 ``torch.cdist`` so that memory stays at (chunk, m) whatever n is.
 
-The metrics are chosen so that no single degenerate generator can game them: Fréchet distance (relative to the floor
-of two real sets of the same size), precision/recall/density/coverage (Naeem et al. 2020), a memorization ratio, and
+The metrics are chosen so that no single degenerate generator can game them: the ranking metric ``ranking_kid``
+(unbiased KID in train-normalised space, :mod:`flow_pipeline.core.distances`, with a rule that ranks sets copying
+training rows below every other set), FD∞ and the dispersion ratios, the Fréchet distance relative to the floor of
+two real sets of the same size, precision/recall/density/coverage (Naeem et al. 2020), two memorisation measures, and
 norm / nearest-neighbour cosine diagnostics. There is deliberately no "distribution MSE" that mode collapse would
-win.
+win. The adversary tests (flow_pipeline_tests/core/test_adversaries.py) hold the ranking against shrunk, inflated,
+collapsed and copied sample sets.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from flow_pipeline.core.stats import row_chunks
 
 # Rows of the left operand per distance chunk: the (chunk, m) float64 block is 80 MB for m = 10k reference rows.
 _CHUNK = 1024
+# A copy is at most this fraction of its distance to the nearest held-out row away from its nearest training row.
+COPY_TRAIN_TEST_RATIO = 0.5
 
 
 def _torch(x: np.ndarray) -> torch.Tensor:
@@ -189,8 +194,6 @@ def nn_cosine(generated: np.ndarray, test: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- all together
 
 
-# A copy is at most this fraction of its distance to the nearest held-out row away from its nearest training row.
-COPY_TRAIN_TEST_RATIO = 0.5
 # A sample set whose train-copy fraction exceeds this is "memorising" and ranks below every set that is not.
 # Held-out real rows score about the copy threshold's quantile (0.01) by construction; 0.05 is five times that,
 # and ~10 binomial standard errors above it at n = 1,000 (0.003).
