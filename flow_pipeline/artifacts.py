@@ -1,6 +1,7 @@
 """Where the pipeline's files live under one root directory, and the small files it writes there.
 
-    <root>/data/splits/               train/val/test .npy + row indices + splits.json
+    <root>/data/splits/               train/val/test .npy + row indices (+ sentences .jsonl) + splits.json, or, from
+                                      a splits/ root, one such set per <size>/ and sizes.json
     <root>/data/normalization_stats/  <dataset>-<normalization>.npz: one Normalizer per training subset and method
     <root>/checkpoints/<run_name>/    best.pt (last.pt while running), job.json, loss_curve.png, result.json
     <root>/wandb/                     offline Wandb runs
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -84,6 +86,16 @@ def load_normalizer(path: Path) -> Normalizer:
         state = {key: torch.from_numpy(stats[key]) for key in stats.files if key not in ("method", "info")}
         state["method"] = str(stats["method"]) if "method" in stats.files else "zscore"
     return Normalizer.from_state_dict(state)
+
+
+def normalizer_sha256(normalizer: Normalizer) -> str:
+    """sha256 of a Normalizer's content (method and arrays), unlike the file's: the same statistics written again
+    hash the same."""
+    digest = hashlib.sha256(normalizer.method.encode())
+    for key, value in sorted(normalizer.state_dict().items()):
+        if key != "method":
+            digest.update(key.encode() + value.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_normalizer_info(path: Path) -> dict:

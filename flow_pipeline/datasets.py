@@ -8,19 +8,21 @@ from flow_pipeline.core.sources import (
     DataError,
     Splits,
     load_embeddings,
-    load_split_dir,
     split_array,
     validate_embeddings,
 )
 from flow_pipeline.core.synthetic import synthetic_sonar_mixture
+from flow_pipeline.core.split_files import SplitsRoot, is_splits_root, load_split_dir, load_splits_root
 
 SYNTHETIC = "synthetic"
 # A split with fewer rows than this cannot train, validate or be evaluated meaningfully.
 MIN_SPLIT_ROWS = 2
 
 
-def build_splits(source: str, dim: int, n_synthetic: int, seed: int, fractions: tuple[float, float, float]) -> Splits:
-    """Splits from ``source``: ``synthetic``, an embeddings file (``.npy``/``.pt``), or a directory of split files.
+def build_splits(source: str, dim: int, n_synthetic: int, seed: int,
+                 fractions: tuple[float, float, float]) -> Splits | SplitsRoot:
+    """Splits from ``source``: ``synthetic``, an embeddings file (``.npy``/``.pt``), one size directory of split
+    files (used as given), or a ``splits/`` root (every complete size directory in it, as given).
 
     Every split is validated (dimension, finite values, at least :data:`MIN_SPLIT_ROWS` rows) before anything is
     written, so bad input never replaces an existing split set.
@@ -30,14 +32,23 @@ def build_splits(source: str, dim: int, n_synthetic: int, seed: int, fractions: 
         splits = split_array(embeddings, fractions, seed, source=f"synthetic SONAR-like mixture (n={n_synthetic}, seed={seed})")
     else:
         path = Path(source).expanduser().resolve()
+        if path.is_dir() and is_splits_root(path):
+            root = load_splits_root(path, dim)
+            for splits in root.sizes.values():
+                _validate(splits, dim)
+            return root
         if path.is_dir():
-            splits = load_split_dir(path)
+            splits = load_split_dir(path, dim)
         elif path.exists():
             embeddings = load_embeddings(path)
             validate_embeddings(embeddings, dim, str(path), min_rows=3 * MIN_SPLIT_ROWS)
             splits = split_array(embeddings, fractions, seed, source=str(path))
         else:
             raise DataError(f"{path}: source not found (expected 'synthetic', an .npy/.pt file or a split directory)")
+    _validate(splits, dim)
+    return splits
+
+
+def _validate(splits: Splits, dim: int) -> None:
     for name, array in splits.arrays().items():
         validate_embeddings(array, dim, f"{splits.source} [{name} split]", min_rows=MIN_SPLIT_ROWS)
-    return splits

@@ -3,7 +3,8 @@
 Pure (no Dagster): the ``evaluation`` asset and the benchmark scripts call :func:`evaluate_checkpoint`.
 
     checkpoint (best.pt) ──► EMA model + flow + normaliser ──► ODE samples (n, dim), denormalised
-        ──► metrics vs test (FD with its floor, PRDC, memorisation vs train, norms), one set per sampler
+        ──► metrics vs test (KID ± se, FD∞, dispersion, PRDC, memorisation vs the run's training rows), one set per
+            sampler, beside the reference rows (held-out real, gaussian-full, gaussian-diag) scored the same way
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ from torch import nn
 
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.data import DATASET_SIZES, Normalizer, first_training_rows
 from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.distances import TrainSpace
 from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
+from flow_pipeline.evaluation_references import ReferenceEvaluation, score_references
+from flow_pipeline.sentences import nearest_sentences
 
 ADAPTIVE_SOLVERS = ("dopri5",)
+# Tolerances of the adaptive solver (the primary sampler by default): errors well below the sampling noise of the
+# metrics, so no architecture or flow is ranked by a fixed-step solver's discretisation error.
+DOPRI5_RTOL, DOPRI5_ATOL = 1e-5, 1e-5
+# Samples per evaluation as a multiple of the dimension: at n < dim FD is dominated by its bias and PRDC is noisy.
+SAMPLES_PER_DIM = 5
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,8 @@ def draw_samples(ema: EMAModel, spec: SamplerSpec, n: int, seed: int, batch_size
     integrated on the device the model lives on."""
     device = next(ema.model.parameters()).device
     return sample(ema.model, ema.flow, n=n, dim=ema.config.dim, solver=spec.solver, steps=spec.steps, seed=seed,
-                  device=device, batch_size=batch_size, denormalize=ema.normalizer.denormalize)
+                  device=device, batch_size=batch_size, rtol=DOPRI5_RTOL, atol=DOPRI5_ATOL,
+                  denormalize=ema.normalizer.denormalize)
 
 
 @dataclass
@@ -159,6 +169,12 @@ class Evaluation:
     seed: int
     k: int
     results: list[SamplerEvaluation]
+    references: list[ReferenceEvaluation] = field(default_factory=list)
+    dataset: str = ""
+    n_training_rows: int = 0
+    n_target: int = 0
+    n_note: str = ""
+    nearest_sentences: list[dict] = field(default_factory=list)
 
     @property
     def primary(self) -> SamplerEvaluation:
@@ -167,6 +183,26 @@ class Evaluation:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def run_training_rows(train_split, config: TrainConfig):
+    """The rows the run was trained on (its ``dataset`` subset of the train split): the one place that decides
+    which rows both memorisation measures, the train-normalised space and the baselines use. Rows that are already
+    the run's (``core.split_store.load_run_splits``: a size's own train split, or the first N rows) are kept whole;
+    a longer train split is cut to its first N rows."""
+    limit = DATASET_SIZES.get(config.dataset)
+    if limit is None or train_split.shape[0] <= limit:
+        return train_split
+    return first_training_rows(train_split, config.dataset)
+
+
+def sample_count_note(n: int, dim: int, n_test: int) -> str:
+    """Empty when n >= SAMPLES_PER_DIM x dim; otherwise says why the numbers come from fewer samples."""
+    target = SAMPLES_PER_DIM * dim
+    if n >= target:
+        return ""
+    limit = f"the test split has only {n_test} rows" if n == n_test else f"n_samples caps it at {n}"
+    return f"n = {n} < {SAMPLES_PER_DIM} x dim = {target} ({limit}): distances are noisier and FD more biased"
 
 
 def sample_count(n_test: int, cap: int) -> int:
@@ -183,40 +219,58 @@ def evaluate_checkpoint(
     train: np.ndarray,
     test: np.ndarray,
     samplers: Sequence[SamplerSpec],
-    n_samples: int = 1000,
+    n_samples: int = SAMPLES_PER_DIM * 1024,
     seed: int = 0,
     k: int = 5,
     device: str | torch.device = "cpu",
     batch_size: int = 1024,
     expected_sha256: str | None = None,
+    val: np.ndarray | None = None,
+    sentences: tuple[list[str], list[str]] | None = None,
+    n_sentences: int = 5,
 ) -> Evaluation:
-    """Sample the checkpoint's EMA model with each sampler and score the samples.
+    """Sample the checkpoint's EMA model with each sampler and score the samples, beside the reference rows.
 
-    train (n_train, dim), test (n_test, dim): raw embeddings (the splits on disk). ``n = min(n_test, n_samples)``
-    samples per sampler, all starting from the same noise (``seed``); the metrics compare them with test (and train
-    for the FD floor and memorisation), subsampled to n rows with ``seed``. Raises CheckpointError for a bad file,
-    ValueError for a dimension mismatch, an empty sampler list or too few rows. ``expected_sha256``: see
-    :func:`load_ema_model`.
+    train (n_train, dim), val, test (n_test, dim): raw embeddings (the splits on disk, possibly memory-mapped).
+    The run's own training rows (:func:`run_training_rows`) are what memorisation, the train-normalised space and
+    the Gaussian baselines use. ``n = min(n_test, n_samples)`` samples per sampler, all starting from the same noise
+    (``seed``); the metrics compare them with test, subsampled to n rows with ``seed``. With ``val`` given, the
+    references (held-out real val rows, gaussian-full, gaussian-diag) are scored with the same n, seed and k.
+    Raises CheckpointError for a bad file, ValueError for a dimension mismatch, an empty sampler list or too few
+    rows. ``expected_sha256``: see :func:`load_ema_model`. ``sentences``: (train split's, test split's) row-aligned
+    sentences; when given, the first ``n_sentences`` samples of the primary sampler are shown with their nearest
+    training and test sentences (:func:`flow_pipeline.sentences.nearest_sentences`).
     """
     if not samplers:
-        raise ValueError("at least one sampler is needed (e.g. 'euler:50')")
+        raise ValueError("at least one sampler is needed (e.g. 'dopri5')")
     ema = load_ema_model(checkpoint_path, device, expected_sha256)
-    for name, split in (("train", train), ("test", test)):
+    splits = {"train": train, "test": test, **({"val": val} if val is not None else {})}
+    for name, split in splits.items():
         if split.ndim != 2 or split.shape[1] != ema.config.dim:
             raise ValueError(f"{name} split has shape {split.shape}; the checkpoint {checkpoint_path} "
                              f"was trained on dim={ema.config.dim}")
     n = sample_count(test.shape[0], n_samples)
     if not 1 <= k < n:
         raise ValueError(f"k={k} nearest neighbours needs more than k samples; n={n}")
-    results, threshold = [], None
+    # Sliced, not copied: a memory-mapped split is scanned chunk by chunk for copies, never loaded whole.
+    train_rows, test = run_training_rows(train, ema.config), np.asarray(test)
+    space = TrainSpace.fit(train_rows)
+    results, threshold, shown = [], None, []
     for spec in samplers:
         drawn = draw_samples(ema, spec, n, seed, batch_size)
-        # ``train`` as given: a memory-mapped split is scanned chunk by chunk for copies, never loaded whole. The
-        # copy threshold depends only on the splits, n and seed: computed for the first sampler, then reused.
-        metrics = evaluate_samples(drawn.x.numpy(), train, np.asarray(test), k=k, seed=seed,
-                                   train_copy_threshold=threshold)
+        # The copy threshold depends only on the rows, n and seed: computed for the first sampler, then reused.
+        metrics = evaluate_samples(drawn.x.numpy(), train_rows, test, k=k, seed=seed,
+                                   train_copy_threshold=threshold, train_space=space)
         threshold = metrics["copy_threshold"]
+        if sentences is not None and not results:
+            # The run's rows are the first rows of the split (run_training_rows), so their sentences are too.
+            shown = nearest_sentences(drawn.x.numpy()[:n_sentences], train_rows,
+                                      sentences[0][: train_rows.shape[0]], test, sentences[1], threshold)
         results.append(SamplerEvaluation(sampler=spec.label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
                                          seconds=drawn.seconds, metrics=metrics))
+    references = [] if val is None else score_references(train_rows, test, val, n, seed, k, threshold, space)
     return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,
-                      arch=ema.config.arch, flow=ema.config.flow, n=n, seed=seed, k=k, results=results)
+                      arch=ema.config.arch, flow=ema.config.flow, n=n, seed=seed, k=k, results=results,
+                      references=references, dataset=ema.config.dataset, n_training_rows=int(train_rows.shape[0]),
+                      n_target=SAMPLES_PER_DIM * ema.config.dim,
+                      n_note=sample_count_note(n, ema.config.dim, test.shape[0]), nearest_sentences=shown)

@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flow_pipeline.artifacts import write_atomic
+from flow_pipeline.core.metrics import RANKING_METRIC, RANKING_RULE
 
-PRIMARY_METRIC = "fd_ratio"
-PRIMARY_METRIC_MEANING = "FD / FD floor; 1.0 = as close to the test split as a second real sample"
+# The ranking metric and its direction: lower is better (ascending), held-out real data scores 0 in expectation.
+PRIMARY_METRIC = RANKING_METRIC
+PRIMARY_ASCENDING = True
+PRIMARY_METRIC_MEANING = ("KID in train-normalised space, +inf for sample sets that copy training rows; "
+                          "0 = as close to the test split as held-out real data")
+BASELINE = "gaussian-full"
+LOSES_TO_BASELINE = f"**does not beat {BASELINE}**"
 MISSING = "—"
 MARKDOWN_NAME, CSV_NAME, PNG_NAME = "ablation_report.md", "ablation_report.csv", "ablation_report.png"
 
@@ -35,14 +41,21 @@ COLUMNS: tuple[Column, ...] = (
     Column("flow", "flow"),
     Column("num_params", "params", ","),
     Column("best_val_loss", "best val loss", ".4f"),
-    Column("fd", "FD", ".4g"),
-    Column("fd_floor", "FD floor", ".4g"),
-    Column("fd_ratio", "FD / floor", ".3f"),
+    Column(PRIMARY_METRIC, "ranking KID", ".4g"),
+    Column("kid", "KID", ".4g"),
+    Column("kid_se", "± se", ".2g"),
+    Column("kid_ci_low", "KID CI low", ".4g"),
+    Column("kid_ci_high", "KID CI high", ".4g"),
+    Column("fd_inf", "FD∞", ".4g"),
+    Column("variance_ratio", "var ratio", ".3f"),
+    Column("norm_ratio", "norm ratio", ".3f"),
     Column("precision", "precision", ".3f"),
     Column("recall", "recall", ".3f"),
+    Column("density", "density", ".3f"),
     Column("coverage", "coverage", ".3f"),
     Column("memorization_ratio", "memorisation", ".3f"),
     Column("train_copy_fraction", "train copies", ".3f"),
+    Column("fd_ratio", "FD / floor", ".3f"),
     Column("train_seconds", "train time (s)", ".1f"),
     Column("sampler", "sampler"),
     Column("nfe", "NFE", "d"),
@@ -51,17 +64,64 @@ COLUMNS: tuple[Column, ...] = (
 )
 COLUMN_KEYS = tuple(column.key for column in COLUMNS)
 # Keys a row takes from the evaluation's values and from the training's values (the rest come from the partition).
-EVALUATION_KEYS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "coverage", "memorization_ratio",
-                   "train_copy_fraction", "sampler", "nfe", "n")
+# Metrics kept for each reference row (held-out real, baselines) in the evaluation's metadata.
+REFERENCE_METRIC_KEYS = (PRIMARY_METRIC, "kid", "kid_se", "kid_ci_low", "kid_ci_high", "fd_inf", "variance_ratio",
+                         "norm_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
+                         "train_copy_fraction", "fd_ratio")
+EVALUATION_KEYS = (*REFERENCE_METRIC_KEYS, "sampler", "nfe", "n")
 TRAINING_KEYS = ("num_params", "best_val_loss", "train_seconds")
 
 
+def beats_baseline(evaluation: dict, metric: str = PRIMARY_METRIC) -> bool | None:
+    """Whether the model's ``metric`` is better (lower) than the ``gaussian-full`` reference of the same
+    evaluation (``evaluation["references"]``); None when either is missing."""
+    baseline = (evaluation.get("references") or {}).get(BASELINE, {})
+    model, reference = evaluation.get(metric), baseline.get(metric)
+    if is_missing(model) or is_missing(reference):
+        return None
+    return float(model) < float(reference)
+
+
 def build_row(partition: str, arch: str, flow: str, evaluation: dict, training: dict, note: str = "") -> dict:
-    """One report row: every key of :data:`COLUMNS`; values absent from ``evaluation``/``training`` are None."""
-    row = {"partition": partition, "arch": arch, "flow": flow, "note": note}
+    """One report row: every key of :data:`COLUMNS`; values absent from ``evaluation``/``training`` are None.
+    A model that does not beat its evaluation's ``gaussian-full`` baseline says so first in its note."""
+    notes = [LOSES_TO_BASELINE] if beats_baseline(evaluation) is False else []
+    n_note = evaluation.get("n_note", "")
+    notes += [n_note] if n_note and not n_note.startswith("n >=") else []
+    row = {"partition": partition, "arch": arch, "flow": flow, "note": "; ".join(notes + ([note] if note else []))}
     row.update({key: evaluation.get(key) for key in EVALUATION_KEYS})
     row.update({key: training.get(key) for key in TRAINING_KEYS})
     return row
+
+
+def reference_rows(evaluations: dict[str, dict]) -> list[dict]:
+    """Report rows for the references (held-out real, baselines) of the evaluations (partition -> metadata values
+    with ``references``, ``dataset``, ``n``, ``seed``): one row per reference and distinct (dataset, n, seed), since
+    partitions trained on the same rows share them."""
+    rows, seen = [], set()
+    for partition, evaluation in sorted(evaluations.items()):
+        for name, metrics in (evaluation.get("references") or {}).items():
+            key = (name, evaluation.get("dataset"), metrics.get("n"), evaluation.get("seed"))
+            if key in seen:
+                continue
+            seen.add(key)
+            label = f"reference: {name}"
+            row = {"partition": label, "arch": MISSING, "flow": MISSING, "sampler": "—", "n": metrics.get("n"),
+                   "note": f"dataset {evaluation.get('dataset')}, seed {evaluation.get('seed')} (as {partition})"}
+            row.update({k: metrics.get(k) for k in REFERENCE_METRIC_KEYS})
+            rows.append(row)
+    return rows
+
+
+def reference_table(evaluation, metric: str = PRIMARY_METRIC) -> str:
+    """One evaluation's primary sampler beside its references, as Markdown (an :class:`Evaluation`)."""
+    keys = (metric, "kid", "kid_se", "fd_inf", "variance_ratio", "precision", "coverage", "train_copy_fraction")
+    lines = ["| samples | n | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    entries = [(f"model ({evaluation.primary.sampler})", evaluation.n, evaluation.primary.metrics)]
+    entries += [(ref.name, ref.n, ref.metrics) for ref in evaluation.references]
+    for name, n, metrics in entries:
+        lines.append(f"| {name} | {n} | " + " | ".join(format_cell(metrics.get(key), ".4g") for key in keys) + " |")
+    return "\n".join(lines)
 
 
 def is_missing(value) -> bool:
@@ -95,10 +155,17 @@ def format_cell(value, fmt: str = "") -> str:
 
 
 def sort_statement(metric: str = PRIMARY_METRIC, ascending: bool = True) -> str:
-    """The report's header line, naming the primary metric and the direction of the sort."""
+    """The report's header line, naming the primary metric and the direction of the sort; for the primary metric
+    also the ranking rule, what the reference rows are, and how a model that loses to the baseline is marked."""
     direction = "ascending (lower is better)" if ascending else "descending (higher is better)"
-    meaning = f" ({PRIMARY_METRIC_MEANING})" if metric == PRIMARY_METRIC else ""
-    return f"Sorted by **{metric}**{meaning}, {direction}."
+    if metric != PRIMARY_METRIC:
+        return f"Sorted by **{metric}**, {direction}."
+    return (f"Sorted by **{metric}** ({PRIMARY_METRIC_MEANING}), {direction}.\n\n"
+            f"Ranking rule: {RANKING_RULE}\n\n"
+            f"Rows named `reference: ...` are scored with the same metrics, n and seed as the models: held-out real "
+            f"val rows (the level to reach) and Gaussians fitted to the run's training rows (`{BASELINE}`: "
+            f"Ledoit–Wolf covariance; `gaussian-diag`: per-dimension variances). A model whose {metric} is not below "
+            f"its evaluation's `{BASELINE}` is marked {LOSES_TO_BASELINE} in its note.")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -110,7 +177,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def markdown_report(rows: list[dict], metric: str = PRIMARY_METRIC, ascending: bool = True) -> str:
-    """Header line stating the sort, then the table of the rows sorted by ``metric``."""
+    """Header stating the sort (first line) and the ranking rule, then the table of the rows sorted by ``metric``."""
     return sort_statement(metric, ascending) + "\n\n" + markdown_table(sort_rows(rows, metric, ascending)) + "\n"
 
 
@@ -152,16 +219,18 @@ def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, met
     ax_loss.legend(fontsize=7)
 
     labels = [row["partition"] for row in rows]
-    values = [float(row[metric]) if not is_missing(row.get(metric)) else math.nan for row in rows]
+    # Missing and infinite (memorising) values get no bar.
+    values = [float(row[metric]) if not is_missing(row.get(metric)) and math.isfinite(float(row[metric]))
+              else math.nan for row in rows]
     ax_bar.bar(range(len(rows)), [0.0 if math.isnan(v) else v for v in values],
                color=["lightgrey" if math.isnan(v) else colors[label] for label, v in zip(labels, values)])
     ax_bar.set_xticks(range(len(rows)), [f"{label}\n(n/a)" if math.isnan(v) else label
                                          for label, v in zip(labels, values)], rotation=45, ha="right", fontsize=8)
     finite = [v for v in values if math.isfinite(v) and v > 0]
     if metric == PRIMARY_METRIC:
-        ax_bar.axhline(1.0, color="grey", linestyle=":", label="real-data level")
+        ax_bar.axhline(0.0, color="grey", linestyle=":", label="real-data level (E = 0)")
         ax_bar.legend(fontsize=7)
-    if finite and max(finite) / min(finite) > 30:
+    if finite and max(finite) / min(finite) > 30 and all(v > 0 for v in values if math.isfinite(v)):
         ax_bar.set_yscale("log")  # ratios spanning orders of magnitude would flatten the good ones
     ax_bar.set(ylabel=metric, title=f"{metric} per partition (sorted)")
     ax_bar.grid(alpha=0.3, axis="y")
@@ -170,7 +239,9 @@ def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, met
 
 def sampler_table(results: list[dict]) -> str:
     """One partition's sampler settings as Markdown: results are dicts with sampler, nfe, seconds and metrics."""
-    keys = (("fd_ratio", "FD / floor", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+    keys = ((PRIMARY_METRIC, "ranking KID", ".4g"), ("kid_se", "± se", ".2g"), ("fd_inf", "FD∞", ".4g"),
+            ("variance_ratio", "var ratio", ".3f"), ("fd_ratio", "FD / floor", ".3f"),
+            ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
             ("coverage", "coverage", ".3f"), ("memorization_ratio", "memorisation", ".3f"),
             ("train_copy_fraction", "train copies", ".3f"))
     lines = ["| sampler | NFE | seconds | " + " | ".join(header for _, header, _ in keys) + " |",

@@ -17,6 +17,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -24,7 +25,7 @@ from flow_pipeline.artifacts import load_normalizer, write_json
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.checkpoint import load_checkpoint
 from flow_pipeline.core.distributed import DistInfo
-from flow_pipeline.core.sources import load_saved_splits
+from flow_pipeline.core.split_store import load_run_splits
 from flow_pipeline.core.tracking import NullTracker
 from flow_pipeline.core.trainer import TrainData, TrainResult, train
 
@@ -46,6 +47,8 @@ class TrainJob:
     run_dir: str
     partition_key: str | None = None
     tracking: dict = field(default_factory=lambda: {"mode": "disabled"})
+    # Which training rows and statistics (subset, stats file and its sha256): in the metadata and the checkpoint.
+    data_identity: dict = field(default_factory=dict)
 
     def save(self) -> Path:
         path = Path(self.run_dir) / JOB_NAME
@@ -73,11 +76,14 @@ def init_distributed(device: str) -> DistInfo:
 
 
 def load_train_data(job: TrainJob) -> TrainData:
-    splits = load_saved_splits(job.splits_dir)
+    """The training rows of the job's ``dataset`` (that size's own split set, or the first N train rows of one
+    set), its val split and the job's normalisation."""
+    splits = load_run_splits(job.splits_dir, job.config.get("dataset", "full")).splits
     return TrainData(
-        train=torch.from_numpy(splits.train[:].copy()),
-        val=torch.from_numpy(splits.val[:].copy()),
+        train=torch.from_numpy(np.array(splits.train, dtype=np.float32)),
+        val=torch.from_numpy(np.array(splits.val, dtype=np.float32)),
         normalizer=load_normalizer(Path(job.stats_path)),
+        identity=dict(job.data_identity),
     )
 
 
@@ -91,7 +97,7 @@ def open_tracker(job: TrainJob, config: TrainConfig, dist: DistInfo):
 
 
 def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dict, loss_curve: Path,
-                    world_size: int = 1) -> dict:
+                    world_size: int = 1, data_identity: dict | None = None) -> dict:
     """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run)."""
     from flow_pipeline.plots import loss_curve_markdown
 
@@ -118,6 +124,9 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "loss_curve_png": typed(str(loss_curve), "path"),
         "loss_curve": typed(loss_curve_markdown(result.history), "md"),
     }
+    if data_identity:
+        metadata["dataset_subset"] = typed(str(data_identity.get("subset")), "text")
+        metadata["data_identity"] = typed(data_identity, "json")
     for key, value in tracking_info.items():
         kind = "url" if key == "wandb_url" else "text"
         metadata[key] = typed(str(value), kind)
@@ -165,7 +174,8 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
         loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name,
                                      config.zero_predictor_loss())
-        metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size)
+        metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size,
+                                   job.data_identity)
         process = {"pid": os.getpid(), "started_at": started_at, "finished_at": time.time()}
         write_json(run_dir / RESULT_NAME, {**{key: value["raw_value"] for key, value in metadata.items()},
                                            "process": process})

@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "sonar_embeddings_real.npy"
 
 # Small enough to train in seconds on two CPU cores, large enough to learn something.
-TINY_DATASET = {"n_synthetic": 640, "dim": 1024, "seed": 0}
+TINY_DATASET = {"n_synthetic": 640, "dim": 1024, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.1}
 TINY_TRAIN = {"model_size": "tiny", "max_epochs": 2, "batch_size": 64, "warmup_steps": 4, "log_every": 2,
               "device": "cpu", "lr": 0.002}
 
@@ -27,6 +27,14 @@ def run_config(dataset: dict | None = None, train: dict | None = None) -> dict:
     if train is not None:
         ops["trained_checkpoint"] = {"config": train}
     return {"ops": ops}
+
+
+@pytest.fixture(scope="session")
+def adversary_scores() -> dict[str, dict[str, float]]:
+    """evaluate_samples of held-out real rows and the sets built to fool it (core/test_adversaries.py)."""
+    from flow_pipeline_tests.core.test_adversaries import score_adversaries
+
+    return score_adversaries()
 
 
 @pytest.fixture(autouse=True)

@@ -16,12 +16,23 @@ from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.sources import split_array, synthetic_sonar_like
 from flow_pipeline.core.stats import floor_std, streaming_mean_std
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.evaluation import SamplerSpec, draw_samples, evaluate_checkpoint, load_ema_model, sample_count
+from flow_pipeline.core.baselines import fit_baseline
+from flow_pipeline.evaluation import (
+    SamplerSpec,
+    draw_samples,
+    evaluate_checkpoint,
+    load_ema_model,
+    run_training_rows,
+    sample_count,
+    sample_count_note,
+)
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
                "train_copy_fraction", "copy_threshold",
-               "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n"}
+               "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n", "kid", "kid_se",
+               "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope", "variance_ratio", "norm_ratio",
+               "memorising"}
 
 
 # --------------------------------------------------------------------------------------------- sampler specs
@@ -169,3 +180,46 @@ def test_bad_inputs_raise_clear_errors(trained, tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=str(truncated)):
         evaluate_checkpoint(truncated, splits.train, splits.test, euler)
+
+
+# --------------------------------------------------------------------------------------------- references, rows, notes
+
+
+def test_memorisation_uses_the_rows_the_run_trained_on():
+    split = np.arange(3000 * 2, dtype=np.float32).reshape(3000, 2)
+    rows = run_training_rows(split, TrainConfig(**{**TINY_TRAIN, "dataset": "1k"}))
+    np.testing.assert_array_equal(rows, split[:1000])  # the trainer's rule: the first N rows of the split
+    assert run_training_rows(split, TrainConfig(**TINY_TRAIN)).shape[0] == 3000  # dataset "full"
+
+
+def test_sample_count_note_says_when_n_is_below_five_times_dim():
+    assert sample_count_note(5120, 1024, 9000) == ""
+    assert sample_count_note(64, 1024, 64).startswith("n = 64 < 5 x dim = 5120 (the test split has only 64 rows)")
+    assert "n_samples caps it at 1000" in sample_count_note(1000, 1024, 9000)
+
+
+@pytest.mark.slow
+def test_references_and_sentences_are_scored_like_the_model(trained):
+    path, splits = trained
+    train_sentences = [f"train {i}" for i in range(splits.train.shape[0])]
+    test_sentences = [f"test {i}" for i in range(splits.test.shape[0])]
+    evaluation = evaluate_checkpoint(path, splits.train, splits.test, [SamplerSpec.parse("euler:4")], seed=1,
+                                     val=splits.val, sentences=(train_sentences, test_sentences), n_sentences=3)
+    references = {ref.name: ref for ref in evaluation.references}
+    assert list(references) == ["held-out real (val)", "gaussian-full", "gaussian-diag"]
+    threshold = evaluation.primary.metrics["copy_threshold"]
+    # Independently: the same n (64 = all val rows), seed and copy threshold through evaluate_samples.
+    real = evaluate_samples(splits.val, splits.train, splits.test, seed=1, train_copy_threshold=threshold)
+    assert references["held-out real (val)"].metrics == pytest.approx(real, rel=1e-9)
+    full = fit_baseline("gaussian-full", splits.train).sample(64, seed=1)
+    expected = evaluate_samples(full, splits.train, splits.test, seed=1, train_copy_threshold=threshold)
+    assert references["gaussian-full"].metrics == pytest.approx(expected, rel=1e-9)
+    assert "Ledoit–Wolf shrinkage" in references["gaussian-full"].note
+    # Nearest sentences of the first 3 samples, checked by brute force.
+    x = draw_samples(load_ema_model(path), SamplerSpec.parse("euler:4"), 64, seed=1).x.numpy().astype(np.float64)
+    assert len(evaluation.nearest_sentences) == 3
+    for shown, sample_row in zip(evaluation.nearest_sentences, x[:3]):
+        nearest = np.linalg.norm(np.asarray(splits.train, dtype=np.float64) - sample_row, axis=1).argmin()
+        assert shown["train_sentence"] == f"train {nearest}"
+        assert shown["copy"] == (shown["train_distance"] < threshold)
+    assert evaluation.n_note.startswith("n = 64 < 5 x dim")

@@ -18,12 +18,14 @@ from flow_pipeline.defs.evaluation_assets import EVALUATION_JSON, EvaluationConf
 from flow_pipeline.report import (
     COLUMN_KEYS,
     COLUMNS,
+    LOSES_TO_BASELINE,
     MISSING,
     build_row,
     csv_text,
     format_cell,
     markdown_report,
     plot_report,
+    reference_rows,
     sort_rows,
     write_report,
 )
@@ -33,10 +35,11 @@ from flow_pipeline_tests.test_pipeline import latest_metadata, materialize_data,
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def row(partition: str, fd_ratio, **values) -> dict:
+def row(partition: str, ranking_kid, **values) -> dict:
     arch, flow = partition.split("-")
-    evaluation_values = {"fd": 2.0, "fd_floor": 1.0, "fd_ratio": fd_ratio, "precision": 0.5, "recall": 0.25,
-                         "coverage": 0.75, "memorization_ratio": 1.0, "sampler": "euler:50", "nfe": 50, "n": 64}
+    evaluation_values = {"ranking_kid": ranking_kid, "kid": 0.01, "kid_se": 0.002, "fd_ratio": 2.0, "precision": 0.5,
+                         "recall": 0.25, "coverage": 0.75, "memorization_ratio": 1.0, "sampler": "dopri5", "nfe": 50,
+                         "n": 64}
     training = {"num_params": 145_232, "best_val_loss": 1.25, "train_seconds": 12.34}
     evaluation_values.update({k: v for k, v in values.items() if k in evaluation_values})
     training.update({k: v for k, v in values.items() if k in training})
@@ -60,7 +63,7 @@ def test_rows_sort_by_the_metric_with_missing_values_last():
     rows = [row("a-x", 3.0), row("b-x", None), row("c-x", 1.5), row("d-x", math.nan), row("e-x", 1.5),
             row("f-x", math.inf)]
     assert [r["partition"] for r in sort_rows(rows)] == ["c-x", "e-x", "a-x", "f-x", "b-x", "d-x"]
-    descending = sort_rows(rows, "fd_ratio", ascending=False)
+    descending = sort_rows(rows, "ranking_kid", ascending=False)
     assert [r["partition"] for r in descending] == ["f-x", "a-x", "c-x", "e-x", "b-x", "d-x"]
     by_recall = sort_rows([row("a-x", 1.0, recall=0.1), row("b-x", 1.0, recall=0.9)], "recall", ascending=False)
     assert [r["partition"] for r in by_recall] == ["b-x", "a-x"]
@@ -81,11 +84,12 @@ def test_markdown_states_the_metric_and_has_one_sorted_row_per_partition():
     rows = [row("mlp-icfm", 2.5), row("dit-icfm", 1.25, precision=None), row("unet-fm", math.nan)]
     markdown = markdown_report(rows)
     header = markdown.splitlines()[0]
-    assert "**fd_ratio**" in header and "ascending" in header
+    assert "**ranking_kid**" in header and "ascending" in header
+    assert "Ranking rule" in markdown and "memorising" in markdown  # the copy rule is stated in the header
     body = table_rows(markdown)
     assert [cells[0] for cells in body] == ["dit-icfm", "mlp-icfm", "unet-fm"]
     assert all(len(cells) == len(COLUMNS) for cells in body)
-    assert [cells[column("FD / floor")] for cells in body] == ["1.250", "2.500", MISSING]
+    assert [cells[column("ranking KID")] for cells in body] == ["1.25", "2.5", MISSING]
     assert body[0][column("precision")] == MISSING
     assert body[1][column("params")] == "145,232"
     assert body[1][column("train time (s)")] == "12.3"
@@ -96,8 +100,8 @@ def test_csv_holds_the_same_rows_unrounded():
     read = list(csv.DictReader(io.StringIO(csv_text(rows))))
     assert list(read[0]) == list(COLUMN_KEYS)
     assert [r["partition"] for r in read] == ["mlp-icfm", "dit-icfm"]
-    assert float(read[0]["fd_ratio"]) == 2.123456789
-    assert read[1]["fd_ratio"] == ""
+    assert float(read[0]["ranking_kid"]) == 2.123456789
+    assert read[1]["ranking_kid"] == ""
     assert int(read[0]["num_params"]) == 145_232
 
 
@@ -127,9 +131,10 @@ def test_write_report_writes_three_consistent_files(tmp_path):
 
 # Two architectures and three flows; the slower DiT is exercised by benchmarks/evaluate_small.py.
 PARTITIONS = ("mlp-icfm", "mlp-vp", "unet-fm")
-EVAL_CONFIG = {"steps": 4, "extra_samplers": ["rk4:2"], "n_samples": 1000}
+EVAL_CONFIG = {"solver": "euler", "steps": 4, "extra_samplers": ["rk4:2"], "n_samples": 1000}
 METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
-           "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine")
+           "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine",
+           "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "variance_ratio", "norm_ratio")
 
 
 def train_and_evaluate(instance, partition: str, **kwargs):
@@ -163,8 +168,11 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         assert "config: extra_samplers[0]: " in step_failure_message(bad_sampler)
         assert "unknown solver 'heun'" in step_failure_message(bad_sampler)
 
+        checks = {}
         for partition in PARTITIONS:
-            assert train_and_evaluate(instance, partition).success
+            result = train_and_evaluate(instance, partition)
+            assert result.success
+            checks[partition] = {c.check_name: c for c in result.get_asset_check_evaluations()}
 
         evaluations = {}
         for partition in PARTITIONS:
@@ -185,6 +193,14 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
             assert [r["sampler"] for r in saved["results"]] == ["euler:4", "rk4:2"]
             assert [r["nfe"] for r in saved["results"]] == [4, 8]
             assert {k: saved["results"][0]["metrics"][k] for k in METRICS} == {k: values[k] for k in METRICS}
+            # Memorisation against the rows trained on, the sample-size note next to the numbers, the references.
+            assert (values["dataset"], values["n_training_rows"], values["n_target"]) == ("full", 512, 5120)
+            assert values["n_note"].startswith("n = 64 < 5 x dim = 5120 (the test split has only 64 rows)")
+            assert set(values["references"]) == {"held-out real (val)", "gaussian-full", "gaussian-diag"}
+            assert "kid" in values["metric_spaces"]["train-normalised (z-scored with the training rows' mean and "
+                                                    "floored std)"]
+            check = checks[partition]["evaluation_beats_gaussian_full"]
+            assert check.passed == (values["ranking_kid"] < values["references"]["gaussian-full"]["ranking_kid"])
             evaluations[partition] = (values, {key: value.value for key, value in training.items()})
 
         report = dg.materialize([ablation_report], instance=instance, resources=resources())
@@ -203,21 +219,31 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         stale_markdown = latest_metadata(instance, "ablation_report")["report"].value
     # One row per materialized partition, sorted by the primary metric the header line names.
     markdown = meta["report"]
-    assert re.search(r"Sorted by \*\*fd_ratio\*\*.*ascending", markdown.splitlines()[0])
-    body = table_rows(markdown)
+    assert re.search(r"Sorted by \*\*ranking_kid\*\*.*ascending", markdown.splitlines()[0])
+    all_rows = table_rows(markdown)
+    # All three partitions trained on the same rows: one row per reference.
+    assert sorted(cells[0] for cells in all_rows if cells[0].startswith("reference")) == [
+        "reference: gaussian-diag", "reference: gaussian-full", "reference: held-out real (val)"]
+    body = [cells for cells in all_rows if not cells[0].startswith("reference")]
     assert sorted(cells[0] for cells in body) == sorted(PARTITIONS)
-    expected_order = sorted(PARTITIONS, key=lambda p: evaluations[p][0]["fd_ratio"])
+    expected_order = sorted(PARTITIONS, key=lambda p: (evaluations[p][0]["ranking_kid"], p))
     assert [cells[0] for cells in body] == expected_order == meta["partitions"]
     assert meta["best_partition"] == expected_order[0] and meta["n_partitions"] == 3
     for cells in body:
         values, training = evaluations[cells[0]]
         assert cells[column("FD / floor")] == f"{values['fd_ratio']:.3f}"
+        assert cells[column("ranking KID")] == format_cell(values["ranking_kid"], ".4g")
         assert cells[column("params")] == f"{training['num_params']:,}"
         assert cells[column("best val loss")] == f"{training['best_val_loss']:.4f}"
-        assert cells[column("note")] == MISSING
+        loses = not checks[cells[0]]["evaluation_beats_gaussian_full"].passed
+        assert cells[column("note")].startswith(LOSES_TO_BASELINE) == loses
+        assert "n = 64 < 5 x dim" in cells[column("note")]
+    assert meta["not_beating_gaussian_full"] == [p for p in PARTITIONS
+                                                 if not checks[p]["evaluation_beats_gaussian_full"].passed]
 
-    assert [r["partition"] for r in csv_rows] == expected_order
-    for r in csv_rows:
+    model_csv_rows = [r for r in csv_rows if not r["partition"].startswith("reference")]
+    assert [r["partition"] for r in model_csv_rows] == expected_order
+    for r in model_csv_rows:
         values, training = evaluations[r["partition"]]
         assert float(r["fd_ratio"]) == values["fd_ratio"] and float(r["recall"]) == values["recall"]
         assert int(r["num_params"]) == training["num_params"]
@@ -229,11 +255,53 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
 
     notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}
     assert "trained again since this evaluation" in notes[stale]
-    assert all(notes[p] == MISSING for p in PARTITIONS[1:])
+    assert all("trained again" not in notes[p] for p in PARTITIONS[1:])
 
 
-@pytest.mark.parametrize("config,field", [({"solver": "heun"}, "solver"), ({"steps": 0}, "solver"),
+@pytest.mark.parametrize("config,field", [({"solver": "heun"}, "solver"), ({"solver": "euler", "steps": 0}, "solver"),
                                           ({"extra_samplers": ["rk4:4", "euler:x"]}, "extra_samplers[1]")])
 def test_a_bad_sampler_setting_names_its_config_field(config, field):
     with pytest.raises(ValueError, match=rf"^{re.escape(field)}: "):
         EvaluationConfig(**config).samplers()
+
+
+# --------------------------------------------------------------------------------------------- ranking and baselines
+
+
+def test_report_ranks_held_out_real_above_every_adversary(adversary_scores):
+    """The report's sort over evaluate_samples of real data and the adversaries (shrunk, inflated, collapsed,
+    train copies): held-out real comes first, and copies rank below every non-copying set."""
+    rows = [build_row(name, "—", "—", metrics, {}) for name, metrics in adversary_scores.items()]
+    body = table_rows(markdown_report(rows))
+    order = [cells[0] for cells in body]
+    assert order[0] == "held-out real"
+    assert order[-1] == "train copies" and body[-1][column("ranking KID")] == "∞"
+    assert set(order) == set(adversary_scores)
+
+
+def test_a_model_that_does_not_beat_gaussian_full_is_marked():
+    references = {"gaussian-full": {"ranking_kid": 0.02, "kid": 0.02, "n": 64},
+                  "held-out real (val)": {"ranking_kid": 0.0, "kid": 0.0, "n": 64}}
+    loser = build_row("mlp-icfm", "mlp", "icfm", {"ranking_kid": 0.05, "references": references}, {})
+    winner = build_row("dit-icfm", "dit", "icfm", {"ranking_kid": 0.01, "references": references}, {})
+    tie = build_row("unet-fm", "unet", "fm", {"ranking_kid": 0.02, "references": references}, {}, note="stale")
+    unknown = build_row("unet-vp", "unet", "vp", {"ranking_kid": 0.5}, {})
+    assert loser["note"].startswith(LOSES_TO_BASELINE) and tie["note"] == f"{LOSES_TO_BASELINE}; stale"
+    assert winner["note"] == "" and unknown["note"] == ""
+    markdown = markdown_report([loser, winner, tie])
+    assert "does not beat gaussian-full" in markdown.split("|")[0]  # the header explains the mark
+
+
+def test_reference_rows_appear_once_per_training_set():
+    references = {"gaussian-full": {"ranking_kid": 0.02, "coverage": 0.8, "n": 64},
+                  "held-out real (val)": {"ranking_kid": -0.001, "coverage": 0.97, "n": 64}}
+    evaluations = {"mlp-icfm": {"references": references, "dataset": "full", "seed": 0},
+                   "dit-icfm": {"references": references, "dataset": "full", "seed": 0},
+                   "unet-fm": {"references": references, "dataset": "1k", "seed": 0}}
+    rows = reference_rows(evaluations)
+    assert sorted(r["partition"] for r in rows) == ["reference: gaussian-full"] * 2 + \
+        ["reference: held-out real (val)"] * 2
+    assert {r["note"].split(",")[0] for r in rows} == {"dataset full", "dataset 1k"}
+    ordered = sort_rows(rows + [row("mlp-icfm", 0.05)])
+    assert ordered[0]["partition"] == "reference: held-out real (val)" and ordered[-1]["partition"] == "mlp-icfm"
+    assert {r["coverage"] for r in rows if "gaussian" in r["partition"]} == {0.8}

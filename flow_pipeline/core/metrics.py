@@ -3,10 +3,13 @@
 All inputs are numpy arrays (n, dim), converted to float64. Distances are Euclidean, computed in row chunks with
 ``torch.cdist`` so that memory stays at (chunk, m) whatever n is.
 
-The metrics are chosen so that no single degenerate generator can game them: Fréchet distance (relative to the floor
-of two real sets of the same size), precision/recall/density/coverage (Naeem et al. 2020), a memorization ratio, and
+The metrics are chosen so that no single degenerate generator can game them: the ranking metric ``ranking_kid``
+(unbiased KID in train-normalised space, :mod:`flow_pipeline.core.distances`, with a rule that ranks sets copying
+training rows below every other set), FD∞ and the dispersion ratios, the Fréchet distance relative to the floor of
+two real sets of the same size, precision/recall/density/coverage (Naeem et al. 2020), two memorisation measures, and
 norm / nearest-neighbour cosine diagnostics. There is deliberately no "distribution MSE" that mode collapse would
-win.
+win. The adversary tests (flow_pipeline_tests/core/test_adversaries.py) hold the ranking against shrunk, inflated,
+collapsed and copied sample sets.
 """
 
 from __future__ import annotations
@@ -14,84 +17,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flow_pipeline.core.distances import (  # noqa: F401  (frechet_distance and subsample are re-exported)
+    TrainSpace,
+    _as_float64,
+    dispersion,
+    fd_infinity,
+    frechet_distance,
+    kid,
+    subsample,
+)
 from flow_pipeline.core.stats import row_chunks
 
 # Rows of the left operand per distance chunk: the (chunk, m) float64 block is 80 MB for m = 10k reference rows.
 _CHUNK = 1024
-
-
-def _as_float64(x: np.ndarray) -> np.ndarray:
-    """Validate a (n, dim) array and return it as float64."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 1:
-        raise ValueError(f"expected a non-empty (n, dim) array, got shape {x.shape}")
-    return x
-
-
-# --------------------------------------------------------------------------------------------- Fréchet distance
-
-
-def _sum_sqrt_eigenvalues(sym: np.ndarray) -> float:
-    """Sum of the square roots of the eigenvalues of a symmetric PSD matrix (m, m).
-
-    Eigenvalues below the round-off level m * eps * max eigenvalue (negative ones included) count as 0: for a
-    singular matrix they are pure noise, and their square roots would otherwise add up to a visible bias.
-    """
-    eigval = np.linalg.eigvalsh(0.5 * (sym + sym.T))  # symmetrise away round-off first
-    tol = eigval.shape[0] * np.finfo(np.float64).eps * max(eigval.max(), 0.0)
-    return float(np.sqrt(eigval[eigval > tol]).sum())
-
-
-def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
-    """tr sqrt(S_a S_b) for S_a = a^T a (dim, dim), S_b = b^T b, with a (n_a, dim), b (n_b, dim).
-
-    Neither route forms a non-symmetric matrix square root (as scipy.linalg.sqrtm would), so no imaginary parts
-    arise to be discarded, and both stay exact when the covariances are singular (n < dim). Both reduce to the
-    eigenvalues of a symmetric PSD matrix (LAPACK's symmetric eigensolver is far faster than its SVD):
-
-    * Gram route, when n_a n_b min(n_a, n_b) <= dim^3: the non-zero eigenvalues of S_a S_b = a^T (a b^T b) equal
-      those of (a b^T b) a^T = C C^T with C = a b^T (n_a, n_b); use the smaller of C C^T and C^T C.
-    * Covariance route otherwise: with R = S_a^{1/2} (symmetric PSD, from eigh, negative round-off clipped),
-      S_a S_b = R (R S_b) has the eigenvalues of (R S_b) R = R S_b R, which is symmetric PSD (also when S_a is
-      singular).
-    """
-    n_a, dim = a.shape
-    n_b = b.shape[0]
-    if n_a * n_b * min(n_a, n_b) <= dim**3:
-        c = a @ b.T
-        return _sum_sqrt_eigenvalues(c @ c.T if n_a <= n_b else c.T @ c)
-    s_a, s_b = a.T @ a, b.T @ b
-    eigval, eigvec = np.linalg.eigh(s_a)
-    root_a = (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
-    return _sum_sqrt_eigenvalues(root_a @ s_b @ root_a)
-
-
-def _scaled_centred(x: np.ndarray) -> np.ndarray:
-    """(n, dim) -> (x - mean) / sqrt(n - 1), so that its Gram a^T a is the unbiased covariance (dim, dim)."""
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError("Fréchet distance needs at least 2 samples per set")
-    return (x - x.mean(axis=0)) / np.sqrt(n - 1)
-
-
-def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to x (n_x, dim) and y (n_y, dim).
-
-    FD = ||mu_x - mu_y||^2 + tr(S_x) + tr(S_y) - 2 tr sqrt(S_x S_y), with unbiased (ddof=1) covariances. Exact and
-    stable for singular covariances (n < dim); see :func:`_trace_sqrt_product`. Clipped at 0 against round-off.
-    Note: FD is biased upwards at small n (two finite real samples give FD > 0); compare against a floor at the
-    same n, as :func:`evaluate_samples` does.
-    """
-    x, y = _as_float64(x), _as_float64(y)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"dimension mismatch: {x.shape[1]} vs {y.shape[1]}")
-    a, b = _scaled_centred(x), _scaled_centred(y)
-    mean_term = float(np.sum((x.mean(axis=0) - y.mean(axis=0)) ** 2))
-    trace_term = float(np.sum(a * a) + np.sum(b * b)) - 2.0 * _trace_sqrt_product(a, b)
-    return max(mean_term + trace_term, 0.0)
-
-
-# --------------------------------------------------------------------------------------------- distances
+# A copy is at most this fraction of its distance to the nearest held-out row away from its nearest training row.
+COPY_TRAIN_TEST_RATIO = 0.5
 
 
 def _torch(x: np.ndarray) -> torch.Tensor:
@@ -211,15 +151,23 @@ def copy_threshold(train, test: np.ndarray, quantile: float = 0.01) -> float:
     return float(np.quantile(distinct if distinct.size else distances, quantile))
 
 
-def train_copy_fraction(generated: np.ndarray, train, threshold: float) -> float:
-    """Share of generated rows (n, dim) whose nearest row of the whole train split (scanned in chunks, may be
-    memory-mapped) is closer than ``threshold`` (:func:`copy_threshold`).
+def train_copy_fraction(generated: np.ndarray, train, threshold: float, test: np.ndarray | None = None) -> float:
+    """Share of generated rows (n, dim) that are copies of training rows: their nearest row of train (all rows the
+    model was trained on, scanned in chunks, may be memory-mapped) is closer than ``threshold``
+    (:func:`copy_threshold`) and, when held-out ``test`` rows (m, dim) are given, at most
+    :data:`COPY_TRAIN_TEST_RATIO` times the distance to the nearest test row.
 
-    Held-out real data scores about the threshold's quantile (0.01) by construction; copies or near copies of any
-    training row score 1. It complements :func:`memorization_ratio`, which compares with a train subsample of the
-    test set's size (so that real data scores 1) and therefore misses copies of training rows outside it.
+    The second condition keeps collapse apart from copying: in high dimension the data mean is closer to every row
+    than rows are to each other, so a collapsed or shrunk sample passes the absolute threshold, but it is as close
+    to test rows as to train rows; a copy (or near copy) of a training row is not. Held-out real data scores at
+    most the threshold's quantile (0.01); copies score 1.
     """
-    return float(np.mean(nearest_distance_streamed(_as_float64(generated), train) < threshold))
+    generated = _as_float64(generated)
+    near_train = nearest_distance_streamed(generated, train)
+    is_copy = near_train < threshold
+    if test is not None:
+        is_copy &= near_train <= COPY_TRAIN_TEST_RATIO * nearest_distance(generated, _as_float64(test))
+    return float(np.mean(is_copy))
 
 
 # --------------------------------------------------------------------------------------------- diagnostics
@@ -246,49 +194,78 @@ def nn_cosine(generated: np.ndarray, test: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- all together
 
 
-def subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Return n rows of x (m, dim) drawn without replacement, or x itself when m <= n."""
-    if x.shape[0] <= n:
-        return x
-    return x[np.sort(rng.choice(x.shape[0], size=n, replace=False))]
+# A sample set whose train-copy fraction exceeds this is "memorising" and ranks below every set that is not.
+# Held-out real rows score about the copy threshold's quantile (0.01) by construction; 0.05 is five times that,
+# and ~10 binomial standard errors above it at n = 1,000 (0.003).
+COPY_FRACTION_LIMIT = 0.05
+RANKING_METRIC = "ranking_kid"
+RANKING_RULE = (f"{RANKING_METRIC} = KID (unbiased MMD², cubic kernel, train-normalised space; E = 0 for held-out "
+                f"real data) for sample sets whose train_copy_fraction is at most {COPY_FRACTION_LIMIT}; +inf for "
+                f"sets above it (memorising: exact or near copies of training rows, which a distribution distance "
+                f"cannot tell from held-out real rows), so they rank below every non-copying set. Lower is better.")
+# The space every metric is computed in (the evaluation's metadata repeats this next to the numbers).
+METRIC_SPACES = {
+    "train-normalised (z-scored with the training rows' mean and floored std)": (
+        "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope"),
+    "raw embedding space": (
+        "fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
+        "train_copy_fraction", "copy_threshold", "variance_ratio", "norm_ratio", "norm_mean", "norm_std",
+        "real_norm_mean", "real_norm_std", "nn_cosine"),
+}
 
 
 def evaluate_samples(
     generated: np.ndarray, train: np.ndarray, test: np.ndarray, k: int = 5, seed: int = 0,
-    train_copy_threshold: float | None = None,
+    train_copy_threshold: float | None = None, train_space: TrainSpace | None = None,
 ) -> dict[str, float]:
-    """All metrics of generated (n, dim) against held-out test (and train, for the floor and memorization).
+    """All metrics of generated (n, dim) against held-out test, and against train: the rows the model was trained
+    on (for the floor, the normalisation of the kernel distances, and both memorisation measures).
 
     Every comparison uses the same n: test and train are subsampled (seeded by ``seed``, without replacement) to n
     rows when they are larger, because FD and the k-NN metrics depend strongly on sample size. The real reference
-    for FD, PRDC, norms and nn_cosine is the test subsample, so memorizing train is not rewarded there.
+    for every distance is the test subsample, so memorizing train is not rewarded there.
 
-    Returns a flat dict:
+    Returns a flat dict (spaces: :data:`METRIC_SPACES`):
+    kid, kid_se, kid_ci_low, kid_ci_high (:func:`~flow_pipeline.core.distances.kid` against test_n, in the space
+    z-scored with train's statistics; pass ``train_space`` to reuse them); ranking_kid (:data:`RANKING_RULE`);
+    fd_inf, fd_inf_slope (:func:`~flow_pipeline.core.distances.fd_infinity`, same space); variance_ratio,
+    norm_ratio (:func:`~flow_pipeline.core.distances.dispersion` against test_n);
     fd: FD(generated, test_n); fd_floor: FD(train_n, test_n), what two real sets of this size score, since FD is far
-    from 0 when n ~ dim; fd_ratio = fd / fd_floor (about 1 is as good as real data); precision, recall, density,
-    coverage (:func:`prdc` with real = test_n); memorization_ratio (about 1 for fresh samples, near 0 for train
-    copies); train_copy_fraction against the whole train split (about 0.01 for fresh samples, 1 for copies of any
-    training row) and its copy_threshold (:func:`copy_threshold` of test_n; pass it back as
-    ``train_copy_threshold`` to skip recomputing it for more samples of the same n and seed); norm_mean, norm_std of generated norms; real_norm_mean, real_norm_std of test_n norms; nn_cosine of
-    generated to test_n; n = len(generated).
+    from 0 when n ~ dim; fd_ratio = fd / fd_floor (biased: rewards shrunk samples, kept for comparison); precision,
+    recall, density, coverage (:func:`prdc` with real = test_n); memorization_ratio (about 1 for fresh samples,
+    near 0 for train copies); train_copy_fraction against all of train (about 0.01 for fresh samples, 1 for copies
+    of any training row) and its copy_threshold (:func:`copy_threshold` of test_n; pass it back as
+    ``train_copy_threshold`` to skip recomputing it for more samples of the same n and seed); memorising (1.0 when
+    train_copy_fraction > :data:`COPY_FRACTION_LIMIT`); norm_mean, norm_std of generated norms; real_norm_mean,
+    real_norm_std of test_n norms; nn_cosine of generated to test_n; n = len(generated).
     """
     generated = _as_float64(generated)
     n = generated.shape[0]
     rng = np.random.default_rng(seed)
     # Subsample before converting: the train split may be far larger than n (and memory-mapped).
     test_n, train_n = _as_float64(subsample(test, n, rng)), _as_float64(subsample(train, n, rng))
+    space = TrainSpace.fit(train) if train_space is None else train_space
+    z_generated, z_test = space.transform(generated), space.transform(test_n)
     fd = frechet_distance(generated, test_n)
     fd_floor = frechet_distance(train_n, test_n)
     gen_norms, real_norms = norm_stats(generated), norm_stats(test_n)
     threshold = copy_threshold(train, test_n) if train_copy_threshold is None else train_copy_threshold
+    kernel = kid(z_generated, z_test, seed=seed)
+    copies = train_copy_fraction(generated, train, threshold, test_n)
+    memorising = copies > COPY_FRACTION_LIMIT
     return {
+        **kernel,
+        RANKING_METRIC: float("inf") if memorising else kernel["kid"],
+        **fd_infinity(z_generated, z_test, seed=seed),
+        **dispersion(generated, test_n),
         "fd": fd,
         "fd_floor": fd_floor,
         "fd_ratio": fd / fd_floor if fd_floor > 0 else float("inf"),
         **prdc(test_n, generated, k=k),
         "memorization_ratio": memorization_ratio(generated, train_n, test_n, seed=seed),
-        "train_copy_fraction": train_copy_fraction(generated, train, threshold),
+        "train_copy_fraction": copies,
         "copy_threshold": threshold,
+        "memorising": float(memorising),
         "norm_mean": gen_norms["mean"],
         "norm_std": gen_norms["std"],
         "real_norm_mean": real_norms["mean"],

@@ -8,10 +8,11 @@ Sources:
 
 - :func:`synthetic_sonar_like`: a seeded generator whose statistics match real SONAR text embeddings;
 - :func:`load_embeddings`: one ``.npy`` (memory-mapped) or ``.pt`` file;
-- :func:`load_split_dir`: the earlier data phase's ``train.pt`` / ``val.pt`` / ``test.pt``.
+- :mod:`flow_pipeline.core.split_files`: the research plan's Phase-1 split files (one size directory or a root).
 
-Splits are saved by :func:`save_splits` as ``.npy`` files plus a ``splits.json`` manifest and read back,
-memory-mapped, by :func:`load_saved_splits`.
+Splits are saved by :func:`save_splits` as ``.npy`` files (plus, when the source has text, one JSON-lines file of
+sentences per split, row-aligned) and a ``splits.json`` manifest, and read back, memory-mapped, by
+:func:`load_saved_splits`; :mod:`flow_pipeline.core.split_store` keeps one such set per subset size.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Splits:
     train_indices, val_indices, test_indices: (n_split,) int64 row indices into the source.
     source: human-readable description of where the rows came from.
     seed, fractions: how the split was drawn, when it was drawn here (``None`` for splits given as files).
+    sentences: split name -> the sentence of each row (row-aligned), or ``None`` for sources without text.
+    size: the subset label of split files given per size (1k, 5k, 10k, full), else ``None``.
     """
 
     train: np.ndarray
@@ -72,6 +75,8 @@ class Splits:
     source: str
     seed: int | None = None
     fractions: tuple[float, float, float] | None = None
+    sentences: dict[str, list[str]] | None = None
+    size: str | None = None
 
     @property
     def dim(self) -> int:
@@ -230,62 +235,6 @@ def load_embeddings(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: unknown extension {path.suffix!r}; expected .npy or .pt")
     _check_float_matrix(array, str(path))
     return array
-
-
-def load_split_dir(directory: str | os.PathLike) -> Splits:
-    """Load the earlier data phase's ``train.pt`` / ``val.pt`` / ``test.pt`` from ``directory`` as given.
-
-    Each file is a dict with ``embeddings`` ((N, dim) tensor), ``indices`` (N row indices into the original corpus),
-    ``instructions`` (N strings, not kept here), ``split`` (its name) and ``size`` (N). Returns float32 arrays and
-    int64 indices; ``source`` is the absolute directory. Raises DataError naming the file for a missing file, a
-    malformed dict, an indices/size/split field that disagrees with the embeddings, or splits of different dims.
-    """
-    directory = _absolute(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: split directory not found")
-    arrays: dict[str, np.ndarray] = {}
-    indices: dict[str, np.ndarray] = {}
-    for name in SPLIT_NAMES:
-        arrays[name], indices[name] = _load_split_file(directory / f"{name}.pt", name)
-    _check_same_dim(arrays, str(directory))
-    return Splits(
-        train=arrays["train"],
-        val=arrays["val"],
-        test=arrays["test"],
-        train_indices=indices["train"],
-        val_indices=indices["val"],
-        test_indices=indices["test"],
-        source=str(directory),
-    )
-
-
-def _load_split_file(path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """One split ``.pt`` -> ((N, dim) float32 embeddings, (N,) int64 indices)."""
-    _require_file(path)
-    obj = _torch_load(path)
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a dict with 'embeddings' and 'indices', got {type(obj).__name__}")
-    array = _tensor_to_numpy(path, _embeddings_tensor(path, obj))
-    _check_float_matrix(array, str(path))
-    rows = array.shape[0]
-    if "indices" not in obj:
-        raise DataError(f"{path}: dict has no 'indices' key (keys: {sorted(map(str, obj))})")
-    idx = _as_index_array(path, obj["indices"])
-    if idx.shape != (rows,):
-        raise DataError(f"{path}: 'indices' has shape {idx.shape} but 'embeddings' has {rows} rows")
-    if "size" in obj and int(obj["size"]) != rows:
-        raise DataError(f"{path}: 'size' says {int(obj['size'])} rows but 'embeddings' has {rows}")
-    if "split" in obj and str(obj["split"]) != name:
-        raise DataError(f"{path}: 'split' says {obj['split']!r} but the file is the {name!r} split")
-    return array, idx
-
-
-def _as_index_array(path: Path, value: object) -> np.ndarray:
-    """A tensor or list of integer row indices -> (N,) int64."""
-    array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise DataError(f"{path}: 'indices' must be integers, got dtype {array.dtype}")
-    return array.astype(np.int64)
 
 
 def _absolute(path: str | os.PathLike) -> Path:
@@ -462,8 +411,9 @@ def _scan_nonfinite_rows(array: np.ndarray, chunk_rows: int, keep: int = 5) -> t
 def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
     """Write a split set into ``directory``; returns the manifest path.
 
-    Files: ``{train,val,test}.npy`` (float32), ``{train,val,test}_indices.npy`` (int64) and ``splits.json``
-    (format version, counts, dim, source, seed, fractions, file sizes). Arrays are copied ``chunk_rows`` rows at a time,
+    Files: ``{train,val,test}.npy`` (float32), ``{train,val,test}_indices.npy`` (int64), when the splits carry
+    sentences ``{train,val,test}.jsonl`` (one ``{"index": id, "text": sentence}`` per line, row-aligned with the
+    ``.npy``), and ``splits.json`` (format version, counts, dim, source, seed, fractions, size, file sizes). Arrays are copied ``chunk_rows`` rows at a time,
     so memory-mapped inputs larger than RAM work.
 
     Atomicity: every file is first written to a temp name in the same directory and fsynced; on any error the temps
@@ -481,6 +431,8 @@ def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = 
             staged[f"{name}.npy"] = _write_npy_temp(directory, array, np.float32, chunk_rows)
         for name, idx in splits.indices().items():
             staged[f"{name}_indices.npy"] = _write_npy_temp(directory, np.asarray(idx), np.int64, chunk_rows)
+        for name, sentences in (splits.sentences or {}).items():
+            staged[f"{name}.jsonl"] = _write_sentences_temp(directory, sentences, splits.indices()[name])
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
@@ -494,6 +446,9 @@ def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = 
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)  # only temps that were not moved into place remain
+    for name in SPLIT_NAMES:
+        if f"{name}.jsonl" not in staged:
+            (directory / f"{name}.jsonl").unlink(missing_ok=True)  # sentences of an earlier set
     _atomic_write_bytes(directory / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return directory / MANIFEST_NAME
 
@@ -523,7 +478,27 @@ def load_saved_splits(directory: str | os.PathLike) -> Splits:
         source=str(manifest["source"]),
         seed=manifest.get("seed"),
         fractions=tuple(fractions) if fractions is not None else None,
+        size=manifest.get("size"),
     )
+
+
+def load_sentences(directory: str | os.PathLike, split: str) -> list[str] | None:
+    """The sentences of one saved split, row-aligned with its ``.npy``; ``None`` when the source had no text.
+    Raises DataError naming the file when it is missing, malformed or has another row count than the manifest."""
+    directory = _absolute(directory)
+    manifest = _read_manifest(directory / MANIFEST_NAME)
+    if not manifest.get("sentences"):
+        return None
+    path = directory / f"{split}.jsonl"
+    _require_file(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may occur in a sentence
+        sentences = [json.loads(line)["text"] for line in lines if line]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: malformed sentences file: {exc!r}") from exc
+    if len(sentences) != manifest["counts"][split]:
+        raise DataError(f"{path}: {len(sentences)} sentences but the manifest says {manifest['counts'][split]} rows")
+    return sentences
 
 
 def _manifest(splits: Splits, file_bytes: dict[str, int]) -> dict:
@@ -535,6 +510,8 @@ def _manifest(splits: Splits, file_bytes: dict[str, int]) -> dict:
         "source": splits.source,
         "seed": splits.seed,
         "fractions": list(splits.fractions) if splits.fractions is not None else None,
+        "size": splits.size,
+        "sentences": splits.sentences is not None,
         "file_bytes": file_bytes,
     }
 
@@ -590,6 +567,23 @@ def _write_npy_temp(directory: Path, array: np.ndarray, dtype: type, chunk_rows:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _write_sentences_temp(directory: Path, sentences: list[str], indices: np.ndarray) -> Path:
+    """One ``{"index": id, "text": sentence}`` JSON line per row into a fsynced temp file; returns its path."""
+    if len(sentences) != len(indices):
+        raise DataError(f"{directory}: {len(sentences)} sentences for {len(indices)} rows")
+    fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".jsonl", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for index, text in zip(indices.tolist(), sentences):
+                handle.write(json.dumps({"index": index, "text": text}, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

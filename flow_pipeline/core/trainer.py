@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
-from flow_pipeline.core.data import EpochBatchSampler, Normalizer, augment, first_training_rows
+from flow_pipeline.core.data import EpochBatchSampler, Normalizer, augment
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
@@ -43,11 +43,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainData:
-    """Raw (un-normalised) embeddings: train (n_train, dim), val (n_val, dim); normalisation stats (dim,)."""
+    """Raw (un-normalised) embeddings: train (n_train, dim), exactly the rows the run trains on; val (n_val, dim);
+    the normalisation fitted on those train rows. identity: which rows and statistics these are (subset, stats
+    sha256), kept in the checkpoint; a resume with a different identity is refused."""
 
     train: Tensor
     val: Tensor
     normalizer: Normalizer
+    identity: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -76,11 +79,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} requested but CUDA is not available on this machine")
     return torch.device(name)
-
-
-def select_training_rows(train: Tensor, dataset: str) -> Tensor:
-    """The first N training rows for ``dataset`` (``1k``, ``5k``, ``10k``; ``full`` keeps all)."""
-    return first_training_rows(train, dataset)
 
 
 def draw_path(flow: Flow, x_1: Tensor, generator: torch.Generator) -> PathSample:
@@ -213,8 +211,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
     if data.normalizer.method != config.normalization:
         raise ValueError(f"normalization: config says {config.normalization!r}, the statistics given are "
                          f"{data.normalizer.method!r}")
-    train_rows = select_training_rows(data.train, config.dataset)
-    train_z = data.normalizer.normalize(torch.as_tensor(train_rows, dtype=torch.float32)).to(device)
+    train_z = data.normalizer.normalize(torch.as_tensor(data.train, dtype=torch.float32)).to(device)
     val_z = data.normalizer.normalize(torch.as_tensor(data.val, dtype=torch.float32)).to(device)
     if config.batch_size % dist.world_size:
         raise ValueError(f"batch_size: {config.batch_size} is not a multiple of the {dist.world_size} training "
@@ -261,6 +258,9 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         else:
             source, state = resume_point
             _check_resumable(state["config"], config, source)
+            if state.get("data_identity") and data.identity and state["data_identity"] != data.identity:
+                raise ValueError(f"cannot resume from {source}: it was trained on other data or statistics "
+                                 f"({state.get('data_identity')} vs {data.identity})")
             saved_world_size = state.get("world_size", 1)
             if saved_world_size != dist.world_size and dist.is_main:
                 # Same batches and noise, so the run continues its trajectory; only the order in which gradients
@@ -297,6 +297,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
             "best_epoch": best_epoch,
             "config": config.model_dump(),
             "normalization_stats": data.normalizer.state_dict(),
+            "data_identity": data.identity,
             "early_stopping": stopper.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": _rng_state(noise_generator),

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import dagster as dg
 import torch
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from flow_pipeline.ablations import PARTITION_KEYS
-from flow_pipeline.artifacts import load_normalizer, save_normalizer
+from flow_pipeline.artifacts import load_normalizer, load_normalizer_info, normalizer_sha256
 from flow_pipeline.config import TrainConfig, format_validation_error
-from flow_pipeline.core.sources import DataError, load_saved_splits, save_splits, validate_embeddings
-from flow_pipeline.core.data import DATASET_SIZES, first_training_rows
-from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer
-from flow_pipeline.datasets import SYNTHETIC, build_splits
-from flow_pipeline.defs.failures import CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
+from flow_pipeline.core.sources import DataError
+from flow_pipeline.core.split_store import load_run_splits
+from flow_pipeline.defs.data_assets import OWNERS, DatasetConfig, dataset_splits, normalization_stats  # noqa: F401
+from flow_pipeline.defs.failures import CONFIG, DATA, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
 from flow_pipeline.replicates import completed_result, replicate_entry, replicate_seeds, summary_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
@@ -27,7 +26,6 @@ from flow_pipeline.train import FAILURE_NAME, TrainJob
 
 ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
 GPU_POOL = "gpu"  # limits concurrent trainings; its limit is the number of GPUs (1 on a CPU machine)
-OWNERS = ["team:flow-matching"]
 # Run tag naming the host that trains: the fail_orphaned_runs sensor judges a run worker's pid only on that host.
 RUN_HOST_TAG = "flow_pipeline/host"
 # Run tag read by dagster-k8s's K8sRunLauncher: extra Kubernetes config for the run's pod.
@@ -45,83 +43,6 @@ def k8s_gpu_run_tags(gpus: int) -> dict[str, str]:
         "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
     }
     return {K8S_CONFIG_TAG: json.dumps(config)}
-
-
-class DatasetConfig(dg.Config):
-    source: str = Field(
-        default=SYNTHETIC,
-        description="'synthetic' (built-in SONAR-like generator), an N x D .npy/.pt file, or a directory with "
-        "train.pt/val.pt/test.pt split files (used as given)",
-    )
-    dim: int = Field(default=1024, description="embedding dimension every split must have")
-    n_synthetic: int = Field(default=12_000, description="rows drawn by the synthetic generator")
-    seed: int = Field(default=0, description="seed of the generator and of the split permutation")
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-
-
-@dg.asset(group_name="data", owners=OWNERS, kinds={"numpy"})
-def dataset_splits(context: dg.AssetExecutionContext, config: DatasetConfig, artifacts: ArtifactsResource) -> dg.MaterializeResult:
-    """Seeded train/val/test split of the embeddings source, saved as memory-mappable .npy files with row indices."""
-    fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
-    try:
-        splits = build_splits(config.source, config.dim, config.n_synthetic, config.seed, fractions)
-    except (DataError, ValueError) as exc:
-        raise dg.Failure(description=f"dataset_splits: {exc}") from exc
-    splits_dir = artifacts.layout.splits_dir
-    save_splits(splits, splits_dir)
-    counts = {name: int(array.shape[0]) for name, array in splits.arrays().items()}
-    return dg.MaterializeResult(metadata={
-        "source": splits.source,
-        "dim": splits.dim,
-        **{f"n_{name}": count for name, count in counts.items()},
-        "splits_dir": dg.MetadataValue.path(str(splits_dir)),
-    })
-
-
-@dg.asset(deps=[dataset_splits], group_name="data", owners=OWNERS, kinds={"numpy"})
-def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
-    """One Normalizer per training subset and method (zscore, whiten), fitted on exactly the training rows a run
-    with that ``dataset`` uses (streamed in chunks; std floored; whitening eigenvalues shrunk, Ledoit-Wolf)."""
-    layout = artifacts.layout
-    try:
-        train = load_saved_splits(layout.splits_dir).train
-        validate_embeddings(train, train.shape[1], f"{layout.splits_dir / 'train.npy'}", min_rows=2)
-    except DataError as exc:
-        raise dg.Failure(description=f"normalization_stats: {exc}") from exc
-    written, skipped = [], {}
-    for dataset in DATASET_SIZES:
-        try:
-            rows = first_training_rows(train, dataset)
-        except ValueError as exc:
-            skipped[dataset] = str(exc)
-            continue
-        for method in NORMALIZATIONS:
-            normalizer = Normalizer.fit(rows, method)
-            path = layout.stats_path(dataset, method)
-            save_normalizer(path, normalizer, {"dataset": dataset, "subset": f"first {rows.shape[0]} train rows"})
-            written.append({"dataset": dataset, "normalization": method, **normalizer.details, "path": str(path)})
-    kept = {Path(item["path"]).name for item in written}
-    for stale in layout.stats_dir.glob("*.npz"):  # subsets the current splits no longer have
-        if stale.name not in kept:
-            stale.unlink()
-    return dg.MaterializeResult(metadata={
-        "dim": int(train.shape[1]),
-        "n": int(train.shape[0]),  # rows of the train split (the ``full`` subset)
-        "stats": dg.MetadataValue.md(_stats_table(written)),
-        "datasets": sorted({item["dataset"] for item in written}, key=list(DATASET_SIZES).index),
-        "skipped_datasets": dg.MetadataValue.json(skipped),
-        "stats_dir": dg.MetadataValue.path(str(layout.stats_dir)),
-    })
-
-
-def _stats_table(written: list[dict]) -> str:
-    lines = ["| dataset | normalization | rows | shrinkage | min std | median std | floored |", "|---|---|---:|---:|---:|---:|---:|"]
-    for item in written:
-        shrinkage = f"{item['shrinkage']:.3f}" if "shrinkage" in item else "-"
-        lines.append(f"| {item['dataset']} | {item['normalization']} | {item['rows']} | {shrinkage} | "
-                     f"{item['min_std']:.3g} | {item['median_std']:.3g} | {item['n_floored']} |")
-    return "\n".join(lines)
 
 
 def training_command(job_path: Path, processes: int) -> list[str]:
@@ -147,6 +68,14 @@ def _visible_gpus(compute: ComputeResource) -> int:
     if compute.visible_devices:
         return len([device for device in compute.visible_devices.split(",") if device.strip()])
     return torch.cuda.device_count()
+
+
+def _data_identity(config, stats_path: Path) -> dict:
+    """Which rows and which statistics a run trains with: in its metadata and checkpoint, checked on resume."""
+    info = load_normalizer_info(stats_path)
+    return {"dataset": config.dataset, "subset": info.get("subset", "unknown"), "train_rows": info.get("rows"),
+            "normalization": config.normalization, "normalization_stats": str(stats_path),
+            "normalization_sha256": normalizer_sha256(load_normalizer(stats_path))}
 
 
 def _read_failure(run_dir: Path) -> tuple[str, str]:
@@ -189,6 +118,12 @@ def trained_checkpoint(
     try:
         device = compute.resolve_device(context.log)
         probe = config.to_train_config(partition, 1, device)  # every field validated before any data is read
+        try:
+            load_run_splits(layout.splits_dir, probe.dataset)  # a subset the splits lack: names the ones they have
+        except DataError as exc:
+            missing = "file not found" in str(exc)  # dataset_splits not materialized (or not finished)
+            kind = CONFIG if str(exc).startswith("dataset:") else MISSING_INPUT if missing else DATA
+            raise _fail(context, kind, f"partition {partition}: {exc}") from exc
         stats_path = layout.stats_path(probe.dataset, probe.normalization)
         if not stats_path.exists():
             raise _fail(context, MISSING_INPUT, f"normalization stats for dataset={probe.dataset!r}, normalization="
@@ -253,6 +188,7 @@ def _train_one(context, config: TrainRunConfig, train_config: TrainConfig, stats
         config=train_config.model_dump(),
         splits_dir=str(layout.splits_dir),
         stats_path=str(stats_path),
+        data_identity=_data_identity(train_config, stats_path),
         run_dir=str(run_dir),
         partition_key=partition,
         tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),

@@ -1,5 +1,6 @@
 """Asset checks on each partition of ``trained_checkpoint``: is best.pt the file that was reported, safe to load,
-finite, and better than predicting zero?
+finite, and better than predicting zero? And on each partition of ``evaluation``: does the model beat the
+``gaussian-full`` baseline on the ranking metric (non-blocking, evaluated in the evaluation's own step)?
 
 Three checks, evaluated in one step (one process and one read of the file instead of three) and recorded per
 partition (``partitions_def`` on a check spec, a preview feature in Dagster 1.13): the UI shows each check's status
@@ -161,3 +162,36 @@ def verify_trained_checkpoint(context: dg.AssetCheckExecutionContext):
 
 
 trained_checkpoint_checks = [verify_trained_checkpoint]
+
+
+# --- evaluation: does the model beat the closed-form baseline? ----------------------------------------------------
+
+BEATS_GAUSSIAN_FULL = "evaluation_beats_gaussian_full"
+
+
+def beats_gaussian_full(model: dict, baseline: dict | None, metric: str) -> dg.AssetCheckResult:
+    """The model's primary sampler scores better (lower) than ``gaussian-full`` (mean and Ledoit–Wolf covariance of
+    the run's training rows, scored with the same metrics, n and seed) on the ranking metric. Non-blocking: a model
+    that loses to a Gaussian is a research result to report, not a broken artifact."""
+    if baseline is None:
+        return _failed(BEATS_GAUSSIAN_FULL, "no gaussian-full baseline in this evaluation (references disabled?)")
+    model_value, baseline_value = float(model[metric]), float(baseline[metric])
+    return dg.AssetCheckResult(
+        check_name=BEATS_GAUSSIAN_FULL,
+        passed=model_value < baseline_value,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"metric": metric, "model": model_value, "gaussian_full": baseline_value,
+                  "model_kid_se": float(model.get("kid_se", math.nan)),
+                  "gaussian_full_kid_se": float(baseline.get("kid_se", math.nan))},
+    )
+
+
+def _evaluation_spec() -> dg.AssetCheckSpec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(BEATS_GAUSSIAN_FULL, asset=dg.AssetKey("evaluation"), blocking=False,
+                                 description=beats_gaussian_full.__doc__)
+
+
+# Evaluated inside the evaluation asset's step (the numbers are there), so no second read of anything.
+EVALUATION_CHECK_SPECS = [_evaluation_spec()]

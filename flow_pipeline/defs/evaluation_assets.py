@@ -7,11 +7,32 @@ from pydantic import Field
 from flow_pipeline.ablations import ablation_for
 from flow_pipeline.artifacts import write_json
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
+from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
 from flow_pipeline.core.sources import DataError, load_saved_splits
+from flow_pipeline.core.split_store import RunSplits, load_run_splits
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
+from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
-from flow_pipeline.evaluation import ADAPTIVE_SOLVERS, SamplerSpec, evaluate_checkpoint
-from flow_pipeline.report import PRIMARY_METRIC, build_row, sampler_table, write_report
+from flow_pipeline.evaluation import (
+    ADAPTIVE_SOLVERS,
+    DOPRI5_ATOL,
+    DOPRI5_RTOL,
+    SAMPLES_PER_DIM,
+    Evaluation,
+    SamplerSpec,
+    evaluate_checkpoint,
+)
+from flow_pipeline.report import (
+    LOSES_TO_BASELINE,
+    PRIMARY_METRIC,
+    REFERENCE_METRIC_KEYS,
+    build_row,
+    reference_rows,
+    reference_table,
+    sampler_table,
+    write_report,
+)
+from flow_pipeline.sentences import read_split_sentences, sentences_markdown
 
 EVALUATION_JSON = "evaluation.json"
 
@@ -19,12 +40,19 @@ EVALUATION_JSON = "evaluation.json"
 class EvaluationConfig(dg.Config):
     """How a partition's EMA model is sampled and scored."""
 
-    solver: str = Field(default="euler", description="ODE solver of the headline numbers: euler, midpoint, rk4, dopri5")
+    solver: str = Field(default="dopri5", description=f"ODE solver of the headline numbers: dopri5 (adaptive, rtol "
+                        f"{DOPRI5_RTOL:g}, atol {DOPRI5_ATOL:g}), euler, midpoint, rk4")
     steps: int = Field(default=50, description="fixed steps of that solver (ignored by the adaptive dopri5)")
     extra_samplers: list[str] = Field(
-        default_factory=list, description="more settings to compare, e.g. ['midpoint:25', 'rk4:10', 'dopri5']"
+        default_factory=list, description="more settings to compare, each reported with its NFE, e.g. "
+        "['euler:50', 'rk4:10']"
     )
-    n_samples: int = Field(default=1000, description="cap on the number of samples: n = min(test rows, n_samples)")
+    n_samples: int = Field(default=SAMPLES_PER_DIM * 1024, description="cap on the number of samples: n = "
+                           "min(test rows, n_samples); 5 x dim by default (FD and k-NN metrics are biased at n ~ dim)")
+    references: bool = Field(default=True, description="also score held-out real val rows and the gaussian-full / "
+                             "gaussian-diag baselines with the same metrics, n and seed")
+    n_sentences: int = Field(default=5, ge=0, description="generated samples shown with their nearest train and "
+                             "test sentences, when the splits carry sentences (<split>.jsonl)")
     seed: int = Field(default=0, description="seed of the starting noise and of the reference subsampling")
     k: int = Field(default=5, description="nearest neighbours of precision/recall/density/coverage")
     batch_size: int = Field(default=1024, description="rows integrated at once")
@@ -54,12 +82,58 @@ def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partit
     return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
 
 
+def _sentences(run: RunSplits, n_sentences: int) -> tuple[list[str], list[str]] | None:
+    """(train, test) sentences when both splits carry them and any are asked for; else None. Train: the sentences
+    of the run's own training rows (the first rows of its set's train split)."""
+    if n_sentences == 0:
+        return None
+    whole = load_saved_splits(run.set_dir)  # the .jsonl files are row-aligned with the whole saved splits
+    train = read_split_sentences(run.set_dir, "train", whole.train.shape[0])
+    test = read_split_sentences(run.set_dir, "test", whole.test.shape[0])
+    train = None if train is None else train[: run.splits.train.shape[0]]
+    return (train, test) if train is not None and test is not None else None
+
+
+def evaluation_metadata(result: Evaluation, results_path) -> dict:
+    """The materialization's metadata: the primary sampler's metrics (flat), where each metric is computed, the
+    ranking rule, the sample-size note next to the numbers, and the reference rows (held-out real, baselines)."""
+    primary = result.primary
+    references = {ref.name: {key: ref.metrics.get(key) for key in REFERENCE_METRIC_KEYS} | {"n": ref.n}
+                  for ref in result.references}
+    metadata = {
+        **{name: float(value) for name, value in primary.metrics.items() if name != "n"},
+        "sampler": primary.sampler,
+        "dopri5_tolerance": f"rtol {DOPRI5_RTOL:g}, atol {DOPRI5_ATOL:g}",
+        "nfe": primary.nfe,
+        "seconds": round(primary.seconds, 3),
+        "n": result.n,
+        "n_target": result.n_target,
+        "seed": result.seed,
+        "n_note": result.n_note or "n >= 5 x dim",
+        "dataset": result.dataset,
+        "n_training_rows": result.n_training_rows,
+        "ranking_rule": RANKING_RULE,
+        "metric_spaces": dg.MetadataValue.json({space: list(keys) for space, keys in METRIC_SPACES.items()}),
+        "samplers": dg.MetadataValue.md(sampler_table(result.as_dict()["results"])),
+        "references": dg.MetadataValue.json(references),
+        "reference_table": dg.MetadataValue.md(reference_table(result, PRIMARY_METRIC)),
+        "run_name": result.run_name,
+        "checkpoint_path": dg.MetadataValue.path(result.checkpoint_path),
+        "checkpoint_sha256": result.sha256,
+        "results_path": dg.MetadataValue.path(str(results_path)),
+    }
+    if result.nearest_sentences:
+        metadata["nearest_sentences"] = dg.MetadataValue.md(sentences_markdown(result.nearest_sentences))
+    return metadata
+
+
 @dg.asset(
     partitions_def=ablation_partitions,
     deps=[trained_checkpoint],
     group_name="evaluation",
     owners=OWNERS,
     kinds={"pytorch"},
+    check_specs=EVALUATION_CHECK_SPECS,
 )
 def evaluation(
     context: dg.AssetExecutionContext,
@@ -67,9 +141,11 @@ def evaluation(
     artifacts: ArtifactsResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    """Sample quality of one partition's EMA model: ODE samples in raw embedding space against the held-out test
-    split (FD beside the real-vs-real FD floor, precision/recall/density/coverage, memorisation of train and copies of any train row, norms),
-    for the configured sampler and any extra sampler settings; results also saved as JSON."""
+    """Sample quality of one partition's EMA model: ODE samples (dopri5 by default) in raw embedding space against
+    the held-out test split: KID ± se with a bootstrap CI and FD∞ in train-normalised space, variance and norm
+    ratios, precision/recall/density/coverage, memorisation against the rows the run trained on; beside the same
+    metrics for held-out real val rows and the gaussian-full / gaussian-diag baselines, and, when the splits carry
+    sentences, the nearest train and test sentence of a few samples. Results also saved as JSON."""
     partition = context.partition_key
     try:
         samplers = config.samplers()
@@ -81,33 +157,29 @@ def evaluation(
                          f"checkpoint_path for this partition; materialize trained_checkpoint[{partition}] first")
     layout = artifacts.layout
     try:
-        splits = load_saved_splits(layout.splits_dir)
+        # The run's own data: for a per-size store, the test split of the size it trained on.
+        # The run's own data: its training rows, and for a per-size store the val/test splits of its size.
+        run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
+        splits = run.splits
         result = evaluate_checkpoint(
             training["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,
             seed=config.seed, k=config.k, device=compute.resolve_device(context.log), batch_size=config.batch_size,
-            expected_sha256=training.get("sha256"),
+            expected_sha256=training.get("sha256"), val=splits.val if config.references else None,
+            sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
         )
     except (CheckpointError, DataError, ValueError) as exc:
         raise dg.Failure(description=f"evaluation of {partition}: {exc}") from exc
 
     results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
     write_json(results_path, {"partition": partition, **result.as_dict()})
-    primary = result.primary
-    context.log.info(f"{partition} ({primary.sampler}): fd={primary.metrics['fd']:.4g} "
-                     f"floor={primary.metrics['fd_floor']:.4g} precision={primary.metrics['precision']:.3f} "
-                     f"recall={primary.metrics['recall']:.3f}")
-    return dg.MaterializeResult(metadata={
-        **{name: float(value) for name, value in primary.metrics.items() if name != "n"},
-        "sampler": primary.sampler,
-        "nfe": primary.nfe,
-        "seconds": round(primary.seconds, 3),
-        "n": result.n,
-        "samplers": dg.MetadataValue.md(sampler_table(result.as_dict()["results"])),
-        "run_name": result.run_name,
-        "checkpoint_path": dg.MetadataValue.path(result.checkpoint_path),
-        "checkpoint_sha256": result.sha256,
-        "results_path": dg.MetadataValue.path(str(results_path)),
-    })
+    primary = result.primary.metrics
+    context.log.info(f"{partition} ({result.primary.sampler}, n={result.n}): kid={primary['kid']:.4g} ± "
+                     f"{primary['kid_se']:.2g} fd_inf={primary['fd_inf']:.4g} "
+                     f"variance_ratio={primary['variance_ratio']:.3f} coverage={primary['coverage']:.3f}"
+                     + (f" [{result.n_note}]" if result.n_note else ""))
+    gaussian_full = next((ref.metrics for ref in result.references if ref.name == "gaussian-full"), None)
+    return dg.MaterializeResult(metadata=evaluation_metadata(result, results_path),
+                                check_results=[beats_gaussian_full(primary, gaussian_full, PRIMARY_METRIC)])
 
 
 def _history(checkpoint_path: str | None) -> tuple[list[dict], str]:
@@ -127,14 +199,17 @@ def _history(checkpoint_path: str | None) -> tuple[list[dict], str]:
     kinds={"pytorch"},
 )
 def ablation_report(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
-    """All evaluated partitions side by side: a Markdown table (arch, flow, params, best val loss, FD and its floor,
-    precision, recall, coverage, memorisation, train copies, train time) sorted by FD / floor, the same rows as CSV, and a PNG
-    with every partition's validation-loss curve and a bar chart of FD / floor."""
-    rows, curves = [], {}
+    """All evaluated partitions side by side with the reference rows (held-out real, gaussian-full, gaussian-diag):
+    a Markdown table (arch, flow, params, best val loss, ranking KID, KID ± se and CI, FD∞, variance and norm ratios,
+    precision, recall, density, coverage, memorisation, train copies, train time) sorted by the ranking metric, with
+    models that do not beat gaussian-full marked; the same rows as CSV, and a PNG with every partition's
+    validation-loss curve and a bar chart of the ranking metric."""
+    rows, curves, evaluations = [], {}, {}
     for partition in ablation_partitions.get_partition_keys():
         evaluated = latest_metadata(context.instance, evaluation.key, partition)
         if evaluated is None:
             continue
+        evaluations[partition] = evaluated
         training = latest_metadata(context.instance, trained_checkpoint.key, partition)
         notes = []
         if training is None:
@@ -149,14 +224,17 @@ def ablation_report(context: dg.AssetExecutionContext, artifacts: ArtifactsResou
     if not rows:
         raise dg.Failure(description="ablation_report: no partition of evaluation is materialized yet; "
                          "materialize evaluation for at least one partition first")
-    files = write_report(rows, curves, artifacts.layout.reports_dir)
+    losing = [row["partition"] for row in rows if row["note"].startswith(LOSES_TO_BASELINE)]
+    files = write_report(rows + reference_rows(evaluations), curves, artifacts.layout.reports_dir)
     context.log.info(f"ablation report over {len(rows)} partitions in {artifacts.layout.reports_dir}")
     return dg.MaterializeResult(metadata={
         "report": dg.MetadataValue.md(files.markdown),
         "primary_metric": PRIMARY_METRIC,
-        "best_partition": files.rows[0]["partition"],
+        "best_partition": next(row["partition"] for row in files.rows if not row["partition"].startswith("reference")),
         "n_partitions": len(rows),
-        "partitions": dg.MetadataValue.json([row["partition"] for row in files.rows]),
+        "not_beating_gaussian_full": dg.MetadataValue.json(losing),
+        "partitions": dg.MetadataValue.json([row["partition"] for row in files.rows
+                                             if not row["partition"].startswith("reference")]),
         "figure_png": dg.MetadataValue.path(str(files.png_path)),
         "csv_path": dg.MetadataValue.path(str(files.csv_path)),
         "markdown_path": dg.MetadataValue.path(str(files.markdown_path)),

@@ -253,7 +253,8 @@ def test_evaluate_samples_returns_all_metrics(ranking):
     expected_keys = {
         "fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
         "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std",
-        "nn_cosine", "n",
+        "nn_cosine", "n", "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope",
+        "variance_ratio", "norm_ratio", "memorising",
     }  # fmt: skip
     for metrics in ranking.values():
         assert set(metrics) == expected_keys

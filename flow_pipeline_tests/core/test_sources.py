@@ -16,7 +16,6 @@ from flow_pipeline.core.sources import (
     Splits,
     load_embeddings,
     load_saved_splits,
-    load_split_dir,
     make_splits,
     save_splits,
     split_array,
@@ -229,68 +228,6 @@ def test_validate_splits_names_the_empty_split():
     validate_splits(splits, expected_dim=8)
     with pytest.raises(DataError, match=re.escape("/data/e.npy [val split]: too few rows: has 0, needs at least 2")):
         validate_splits(empty_val, expected_dim=8)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Split files from the earlier data phase
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _write_split_dir(directory: Path, sizes=(12, 4, 3), dim: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(7)
-    order = rng.permutation(sum(sizes))
-    written, start = {}, 0
-    for name, size in zip(("train", "val", "test"), sizes):
-        emb = _rows(size, dim, seed=size)
-        idx = order[start : start + size]
-        start += size
-        torch.save(
-            {
-                "embeddings": torch.from_numpy(emb),
-                "instructions": [f"sentence {i}" for i in idx],
-                "indices": torch.from_numpy(idx),
-                "split": name,
-                "size": size,
-            },
-            directory / f"{name}.pt",
-        )
-        written[name] = (emb, idx)
-    return written
-
-
-def test_load_split_dir_returns_splits_as_given(tmp_path):
-    written = _write_split_dir(tmp_path)
-    splits = load_split_dir(tmp_path)
-    assert isinstance(splits, Splits)
-    assert splits.source == str(tmp_path.absolute())
-    for name in ("train", "val", "test"):
-        np.testing.assert_array_equal(splits.arrays()[name], written[name][0])
-        np.testing.assert_array_equal(splits.indices()[name], written[name][1])
-        assert splits.indices()[name].dtype == np.int64
-
-
-def test_load_split_dir_missing_file_is_named(tmp_path):
-    _write_split_dir(tmp_path)
-    (tmp_path / "val.pt").unlink()
-    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path.absolute() / 'val.pt'}: file not found")):
-        load_split_dir(tmp_path)
-
-
-def test_load_split_dir_inconsistent_fields(tmp_path):
-    _write_split_dir(tmp_path)
-    obj = torch.load(tmp_path / "test.pt", weights_only=True)
-    obj["indices"] = obj["indices"][:-1]
-    torch.save(obj, tmp_path / "test.pt")
-    with pytest.raises(DataError, match=r"test\.pt: 'indices' has shape \(2,\) but 'embeddings' has 3 rows"):
-        load_split_dir(tmp_path)
-
-
-def test_load_split_dir_different_dims(tmp_path):
-    _write_split_dir(tmp_path)
-    other_dim = {"embeddings": torch.ones(3, 9), "indices": torch.arange(3), "split": "test", "size": 3}
-    torch.save(other_dim, tmp_path / "test.pt")
-    with pytest.raises(DataError, match="splits have different dims"):
-        load_split_dir(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

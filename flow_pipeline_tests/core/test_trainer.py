@@ -569,13 +569,6 @@ def test_unknown_fields_are_rejected():
         tiny_config(learning_rate=0.1)
 
 
-def test_dataset_larger_than_the_data_names_dataset(data, tmp_path):
-    with pytest.raises(ValueError) as info:
-        train(tiny_config(dataset="1k"), data, tmp_path)
-    assert "dataset" in str(info.value) and "1k" in str(info.value)
-    assert not (tmp_path / ckpt.BEST_NAME).exists()
-
-
 def test_dim_mismatch_names_dim(data, tmp_path):
     with pytest.raises(ValueError, match="dim"):
         train(tiny_config(dim=32), data, tmp_path)
