@@ -166,8 +166,9 @@ def launch_backfill(servers: DagsterServers, settings: SoakSettings) -> str:
 
 
 def restart_postgres(server: PostgresServer) -> None:
-    run_as_server_user(server, [str(server.bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-m", "fast", "-w",
-                                "-t", "60", "-o", f"-p {server.port} -k {server.root} -c listen_addresses={server.host} "
+    # -l: the restarted server must not inherit our pipes (the call would wait for their EOF forever).
+    run_as_server_user(server, [str(server.bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-l",
+                                str(server.root / "server.log"), "-m", "fast", "-w", "-t", "60", "-o", f"-p {server.port} -k {server.root} -c listen_addresses={server.host} "
                                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
                                 "restart"])
 
