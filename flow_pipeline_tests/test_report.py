@@ -46,10 +46,17 @@ def row(partition: str, ranking_kid, **values) -> dict:
     return build_row(partition, arch, flow, evaluation_values, training)
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """Body rows of the (single) Markdown table in ``markdown``, as lists of cells."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+def table_rows(markdown: str, table: int = 0) -> list[list[str]]:
+    """Body rows of the ``table``-th Markdown table in ``markdown`` (0: the main table, 1: the statistics), as lists
+    of cells."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in tables[table][2:]]
 
 
 def column(name: str) -> int:
