@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="first seed; replicates use seed, seed+1, ...")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n-samples", type=int, default=1000, help="samples per evaluation")
+    parser.add_argument("--n-synthetic", type=int, default=6400, help="rows of the built-in data (60/20/20 split; "
+                        "validation every eval_every_steps runs over the whole val split)")
     parser.add_argument("--baseline", default="", help="report baseline: a partition key or an identity "
                         "(default: the first partition of the grid)")
     return parser.parse_args(argv)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"study: {', '.join(a.key.to_user_string() for a in assets)} "
                                  f"{kwargs.get('partition_key', '')} failed (see the run in the Dagster UI)")
 
-        materialize([dataset_splits, normalization_stats])
+        materialize([dataset_splits, normalization_stats],
+                    run_config={"ops": {"dataset_splits": {"config": {"n_synthetic": args.n_synthetic}}}})
         for index, partition in enumerate(partitions, 1):
             print(f"[{time.perf_counter() - started:7.0f} s] {index}/{len(partitions)} {partition}: "
                   f"{args.replicates} replicate(s) x {args.max_steps} steps, then evaluation", flush=True)

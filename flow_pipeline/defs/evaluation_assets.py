@@ -260,6 +260,8 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     if not rows:
         raise dg.Failure(description="ablation_report: no partition of evaluation is materialized yet; "
                          "materialize evaluation for at least one partition first")
+    order = ablation_partitions.get_partition_keys()
+    rows.sort(key=lambda row: (order.index(row["partition"]), row["identity"]))  # registry order, then identity
     losing = [row["partition"] for row in rows if row["note"].startswith(LOSES_TO_BASELINE)]
     baseline = pick_baseline(rows, config.baseline)
     add_comparisons(rows, baseline, PRIMARY_METRIC)
