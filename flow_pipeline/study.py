@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import dagster as dg
 
-    from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
+    from flow_pipeline.defs.assets import trained_checkpoint
+    from flow_pipeline.defs.data_assets import dataset_splits, normalization_stats
     from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation
     from flow_pipeline.definitions import defs
 
