@@ -31,6 +31,10 @@ from torch import nn
 
 from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
 from flow_pipeline.core.models import build_model
+from flow_pipeline.core.models.mlp import MLPConfig, ResidualMLP
+from flow_pipeline.core.models.skip import LinearSkip
+from flow_pipeline.core.normalization import Normalizer
+from flow_pipeline.core.time_sampling import sample_times
 from flow_pipeline.core.sources import split_array
 from flow_pipeline.core.synthetic import ledoit_wolf_gaussian, sonar_mixture, synthetic_sonar_mixture
 
@@ -50,69 +54,37 @@ def load(data: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     return np.asarray(splits.train), np.asarray(splits.test), 1000
 
 
-class Whitener:
-    """PCA whitening fitted on rows (n, dim): z = (x - m) V / sqrt(max(lambda, floor)); floor = floor_ratio * mean
-    eigenvalue, so the directions the rows do not span (n < dim) or barely span are not blown up."""
+class ProjectNormalizer:
+    """The project's Normalizer (zscore or whiten, Ledoit-Wolf shrunk eigenvalues) on NumPy arrays."""
 
-    def __init__(self, x: np.ndarray, floor_ratio: float = 0.1):
-        x = np.asarray(x, np.float64)
-        self.mean = x.mean(0)
-        eigval, self.vec = np.linalg.eigh(np.cov(x, rowvar=False))
-        self.scale = np.sqrt(np.maximum(eigval, floor_ratio * eigval.mean()))
+    def __init__(self, x: np.ndarray, method: str):
+        self.normalizer = Normalizer.fit(np.asarray(x, np.float32), method)
 
     def normalize(self, x):
-        return ((np.asarray(x, np.float64) - self.mean) @ self.vec / self.scale).astype(np.float32)
+        return self.normalizer.normalize(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
     def denormalize(self, z):
-        return (np.asarray(z, np.float64) * self.scale) @ self.vec.T + self.mean
-
-
-class ZScore(Whitener):
-    def __init__(self, x: np.ndarray):
-        x = np.asarray(x, np.float64)
-        self.mean, self.std = x.mean(0), np.maximum(x.std(0), 1e-6)
-
-    def normalize(self, x):
-        return ((np.asarray(x, np.float64) - self.mean) / self.std).astype(np.float32)
-
-    def denormalize(self, z):
-        return np.asarray(z, np.float64) * self.std + self.mean
-
-
-class SkipVelocity(nn.Module):
-    """v(x, t) = net(x, t) + g(t) * x with a learned per-dimension gain g(t) = a + b t + c t^2 (a linear skip path:
-    for Gaussian data the exact velocity is linear in x)."""
-
-    def __init__(self, net: nn.Module, dim: int):
-        super().__init__()
-        self.net, self.coef = net, nn.Parameter(torch.zeros(3, dim))
-
-    def forward(self, x, t):
-        tc = t.reshape(-1, 1)
-        return self.net(x, t) + (self.coef[0] + self.coef[1] * tc + self.coef[2] * tc * tc) * x
-
-
-def draw_t(n: int, how: str, g: torch.Generator) -> torch.Tensor:
-    if how == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=g))
-    return torch.rand(n, generator=g)
+        return self.normalizer.denormalize(torch.from_numpy(np.asarray(z, np.float32))).double().numpy()
 
 
 def train_flow(z: np.ndarray, a: argparse.Namespace) -> nn.Module:
     torch.manual_seed(a.seed)
-    model = build_model("mlp", z.shape[1], a.size)
+    if a.width:
+        model = ResidualMLP(z.shape[1], MLPConfig(width=a.width, depth=a.depth, mlp_ratio=2, time_dim=128))
+    else:
+        model = build_model("mlp", z.shape[1], a.size)
     if a.skip:
-        model = SkipVelocity(model, z.shape[1])
+        model = LinearSkip(model, z.shape[1])
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    warm = min(100, a.steps // 10)
+    warm = max(1, min(100, a.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
     data, g = torch.from_numpy(z), torch.Generator().manual_seed(a.seed)
     for step in range(a.steps):
         x1 = data[torch.randint(len(data), (a.batch,), generator=g)]
         x0 = torch.randn(x1.shape, generator=g)
-        t = draw_t(len(x1), a.time, g)
+        t = sample_times(len(x1), a.time, g)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
         loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -151,14 +123,14 @@ def run(a: argparse.Namespace) -> dict:
         gen = fit[np.random.default_rng(a.seed).permutation(len(fit))[:n]] if a.data == "real" else \
             sonar_mixture(1024, 0).sample(n, np.random.default_rng(a.seed + 7))[0]
     else:
-        norm = Whitener(fit, a.floor) if a.norm == "whiten" else ZScore(fit)
+        norm = ProjectNormalizer(fit, a.norm)
         model = train_flow(norm.normalize(fit), a)
         gen = norm.denormalize(sample_flow(model.eval(), n, fit.shape[1], a.sample_steps, a.seed))
     wall = time.perf_counter() - start
     m = evaluate_samples(gen, fit, held, k=5, seed=0)
     nn_gen, nn_held = nearest_distance(gen, fit), nearest_distance(held[:n], fit)
     keys = ("fd_ratio", "precision", "recall", "density", "coverage", "train_copy_fraction")
-    row = {"data": a.data, "model": a.model, "norm": a.norm, "time": a.time, "skip": a.skip, "size": a.size,
+    row = {"data": a.data, "model": a.model, "norm": a.norm, "time": a.time, "skip": a.skip, "size": f"w{a.width}d{a.depth}" if a.width else a.size,
            "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed, "split_seed": a.split_seed,
            "wall_s": round(wall, 1), **{k: round(m[k], 3) for k in keys},
            "nn_train_ratio": round(float(np.median(nn_gen) / np.median(nn_held)), 3)}
@@ -196,12 +168,13 @@ def main(argv=None) -> None:
     p.add_argument("--data", choices=("builtin", "real"), default="builtin")
     p.add_argument("--model", choices=("flow", "gaussian-full", "heldout"), default="flow")
     p.add_argument("--norm", choices=("zscore", "whiten"), default="whiten")
-    p.add_argument("--floor", type=float, default=0.1)
     p.add_argument("--time", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--skip", action="store_true")
     p.add_argument("--size", default="small")
+    p.add_argument("--width", type=int, default=0, help="custom MLP width (0: the --size preset)")
+    p.add_argument("--depth", type=int, default=2)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--sample-steps", type=int, default=25)
