@@ -58,3 +58,12 @@ def test_config_builds_the_skip_path_and_rejects_unknown_sampling():
     assert isinstance(build_model(config.arch, config.dim, config.model_size, config.linear_skip), LinearSkip)
     with pytest.raises(ValueError, match="time_sampling"):
         TrainConfig(time_sampling="beta")
+
+
+def test_run_name_carries_non_default_skip_and_time_sampling():
+    base = TrainConfig()
+    flipped = TrainConfig(linear_skip=not base.linear_skip,
+                          time_sampling="uniform" if base.time_sampling == "logit_normal" else "logit_normal")
+    assert flipped.run_name.startswith(base.run_name)
+    assert ("-skip" if flipped.linear_skip else "-noskip") in flipped.run_name
+    assert f"-t{flipped.time_sampling.replace('_', '')}" in flipped.run_name
