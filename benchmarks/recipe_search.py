@@ -36,7 +36,12 @@ from flow_pipeline.core.models.skip import LinearSkip
 from flow_pipeline.core.normalization import Normalizer
 from flow_pipeline.core.time_sampling import sample_times
 from flow_pipeline.core.sources import split_array
-from flow_pipeline.core.synthetic import ledoit_wolf_gaussian, sonar_mixture, synthetic_sonar_mixture
+from flow_pipeline.core.synthetic import (
+    frechet_to_gaussian,
+    ledoit_wolf_gaussian,
+    sonar_mixture,
+    synthetic_sonar_mixture,
+)
 
 # ../shared/data beside the checkout; REAL_SONAR_EMBEDDINGS overrides (e.g. from a git worktree elsewhere).
 REAL = Path(os.environ.get("REAL_SONAR_EMBEDDINGS",
@@ -44,13 +49,15 @@ REAL = Path(os.environ.get("REAL_SONAR_EMBEDDINGS",
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def load(data: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """(fit rows, held-out rows, n generated) for a dataset."""
+def load(data: str, seed: int = 0, val: bool = False):
+    """(fit rows, held-out rows, n generated) for a dataset; with ``val`` the built-in val split only."""
     if data == "real":
         x = np.load(REAL).astype(np.float32)
         perm = np.random.default_rng(seed).permutation(len(x))
         return x[perm[:600]], x[perm[600:800]], 200
     splits = split_array(synthetic_sonar_mixture(12_000, 1024, seed=0), (0.8, 0.1, 0.1), seed=0)
+    if val:
+        return np.asarray(splits.val)
     return np.asarray(splits.train), np.asarray(splits.test), 1000
 
 
@@ -112,6 +119,30 @@ def sample_flow(model: nn.Module, n: int, dim: int, steps: int, seed: int) -> np
     return x.numpy()
 
 
+def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> np.ndarray:
+    """Train with the project's own trainer (TrainConfig, EMA, best.pt) and sample its EMA model like the
+    evaluation asset does (midpoint, ``--sample-steps``). Validation rows: the built-in val split; for ``real``,
+    64 of the fit rows (there are no others)."""
+    import tempfile
+
+    from flow_pipeline.config import TrainConfig
+    from flow_pipeline.core.trainer import TrainData, train
+    from flow_pipeline.evaluation import SamplerSpec, draw_samples, load_ema_model
+
+    val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else fit[:64]
+    per_epoch = len(fit) // a.batch
+    config = TrainConfig(arch="mlp", model_size=a.size, normalization=a.norm, linear_skip=a.skip,
+                         time_sampling=a.time, batch_size=a.batch, lr=a.lr, max_epochs=-(-a.steps // per_epoch),
+                         warmup_steps=min(200, a.steps // 10), patience=10_000, seed=a.seed, device="cpu")
+    normalizer = Normalizer.fit(np.asarray(fit, np.float32), a.norm)
+    data = TrainData(torch.from_numpy(np.asarray(fit, np.float32)), torch.from_numpy(np.asarray(val, np.float32)),
+                     normalizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(config, data, tmp)
+        ema = load_ema_model(result.checkpoint_path)
+        return draw_samples(ema, SamplerSpec.parse(f"midpoint:{a.sample_steps}"), n, seed=a.seed).x.numpy()
+
+
 def run(a: argparse.Namespace) -> dict:
     fit, held, n = load(a.data, a.split_seed)
     start = time.perf_counter()
@@ -122,6 +153,8 @@ def run(a: argparse.Namespace) -> dict:
         # real: 200 of the fit rows (only 800 real rows: no third set); builtin: fresh rows of the true mixture.
         gen = fit[np.random.default_rng(a.seed).permutation(len(fit))[:n]] if a.data == "real" else \
             sonar_mixture(1024, 0).sample(n, np.random.default_rng(a.seed + 7))[0]
+    elif a.trainer == "project":
+        gen = project_trainer_samples(fit, a, n)
     else:
         norm = ProjectNormalizer(fit, a.norm)
         model = train_flow(norm.normalize(fit), a)
@@ -130,10 +163,14 @@ def run(a: argparse.Namespace) -> dict:
     m = evaluate_samples(gen, fit, held, k=5, seed=0)
     nn_gen, nn_held = nearest_distance(gen, fit), nearest_distance(held[:n], fit)
     keys = ("fd_ratio", "precision", "recall", "density", "coverage", "train_copy_fraction")
-    row = {"data": a.data, "model": a.model, "norm": a.norm, "time": a.time, "skip": a.skip, "size": f"w{a.width}d{a.depth}" if a.width else a.size,
+    row = {"data": a.data, "model": a.model if a.model != "flow" else f"flow/{a.trainer}", "norm": a.norm, "time": a.time, "skip": a.skip, "size": f"w{a.width}d{a.depth}" if a.width else a.size,
            "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed, "split_seed": a.split_seed,
            "wall_s": round(wall, 1), **{k: round(m[k], 3) for k in keys},
            "nn_train_ratio": round(float(np.median(nn_gen) / np.median(nn_held)), 3)}
+    if a.data == "builtin":  # known truth: FD to the generator's true mean and covariance, over held-out rows' FD
+        truth = sonar_mixture(1024, 0)
+        mean, cov = truth.mean(), truth.covariance()
+        row["fd_true_ratio"] = round(frechet_to_gaussian(gen, mean, cov) / frechet_to_gaussian(held[:n], mean, cov), 3)
     return row
 
 
@@ -157,16 +194,34 @@ def calibration_stats(x: np.ndarray, seed: int) -> list[float]:
     return [scores["precision"], scores["coverage"], *np.quantile(nearest_distance(held, fit), QUANTILES)]
 
 
+TABLE_KEYS = ("data", "model", "norm", "time", "skip", "size", "steps", "batch", "lr", "seed", "wall_s", "fd_ratio",
+              "precision", "recall", "coverage", "train_copy_fraction", "nn_train_ratio", "fd_true_ratio")
+
+
+def markdown_table(paths: list[str]) -> str:
+    lines = [line for path in paths for line in Path(path).read_text().splitlines() if line.startswith("{")]
+    rows = ["| " + " | ".join(TABLE_KEYS) + " |", "|" + "---|" * len(TABLE_KEYS)]
+    for line in lines:
+        row = json.loads(line)
+        rows.append("| " + " | ".join(str(row.get(key, "")) for key in TABLE_KEYS) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     torch.set_num_threads(1)
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["table"]:  # JSON lines (files or stdin) -> the RESULTS.md table rows
+        print(markdown_table(argv[1:]))
+        return
     if argv[:1] == ["calibrate"]:
         print(json.dumps(calibrate()))
         return
     p = argparse.ArgumentParser()
     p.add_argument("--data", choices=("builtin", "real"), default="builtin")
     p.add_argument("--model", choices=("flow", "gaussian-full", "heldout"), default="flow")
+    p.add_argument("--trainer", choices=("harness", "project"), default="harness",
+                   help="harness: this file's minimal loop (any width); project: flow_pipeline's trainer (presets)")
     p.add_argument("--norm", choices=("zscore", "whiten"), default="whiten")
     p.add_argument("--time", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--skip", action="store_true")

@@ -10,7 +10,7 @@ import torch
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.flows import get_flow
 from flow_pipeline.core.models import build_model, count_parameters
-from flow_pipeline.core.models.skip import LinearSkip
+from flow_pipeline.core.models.skip import LinearSkip, gaussian_velocity_gain
 from flow_pipeline.core.time_sampling import sample_times
 from flow_pipeline.core.trainer import draw_path
 
@@ -39,18 +39,31 @@ def test_draw_path_uses_the_time_sampling():
     assert middle == pytest.approx(expected, abs=0.02)
 
 
-def test_linear_skip_adds_a_quadratic_in_t_gain_times_x():
+def test_linear_skip_adds_the_diagonal_gaussian_velocity():
     torch.manual_seed(0)
     net = build_model("mlp", dim=16, size="tiny")
     model = LinearSkip(net, 16)
     x, t = torch.randn(5, 16), torch.rand(5)
-    torch.testing.assert_close(model(x, t), net(x, t))  # zero at initialisation
     with torch.no_grad():
-        model.skip_coefficients.copy_(torch.randn(3, 16))
-    a, b, c = (model.skip_coefficients[i].detach() for i in range(3))
-    expected = net(x, t) + (a + b * t[:, None] + c * t[:, None] ** 2) * x
+        model.log_var.copy_(torch.randn(16))
+    var = model.log_var.detach().exp()
+    tc = t[:, None]
+    expected = net(x, t) + (tc * var - (1 - tc)) / ((1 - tc) ** 2 + tc**2 * var) * x
     torch.testing.assert_close(model(x, t), expected)
-    assert count_parameters(model) == count_parameters(net) + 48
+    assert count_parameters(model) == count_parameters(net) + 16
+
+
+def test_gaussian_gain_is_the_flow_matching_regression_for_gaussian_data():
+    """E[x_1 - x_0 | x_t] estimated by least squares on samples equals g(t) x_t for x_1 ~ N(0, s^2)."""
+    gen = torch.Generator().manual_seed(0)
+    for s2, t in ((0.25, 0.3), (4.0, 0.8), (1e-3, 0.95)):
+        x0 = torch.randn(200_000, generator=gen, dtype=torch.float64)
+        x1 = torch.randn(200_000, generator=gen, dtype=torch.float64) * s2**0.5
+        xt = (1 - t) * x0 + t * x1
+        slope = float((xt * (x1 - x0)).sum() / (xt * xt).sum())
+        gain = float(gaussian_velocity_gain(torch.tensor([[t]], dtype=torch.float64),
+                                            torch.tensor([s2], dtype=torch.float64)))
+        assert gain == pytest.approx(slope, rel=0.02, abs=0.02)
 
 
 def test_config_builds_the_skip_path_and_rejects_unknown_sampling():
