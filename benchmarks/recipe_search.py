@@ -198,7 +198,7 @@ def calibration_stats(x: np.ndarray, seed: int) -> list[float]:
 
 
 TABLE_KEYS = ("data", "model", "norm", "time", "skip", "size", "steps", "batch", "lr", "seed", "wall_s", "fd_ratio",
-              "precision", "recall", "coverage", "train_copy_fraction", "nn_train_ratio", "fd_true_ratio")
+              "precision", "recall", "coverage", "train_copy_fraction", "nn_train_ratio", "fd_true_ratio", "note")
 
 
 def markdown_table(paths: list[str]) -> str:
