@@ -36,8 +36,9 @@ class TrainConfig(BaseModel):
     dim: int = Field(1024, gt=0)
     sigma: float = Field(0.0, ge=0, description="icfm/otcfm path noise; 0 is rectified flow")
     sigma_min: float = Field(1e-4, ge=0, lt=1, description="fm path minimum std")
-    linear_skip: bool = Field(DEFAULT_LINEAR_SKIP, description="add a learned per-dimension linear path (a + b t + c t^2) * x_t "
-                              "to the velocity field: the Gaussian part of the velocity without the network")
+    linear_skip: bool = Field(DEFAULT_LINEAR_SKIP, description="add g(t) * x_t to the velocity field, g the exact "
+                              "velocity gain of a diagonal Gaussian with learned per-dimension variances: the network "
+                              "then models only what is not Gaussian (meant for whitened data)")
     time_sampling: Literal["uniform", "logit_normal"] = Field(
         DEFAULT_TIME_SAMPLING, description="training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more "
         "steps mid-path); validation always uses uniform t")

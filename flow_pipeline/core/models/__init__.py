@@ -27,7 +27,7 @@ PRESET_PARAM_COUNTS: dict[tuple[str, str], int] = {
 
 def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bool = False) -> nn.Module:
     """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``; ``linear_skip`` wraps it
-    in :class:`LinearSkip` (adds ``3 * dim`` parameters)."""
+    in :class:`LinearSkip` (adds ``dim`` parameters)."""
     model = _build_preset(arch, dim, size)
     return LinearSkip(model, dim) if linear_skip else model
 
