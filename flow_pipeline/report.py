@@ -211,54 +211,6 @@ def csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, metric: str = PRIMARY_METRIC) -> Path:
-    """Left: EMA (solid) and raw (dashed) validation loss per epoch of every row in ``curves`` (label -> history
-    rows with epoch, val_loss, ema_val_loss; divided by the flow's zero-predictor loss, so 1.0 is predicting zero
-    for every flow). Right: ``metric`` per row, in row order,
-    with the real-data level 1.0 marked for fd_ratio; rows missing the metric get no bar."""
-    # Imported here: matplotlib costs ~0.7 s, and every Dagster process loads this module through the definitions.
-    from flow_pipeline import plots  # selects the Agg backend before pyplot is imported
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
-    # One colour per partition in both panels.
-    partitions = sorted(set(curves) | {row.get("identity", row["partition"]) for row in rows})
-    colors = {partition: f"C{index % 10}" for index, partition in enumerate(partitions)}
-    for partition, history in sorted(curves.items()):
-        if not history:
-            continue
-        epochs = [entry["epoch"] for entry in history]
-        ax_loss.plot(epochs, [entry["ema_val_loss"] for entry in history], color=colors[partition], marker=".",
-                     label=partition)
-        ax_loss.plot(epochs, [entry["val_loss"] for entry in history], color=colors[partition], marker=".",
-                     linestyle="--", alpha=0.4)
-    ax_loss.axhline(1.0, color="grey", linestyle=":", label="zero predictor")
-    ax_loss.set(xlabel="epoch", ylabel="val loss / zero-predictor loss (solid: EMA, dashed: raw)",
-                title="validation loss")
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=7)
-
-    labels = [row.get("identity", row["partition"]) for row in rows]
-    # Missing and infinite (memorising) values get no bar.
-    values = [float(row[metric]) if not is_missing(row.get(metric)) and math.isfinite(float(row[metric]))
-              else math.nan for row in rows]
-    ax_bar.bar(range(len(rows)), [0.0 if math.isnan(v) else v for v in values],
-               color=["lightgrey" if math.isnan(v) else colors[label] for label, v in zip(labels, values)])
-    ax_bar.set_xticks(range(len(rows)), [f"{label}\n(n/a)" if math.isnan(v) else label
-                                         for label, v in zip(labels, values)], rotation=45, ha="right", fontsize=8)
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    if metric == PRIMARY_METRIC:
-        ax_bar.axhline(0.0, color="grey", linestyle=":", label="real-data level (E = 0)")
-        ax_bar.legend(fontsize=7)
-    if finite and max(finite) / min(finite) > 30 and all(v > 0 for v in values if math.isfinite(v)):
-        ax_bar.set_yscale("log")  # ratios spanning orders of magnitude would flatten the good ones
-    ax_bar.set(ylabel=metric, title=f"{metric} per partition (sorted)")
-    ax_bar.grid(alpha=0.3, axis="y")
-    return plots.save_figure(fig, path)
-
-
 def sampler_table(results: list[dict]) -> str:
     """One partition's sampler settings as Markdown: results are dicts with sampler, nfe, seconds and metrics."""
     keys = ((PRIMARY_METRIC, "ranking KID", ".4g"), ("kid_se", "± se", ".2g"), ("fd_inf", "FD∞", ".4g"),
@@ -282,6 +234,7 @@ class ReportFiles:
     csv_path: Path
     png_path: Path
     rows: list[dict]
+    figure: object  # flow_pipeline.plots.InlineFigure: the PNG, also embeddable in Markdown
 
 
 def write_report(rows: list[dict], curves: dict[str, list[dict]], reports_dir: Path,
@@ -293,6 +246,9 @@ def write_report(rows: list[dict], curves: dict[str, list[dict]], reports_dir: P
     markdown_path, csv_path = reports_dir / MARKDOWN_NAME, reports_dir / CSV_NAME
     write_atomic(markdown_path, markdown.encode())
     write_atomic(csv_path, csv_text(ordered).encode())
-    png_path = plot_report(ordered, curves, reports_dir / PNG_NAME, metric)
+    from flow_pipeline.plots import plot_report  # matplotlib costs ~0.7 s: only where a report is drawn
+
+    figure = plot_report(ordered, curves, metric)
+    png_path = figure.save(reports_dir / PNG_NAME)
     return ReportFiles(markdown=markdown, markdown_path=markdown_path, csv_path=csv_path, png_path=png_path,
-                       rows=ordered)
+                       rows=ordered, figure=figure)

@@ -45,6 +45,7 @@ from flow_pipeline.study_report import (
 )
 
 EVALUATION_JSON = "evaluation.json"
+EVALUATION_PNG = "samples.png"
 
 
 class EvaluationConfig(dg.Config):
@@ -188,6 +189,12 @@ def evaluation(
     _, result, results_path = evaluated[0]
     study = evaluation_study_metadata(training["config"], [
         (entry, {key: value for key, value in r.primary.metrics.items() if key != "n"}) for entry, r, _ in evaluated])
+    from flow_pipeline.plots import plot_evaluation  # matplotlib costs ~0.7 s: only in the process that draws
+
+    figure = plot_evaluation(result.primary_samples, splits.test, result.primary.metrics,
+                             f"{partition} ({result.primary.sampler})", config.seed)
+    figure_path = results_path.with_name(EVALUATION_PNG)
+    figure.save(figure_path)
     primary = result.primary.metrics
     context.log.info(f"{partition} ({result.primary.sampler}, n={result.n}): kid={primary['kid']:.4g} ± "
                      f"{primary['kid_se']:.2g} fd_inf={primary['fd_inf']:.4g} "
@@ -196,7 +203,12 @@ def evaluation(
     gaussian_full = next((ref.metrics for ref in result.references if ref.name == "gaussian-full"), None)
     study_values = {key: dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
                     for key, value in study.items()}
-    return dg.MaterializeResult(metadata={**evaluation_metadata(result, results_path), **study_values},
+    figure_metadata = {
+        "samples_figure": dg.MetadataValue.md(figure.markdown(f"generated vs real samples of {partition}")),
+        "samples_figure_png": dg.MetadataValue.path(str(figure_path)),
+    }
+    return dg.MaterializeResult(metadata={**evaluation_metadata(result, results_path), **study_values,
+                                          **figure_metadata},
                                 check_results=[beats_gaussian_full(primary, gaussian_full, PRIMARY_METRIC)])
 
 
@@ -269,7 +281,7 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     files = write_report(rows + reference_rows(newest), curves, artifacts.layout.reports_dir, statistics=statistics)
     context.log.info(f"ablation report over {len(rows)} run identities in {artifacts.layout.reports_dir}")
     return dg.MaterializeResult(metadata={
-        "report": dg.MetadataValue.md(files.markdown),
+        "report": dg.MetadataValue.md(files.markdown + "\n\n" + files.figure.markdown("ablation report figure")),
         "primary_metric": PRIMARY_METRIC,
         "best_partition": next(row["partition"] for row in files.rows if not row["partition"].startswith("reference")),
         "n_partitions": len({row["partition"] for row in rows}),
