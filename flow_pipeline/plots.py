@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from flow_pipeline.artifacts import write_atomic  # noqa: E402
-from flow_pipeline.report import PRIMARY_METRIC, is_missing  # noqa: E402
+from flow_pipeline.report import MISSING, PRIMARY_METRIC, is_missing  # noqa: E402
 
 # Every event's metadata is stored in the instance's event log and sent to each browser that opens the page.
 MAX_INLINE_PNG_BYTES = 150_000
@@ -179,24 +179,31 @@ def plot_evaluation(generated: np.ndarray, test: np.ndarray, metrics: dict, name
 # --- the ablation report ------------------------------------------------------------------------------------
 
 # Where real data sits on a metric, drawn as a reference line in the report figure.
-REAL_DATA_LEVEL = {"fd_ratio": 1.0}
+REAL_DATA_LEVEL = {"fd_ratio": 1.0, "kid": 0.0, "ranking_kid": 0.0}
+# A ranking metric that is a distance with a rule on top (e.g. ranking_kid: KID, or +inf for copies) takes the
+# interval of the distance it ranks by.
+RANKING_PREFIX = "ranking_"
+REFERENCE_PREFIX = "reference:"
 
 
 def is_baseline_row(row: dict, baseline: str | None = None) -> bool:
-    """A row that is not a trained model of the study (a Gaussian fit, held-out real rows: its ``kind`` says so, or
-    it has no architecture) or is the one named ``baseline`` that the others are compared with."""
+    """A row that is not a trained model of the study (a Gaussian fit, held-out real rows: its ``kind`` or its
+    ``reference: ...`` name says so, or it has no architecture) or is the one named ``baseline`` that the others are
+    compared with."""
     if baseline is not None and row.get("partition") == baseline:
         return True
-    return row.get("kind") in ("baseline", "reference") or is_missing(row.get("arch"))
+    return (row.get("kind") in ("baseline", "reference") or str(row.get("partition", "")).startswith(REFERENCE_PREFIX)
+            or is_missing(row.get("arch")) or row.get("arch") == MISSING)
 
 
 def metric_interval(row: dict, metric: str) -> tuple[float, float] | None:
     """(low, high) of ``metric``'s confidence interval from the row's ``<metric>_ci_low``/``<metric>_ci_high``
-    columns, or None when the row has none."""
-    low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
-    if is_missing(low) or is_missing(high):
-        return None
-    return float(low), float(high)
+    columns (for ``ranking_<name>``, those of ``<name>``), or None when the row has none or its value is infinite."""
+    for name in dict.fromkeys((metric, metric.removeprefix(RANKING_PREFIX))):
+        low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+        if not (is_missing(low) or is_missing(high)) and math.isfinite(float(row.get(metric, math.nan))):
+            return float(low), float(high)
+    return None
 
 
 def _plot_curves(ax, curves: dict[str, list[dict]], colors: dict[str, str], zero_levels: dict[str, float]) -> None:
@@ -224,8 +231,11 @@ def _plot_metric(ax, rows: list[dict], colors: dict[str, str], metric: str, base
     labels = []
     for position, row in enumerate(rows):
         value, marked = row.get(metric), is_baseline_row(row, baseline)
-        labels.append(row["partition"] + (" (baseline)" if marked else "") + (" (n/a)" if is_missing(value) else ""))
-        if is_missing(value):
+        shown = not is_missing(value) and math.isfinite(float(value))
+        suffix = " (n/a)" if is_missing(value) else "" if shown else f" ({value})"  # e.g. inf: ranked last
+        named = marked and not row["partition"].startswith(REFERENCE_PREFIX)
+        labels.append(row["partition"] + (" (baseline)" if named else "") + suffix)
+        if not shown:
             continue
         interval = metric_interval(row, metric)
         error = None if interval is None else [[float(value) - interval[0]], [interval[1] - float(value)]]
@@ -233,6 +243,8 @@ def _plot_metric(ax, rows: list[dict], colors: dict[str, str], metric: str, base
                     marker="s" if marked else "o", markersize=7 if marked else 6,
                     color="black" if marked else colors[row["partition"]])
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    for tick, row in zip(ax.get_yticklabels(), rows):
+        tick.set_fontweight("bold" if is_baseline_row(row, baseline) else "normal")
     ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
     finite = [float(r[metric]) for r in rows if not is_missing(r.get(metric)) and math.isfinite(float(r[metric]))]
     if metric in REAL_DATA_LEVEL:

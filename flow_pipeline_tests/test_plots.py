@@ -99,6 +99,15 @@ def test_report_rows_carry_their_interval_and_baselines_are_recognised():
     assert [plots.is_baseline_row(r) for r in (model, gaussian, real)] == [False, True, True]
     assert plots.is_baseline_row(model, baseline="mlp-icfm")
 
+    reference = {"partition": "reference: gaussian-full", "arch": "—", "ranking_kid": 0.2, "kid_ci_low": 0.1,
+                 "kid_ci_high": 0.3}
+    copies = {"partition": "mlp-fm", "arch": "mlp", "ranking_kid": math.inf, "kid_ci_low": 0.0, "kid_ci_high": 0.1}
+    assert plots.is_baseline_row(reference) and not plots.is_baseline_row(copies)
+    # A ranking metric takes the interval of the distance it ranks by; an infinite value (copies) has none.
+    assert plots.metric_interval(reference, "ranking_kid") == (0.1, 0.3)
+    assert plots.metric_interval(copies, "ranking_kid") is None
+    decoded(plots.plot_report([reference, copies], {}, metric="ranking_kid").png)
+
     rows = sort_rows([model, gaussian, real], metric="kid")
     figure = plots.plot_report(rows, {"mlp-icfm": history()}, metric="kid", zero_levels={"mlp-icfm": 2.0})
     decoded(figure.png)
