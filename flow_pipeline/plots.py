@@ -197,12 +197,15 @@ def is_baseline_row(row: dict, baseline: str | None = None) -> bool:
 
 
 def metric_interval(row: dict, metric: str) -> tuple[float, float] | None:
-    """(low, high) of ``metric``'s confidence interval from the row's ``<metric>_ci_low``/``<metric>_ci_high``
-    columns (for ``ranking_<name>``, those of ``<name>``), or None when the row has none or its value is infinite."""
+    """(low, high) of ``metric``'s confidence interval from the row's ``<metric>_ci_low``/``_ci_high`` (or
+    ``_ci95_low``/``_ci95_high``) columns (for ``ranking_<name>``, those of ``<name>``), or None when the row has
+    none or its value is missing or infinite."""
+    if is_missing(row.get(metric)) or not math.isfinite(float(row[metric])):
+        return None
     for name in dict.fromkeys((metric, metric.removeprefix(RANKING_PREFIX))):
-        low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
-        if not (is_missing(low) or is_missing(high)) and math.isfinite(float(row.get(metric, math.nan))):
-            return float(low), float(high)
+        for low_key, high_key in ((f"{name}_ci_low", f"{name}_ci_high"), (f"{name}_ci95_low", f"{name}_ci95_high")):
+            if not (is_missing(row.get(low_key)) or is_missing(row.get(high_key))):
+                return float(row[low_key]), float(row[high_key])
     return None
 
 

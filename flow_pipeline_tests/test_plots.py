@@ -106,6 +106,9 @@ def test_report_rows_carry_their_interval_and_baselines_are_recognised():
     # A ranking metric takes the interval of the distance it ranks by; an infinite value (copies) has none.
     assert plots.metric_interval(reference, "ranking_kid") == (0.1, 0.3)
     assert plots.metric_interval(copies, "ranking_kid") is None
+    replicated = {"partition": "dit-icfm", "arch": "dit", "best_val_loss": 1.5, "best_val_loss_ci95_low": 1.4,
+                  "best_val_loss_ci95_high": 1.65}
+    assert plots.metric_interval(replicated, "best_val_loss") == (1.4, 1.65)
     decoded(plots.plot_report([reference, copies], {}, metric="ranking_kid").png)
 
     rows = sort_rows([model, gaussian, real], metric="kid")
