@@ -384,7 +384,7 @@ def test_ui_launches_backfill_with_typed_config(stack, data_recovery, page):
 
     assert data_recovery.reexecution["status"] == "SUCCESS"
     typed_config = {**fast_execution(), **run_config(train={"model_size": "tiny", "max_epochs": 2, "batch_size": 64,
-                                                            "device": "cpu"})}
+                                                            "warmup_steps": 4, "device": "cpu"})}
     page.goto(f"{stack.servers.url}/assets/trained_checkpoint")
     page.get_by_role("button", name=re.compile(r"Materialize…$")).click()  # "materialization" icon + label
     dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize trained_checkpoint")
