@@ -164,7 +164,7 @@ def plot_sample_dispersion(generated: np.ndarray, real: np.ndarray, title: str) 
     return render_figure(fig)
 
 
-HEADLINE_METRICS = ("precision", "recall", "density", "coverage", "variance_ratio", "norm_ratio")
+HEADLINE_METRICS = ("fd_inf", "variance_ratio", "norm_ratio", "precision", "recall", "coverage")
 
 
 def plot_evaluation(generated: np.ndarray, test: np.ndarray, metrics: dict, name: str, seed: int = 0) -> InlineFigure:

@@ -49,7 +49,7 @@ PARTITION = "dit-icfm"
 BACKFILL_PARTITIONS = ("mlp-icfm", "unet-fm")
 N_ROWS = 640
 RUN_TIMEOUT_S = 480
-EVALUATION_CONFIG = {"steps": 4}
+EVALUATION_CONFIG = {"solver": "euler", "steps": 4}
 # The trainer's per-epoch line, streamed into the run's log through Pipes.
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) train_loss=(\S+) val_loss=(\S+) ema_val_loss=(\S+)( \*best\*)? lr=(\S+) "
                         r"epoch_s=(\S+) elapsed_s=(\S+) eta_s=(\S+)$")
