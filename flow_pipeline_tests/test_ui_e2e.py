@@ -156,6 +156,7 @@ def open_markdown_figure(page, label: str):
     assert image.get_attribute("src").startswith("data:image/png;base64,")
     # decode() rejects for a broken image; naturalWidth is 0 until an image has really loaded.
     assert image.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    image.scroll_into_view_if_needed()  # below a long table, it would be out of the screenshot
     return dialog
 
 
