@@ -188,9 +188,10 @@ REFERENCE_PREFIX = "reference:"
 
 def is_baseline_row(row: dict, baseline: str | None = None) -> bool:
     """A row that is not a trained model of the study (a Gaussian fit, held-out real rows: its ``kind`` or its
-    ``reference: ...`` name says so, or it has no architecture) or is the one named ``baseline`` that the others are
-    compared with."""
-    if baseline is not None and row.get("partition") == baseline:
+    ``reference: ...`` name says so, or it has no architecture) or the baseline the others are compared with (its
+    ``vs_baseline`` says "baseline", or its partition or identity is ``baseline``)."""
+    if row.get("vs_baseline") == "baseline" or (baseline is not None and baseline in (row.get("partition"),
+                                                                                     row.get("identity"))):
         return True
     return (row.get("kind") in ("baseline", "reference") or str(row.get("partition", "")).startswith(REFERENCE_PREFIX)
             or is_missing(row.get("arch")) or row.get("arch") == MISSING)
@@ -209,23 +210,23 @@ def metric_interval(row: dict, metric: str) -> tuple[float, float] | None:
     return None
 
 
-def _plot_curves(ax, curves: dict[str, list[dict]], colors: dict[str, str], zero_levels: dict[str, float]) -> None:
-    for partition, history in sorted(curves.items()):
+def row_label(row: dict) -> str:
+    """A report row's name: its run identity where it has one (several identities may share a partition)."""
+    return row.get("identity") or row["partition"]
+
+
+def _plot_curves(ax, curves: dict[str, list[dict]], colors: dict[str, str]) -> None:
+    for label, history in sorted(curves.items()):
         if not history:
             continue
         epochs = [entry["epoch"] for entry in history]
-        ax.plot(epochs, [entry["ema_val_loss"] for entry in history], color=colors[partition], marker=".",
-                label=partition)
-        ax.plot(epochs, [entry["val_loss"] for entry in history], color=colors[partition], marker=".",
-                linestyle="--", alpha=0.4)
-    for level, style in zip(sorted(set(zero_levels.values())), (":", "-.", "--")):
-        flows = sorted({p.split("-", 1)[-1] for p, value in zero_levels.items() if value == level and p in curves})
-        if flows:
-            ax.axhline(level, color="grey", linestyle=style, label=f"zero predictor ({'/'.join(flows)}): {level:.3g}")
-    ax.set(xlabel="epoch", ylabel="val loss (solid: EMA, dashed: raw)", title="validation loss")
+        ax.plot(epochs, [entry["ema_val_loss"] for entry in history], color=colors[label], marker=".", label=label)
+        ax.plot(epochs, [entry["val_loss"] for entry in history], color=colors[label], marker=".", linestyle="--",
+                alpha=0.4)
+    ax.axhline(1.0, color="grey", linestyle=":", label="zero predictor")
+    ax.set(xlabel="epoch", ylabel="val loss / zero-predictor loss\n(solid: EMA, dashed: raw)", title="validation loss")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
 
 
 def _plot_metric(ax, rows: list[dict], colors: dict[str, str], metric: str, baseline: str | None) -> None:
@@ -237,14 +238,14 @@ def _plot_metric(ax, rows: list[dict], colors: dict[str, str], metric: str, base
         shown = not is_missing(value) and math.isfinite(float(value))
         suffix = " (n/a)" if is_missing(value) else "" if shown else f" ({value})"  # e.g. inf: ranked last
         named = marked and not row["partition"].startswith(REFERENCE_PREFIX)
-        labels.append(row["partition"] + (" (baseline)" if named else "") + suffix)
+        labels.append(row_label(row) + (" (baseline)" if named else "") + suffix)
         if not shown:
             continue
         interval = metric_interval(row, metric)
         error = None if interval is None else [[float(value) - interval[0]], [interval[1] - float(value)]]
         ax.errorbar([float(value)], [position], xerr=error, capsize=3, linestyle="none",
                     marker="s" if marked else "o", markersize=7 if marked else 6,
-                    color="black" if marked else colors[row["partition"]])
+                    color="black" if marked else colors[row_label(row)])
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     for tick, row in zip(ax.get_yticklabels(), rows):
         tick.set_fontweight("bold" if is_baseline_row(row, baseline) else "normal")
@@ -261,16 +262,15 @@ def _plot_metric(ax, rows: list[dict], colors: dict[str, str], metric: str, base
 
 
 def plot_report(rows: list[dict], curves: dict[str, list[dict]], metric: str = PRIMARY_METRIC,
-                zero_levels: dict[str, float] | None = None, baseline: str | None = None) -> InlineFigure:
-    """The ablation report's figure. Left: EMA (solid) and raw (dashed)
-    validation loss per epoch of every partition in ``curves`` (partition -> history rows with epoch, val_loss,
-    ema_val_loss), with the zero-predictor loss of their flows (``zero_levels``: partition -> loss). Right: ``metric``
-    of every row in row order with its CI where the row has ``<metric>_ci_low``/``_ci_high``; baseline rows
-    (:func:`is_baseline_row`) are marked."""
+                baseline: str | None = None) -> InlineFigure:
+    """The ablation report's figure. Left: EMA (solid) and raw (dashed) validation loss per epoch of every row in
+    ``curves`` (label -> history rows with epoch, val_loss, ema_val_loss, divided by the flow's zero-predictor loss,
+    so 1.0 is predicting zero for every flow). Right: ``metric`` of every row in row order with its CI
+    (:func:`metric_interval`); baseline and reference rows (:func:`is_baseline_row`) are marked."""
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, max(4.0, 1.5 + 0.32 * len(rows))))
-    partitions = sorted(set(curves) | {row["partition"] for row in rows})
-    colors = {partition: f"C{index % 10}" for index, partition in enumerate(partitions)}
-    _plot_curves(ax_loss, curves, colors, zero_levels or {})
+    labels = sorted(set(curves) | {row_label(row) for row in rows})
+    colors = {label: f"C{index % 10}" for index, label in enumerate(labels)}  # one colour per row in both panels
+    _plot_curves(ax_loss, curves, colors)
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     _plot_metric(ax_metric, rows, colors, metric, baseline)
     fig.tight_layout()

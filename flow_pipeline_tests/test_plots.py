@@ -98,6 +98,7 @@ def test_report_rows_carry_their_interval_and_baselines_are_recognised():
     assert plots.metric_interval(gaussian, "kid") is None
     assert [plots.is_baseline_row(r) for r in (model, gaussian, real)] == [False, True, True]
     assert plots.is_baseline_row(model, baseline="mlp-icfm")
+    assert plots.is_baseline_row({**model, "vs_baseline": "baseline"})  # the study statistics' baseline row
 
     reference = {"partition": "reference: gaussian-full", "arch": "—", "ranking_kid": 0.2, "kid_ci_low": 0.1,
                  "kid_ci_high": 0.3}
@@ -112,13 +113,14 @@ def test_report_rows_carry_their_interval_and_baselines_are_recognised():
     decoded(plots.plot_report([reference, copies], {}, metric="ranking_kid").png)
 
     rows = sort_rows([model, gaussian, real], metric="kid")
-    figure = plots.plot_report(rows, {"mlp-icfm": history()}, metric="kid", zero_levels={"mlp-icfm": 2.0})
+    figure = plots.plot_report(rows, {"mlp-icfm": history()}, metric="kid")
     decoded(figure.png)
 
 
-def test_report_figure_with_missing_values_and_vp_levels():
-    rows = [{"partition": "mlp-icfm", "arch": "mlp", "flow": "icfm", "fd_ratio": 3.0},
+def test_report_figure_with_missing_values_and_identities():
+    rows = [{"partition": "mlp-icfm", "identity": "mlp-icfm-full-none", "arch": "mlp", "fd_ratio": 3.0},
+            {"partition": "mlp-icfm", "identity": "mlp-icfm-1k-none", "arch": "mlp", "fd_ratio": 2.0},
             {"partition": "unet-vp", "arch": "unet", "flow": "vp", "fd_ratio": None}]
-    figure = plots.plot_report(rows, {"mlp-icfm": history(), "unet-vp": []},
-                               zero_levels={"mlp-icfm": 2.0, "unet-vp": math.pi**2 / 4})
+    assert [plots.row_label(row) for row in rows] == ["mlp-icfm-full-none", "mlp-icfm-1k-none", "unet-vp"]
+    figure = plots.plot_report(rows, {"mlp-icfm-full-none": history(), "unet-vp": []}, metric="fd_ratio")
     decoded(figure.png)
