@@ -91,6 +91,7 @@ def plot_loss_curve(history: list[dict], title: str, best_loss: float | None = N
         ax.plot([best["epoch"]], [best["ema_val_loss"]], marker="*", markersize=14, color="C2", linestyle="none",
                 label=f"best: epoch {best['epoch']:g}, {best['ema_val_loss']:.4f}")
     ax.set(xlabel="epoch", ylabel="flow-matching loss", title=title)
+    ax.ticklabel_format(axis="y", useOffset=False)  # "+1" offsets hide how close a loss is to the zero predictor's
     ax.grid(alpha=0.3)
     lr_axis = ax.twinx()
     lr_axis.plot(epochs, [row["lr"] for row in history], color="C7", linewidth=1, label="LR (right axis)")
@@ -225,6 +226,7 @@ def _plot_curves(ax, curves: dict[str, list[dict]], colors: dict[str, str]) -> N
                 alpha=0.4)
     ax.axhline(1.0, color="grey", linestyle=":", label="zero predictor")
     ax.set(xlabel="epoch", ylabel="val loss / zero-predictor loss\n(solid: EMA, dashed: raw)", title="validation loss")
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
