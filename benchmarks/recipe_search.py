@@ -1,7 +1,7 @@
 """Recipe search: which training recipe makes a flow beat the full-covariance Gaussian baseline?
 
-Datasets: ``builtin`` (the built-in generator, 12,000 rows split 0.8/0.1/0.1 like the quickstart's dataset_splits,
-scored with n = 1,000 generated rows against the test split) and ``real`` (the 800 real SONAR vectors in
+Datasets: ``builtin`` (the built-in generator, 25,600 rows split 0.6/0.2/0.2 like the quickstart's dataset_splits,
+scored with n = 1,000 generated rows against the test split, to keep runs short) and ``real`` (the 800 real SONAR vectors in
 ../shared/data, 600 fit / 200 held out, scored with n = 200). Every run prints one JSON line with the config, steps,
 wall time, FD / floor, precision, recall, density, coverage, train-copy fraction, and the median nearest-train
 distance of the generated rows relative to the held-out rows' (``nn_train_ratio``: < 1 means closer to training rows
@@ -29,10 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from flow_pipeline.core.flows import exact_ot_permutation
 from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
 from flow_pipeline.core.models import build_model
+from flow_pipeline.core.models.mlp import MLPConfig, ResidualMLP
+from flow_pipeline.core.models.skip import LinearSkip
+from flow_pipeline.core.normalization import Normalizer
+from flow_pipeline.core.time_sampling import sample_times
 from flow_pipeline.core.sources import split_array
-from flow_pipeline.core.synthetic import ledoit_wolf_gaussian, sonar_mixture, synthetic_sonar_mixture
+from flow_pipeline.core.synthetic import (
+    frechet_to_gaussian,
+    ledoit_wolf_gaussian,
+    sonar_mixture,
+    synthetic_sonar_mixture,
+)
 
 # ../shared/data beside the checkout; REAL_SONAR_EMBEDDINGS overrides (e.g. from a git worktree elsewhere).
 REAL = Path(os.environ.get("REAL_SONAR_EMBEDDINGS",
@@ -40,79 +50,51 @@ REAL = Path(os.environ.get("REAL_SONAR_EMBEDDINGS",
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def load(data: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """(fit rows, held-out rows, n generated) for a dataset."""
+def load(data: str, seed: int = 0, val: bool = False):
+    """(fit rows, held-out rows, n generated) for a dataset; with ``val`` the built-in val split only."""
     if data == "real":
         x = np.load(REAL).astype(np.float32)
         perm = np.random.default_rng(seed).permutation(len(x))
         return x[perm[:600]], x[perm[600:800]], 200
-    splits = split_array(synthetic_sonar_mixture(12_000, 1024, seed=0), (0.8, 0.1, 0.1), seed=0)
+    splits = split_array(synthetic_sonar_mixture(25_600, 1024, seed=0), (0.6, 0.2, 0.2), seed=0)
+    if val:
+        return np.asarray(splits.val)
     return np.asarray(splits.train), np.asarray(splits.test), 1000
 
 
-class Whitener:
-    """PCA whitening fitted on rows (n, dim): z = (x - m) V / sqrt(max(lambda, floor)); floor = floor_ratio * mean
-    eigenvalue, so the directions the rows do not span (n < dim) or barely span are not blown up."""
+class ProjectNormalizer:
+    """The project's Normalizer (zscore or whiten, Ledoit-Wolf shrunk eigenvalues) on NumPy arrays."""
 
-    def __init__(self, x: np.ndarray, floor_ratio: float = 0.1):
-        x = np.asarray(x, np.float64)
-        self.mean = x.mean(0)
-        eigval, self.vec = np.linalg.eigh(np.cov(x, rowvar=False))
-        self.scale = np.sqrt(np.maximum(eigval, floor_ratio * eigval.mean()))
+    def __init__(self, x: np.ndarray, method: str):
+        self.normalizer = Normalizer.fit(np.asarray(x, np.float32), method)
 
     def normalize(self, x):
-        return ((np.asarray(x, np.float64) - self.mean) @ self.vec / self.scale).astype(np.float32)
+        return self.normalizer.normalize(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
     def denormalize(self, z):
-        return (np.asarray(z, np.float64) * self.scale) @ self.vec.T + self.mean
-
-
-class ZScore(Whitener):
-    def __init__(self, x: np.ndarray):
-        x = np.asarray(x, np.float64)
-        self.mean, self.std = x.mean(0), np.maximum(x.std(0), 1e-6)
-
-    def normalize(self, x):
-        return ((np.asarray(x, np.float64) - self.mean) / self.std).astype(np.float32)
-
-    def denormalize(self, z):
-        return np.asarray(z, np.float64) * self.std + self.mean
-
-
-class SkipVelocity(nn.Module):
-    """v(x, t) = net(x, t) + g(t) * x with a learned per-dimension gain g(t) = a + b t + c t^2 (a linear skip path:
-    for Gaussian data the exact velocity is linear in x)."""
-
-    def __init__(self, net: nn.Module, dim: int):
-        super().__init__()
-        self.net, self.coef = net, nn.Parameter(torch.zeros(3, dim))
-
-    def forward(self, x, t):
-        tc = t.reshape(-1, 1)
-        return self.net(x, t) + (self.coef[0] + self.coef[1] * tc + self.coef[2] * tc * tc) * x
-
-
-def draw_t(n: int, how: str, g: torch.Generator) -> torch.Tensor:
-    if how == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=g))
-    return torch.rand(n, generator=g)
+        return self.normalizer.denormalize(torch.from_numpy(np.asarray(z, np.float32))).double().numpy()
 
 
 def train_flow(z: np.ndarray, a: argparse.Namespace) -> nn.Module:
     torch.manual_seed(a.seed)
-    model = build_model("mlp", z.shape[1], a.size)
+    if a.width:
+        model = ResidualMLP(z.shape[1], MLPConfig(width=a.width, depth=a.depth, mlp_ratio=2, time_dim=128))
+    else:
+        model = build_model("mlp", z.shape[1], a.size)
     if a.skip:
-        model = SkipVelocity(model, z.shape[1])
+        model = LinearSkip(model, z.shape[1])
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    warm = min(100, a.steps // 10)
+    warm = max(1, min(100, a.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
     data, g = torch.from_numpy(z), torch.Generator().manual_seed(a.seed)
     for step in range(a.steps):
         x1 = data[torch.randint(len(data), (a.batch,), generator=g)]
         x0 = torch.randn(x1.shape, generator=g)
-        t = draw_t(len(x1), a.time, g)
+        if a.flow == "otcfm":
+            x1 = x1[exact_ot_permutation(x0, x1)]
+        t = sample_times(len(x1), a.time, g)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
         loss = (model(xt, t) - (x1 - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -140,6 +122,30 @@ def sample_flow(model: nn.Module, n: int, dim: int, steps: int, seed: int) -> np
     return x.numpy()
 
 
+def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> np.ndarray:
+    """Train with the project's own trainer (TrainConfig, EMA, best.pt) and sample its EMA model like the
+    evaluation asset does (midpoint, ``--sample-steps``). Validation rows: the built-in val split; for ``real``,
+    64 of the fit rows (there are no others)."""
+    import tempfile
+
+    from flow_pipeline.config import TrainConfig
+    from flow_pipeline.core.trainer import TrainData, train
+    from flow_pipeline.evaluation import SamplerSpec, draw_samples, load_ema_model
+
+    val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else fit[:64]
+    per_epoch = len(fit) // a.batch
+    config = TrainConfig(arch="mlp", flow=a.flow, model_size=a.size, normalization=a.norm, linear_skip=a.skip,
+                         time_sampling=a.time, batch_size=a.batch, lr=a.lr, max_epochs=-(-a.steps // per_epoch),
+                         warmup_steps=min(200, a.steps // 10), patience=10_000, seed=a.seed, device="cpu")
+    normalizer = Normalizer.fit(np.asarray(fit, np.float32), a.norm)
+    data = TrainData(torch.from_numpy(np.asarray(fit, np.float32)), torch.from_numpy(np.asarray(val, np.float32)),
+                     normalizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(config, data, tmp)
+        ema = load_ema_model(result.checkpoint_path)
+        return draw_samples(ema, SamplerSpec.parse(f"midpoint:{a.sample_steps}"), n, seed=a.seed).x.numpy()
+
+
 def run(a: argparse.Namespace) -> dict:
     fit, held, n = load(a.data, a.split_seed)
     start = time.perf_counter()
@@ -150,18 +156,24 @@ def run(a: argparse.Namespace) -> dict:
         # real: 200 of the fit rows (only 800 real rows: no third set); builtin: fresh rows of the true mixture.
         gen = fit[np.random.default_rng(a.seed).permutation(len(fit))[:n]] if a.data == "real" else \
             sonar_mixture(1024, 0).sample(n, np.random.default_rng(a.seed + 7))[0]
+    elif a.trainer == "project":
+        gen = project_trainer_samples(fit, a, n)
     else:
-        norm = Whitener(fit, a.floor) if a.norm == "whiten" else ZScore(fit)
+        norm = ProjectNormalizer(fit, a.norm)
         model = train_flow(norm.normalize(fit), a)
         gen = norm.denormalize(sample_flow(model.eval(), n, fit.shape[1], a.sample_steps, a.seed))
     wall = time.perf_counter() - start
     m = evaluate_samples(gen, fit, held, k=5, seed=0)
     nn_gen, nn_held = nearest_distance(gen, fit), nearest_distance(held[:n], fit)
     keys = ("fd_ratio", "precision", "recall", "density", "coverage", "train_copy_fraction")
-    row = {"data": a.data, "model": a.model, "norm": a.norm, "time": a.time, "skip": a.skip, "size": a.size,
+    row = {"data": a.data, "model": a.model if a.model != "flow" else f"{a.flow}/{a.trainer}", "norm": a.norm, "time": a.time, "skip": a.skip, "size": f"w{a.width}d{a.depth}" if a.width else a.size,
            "steps": a.steps, "batch": a.batch, "lr": a.lr, "seed": a.seed, "split_seed": a.split_seed,
            "wall_s": round(wall, 1), **{k: round(m[k], 3) for k in keys},
            "nn_train_ratio": round(float(np.median(nn_gen) / np.median(nn_held)), 3)}
+    if a.data == "builtin":  # known truth: FD to the generator's true mean and covariance, over held-out rows' FD
+        truth = sonar_mixture(1024, 0)
+        mean, cov = truth.mean(), truth.covariance()
+        row["fd_true_ratio"] = round(frechet_to_gaussian(gen, mean, cov) / frechet_to_gaussian(held[:n], mean, cov), 3)
     return row
 
 
@@ -185,23 +197,43 @@ def calibration_stats(x: np.ndarray, seed: int) -> list[float]:
     return [scores["precision"], scores["coverage"], *np.quantile(nearest_distance(held, fit), QUANTILES)]
 
 
+TABLE_KEYS = ("data", "model", "norm", "time", "skip", "size", "steps", "batch", "lr", "seed", "wall_s", "fd_ratio",
+              "precision", "recall", "coverage", "train_copy_fraction", "nn_train_ratio", "fd_true_ratio", "note")
+
+
+def markdown_table(paths: list[str]) -> str:
+    lines = [line for path in paths for line in Path(path).read_text().splitlines() if line.startswith("{")]
+    rows = ["| " + " | ".join(TABLE_KEYS) + " |", "|" + "---|" * len(TABLE_KEYS)]
+    for line in lines:
+        row = json.loads(line)
+        rows.append("| " + " | ".join(str(row.get(key, "")) for key in TABLE_KEYS) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     torch.set_num_threads(1)
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["table"]:  # JSON lines (files or stdin) -> the RESULTS.md table rows
+        print(markdown_table(argv[1:]))
+        return
     if argv[:1] == ["calibrate"]:
         print(json.dumps(calibrate()))
         return
     p = argparse.ArgumentParser()
     p.add_argument("--data", choices=("builtin", "real"), default="builtin")
     p.add_argument("--model", choices=("flow", "gaussian-full", "heldout"), default="flow")
+    p.add_argument("--trainer", choices=("harness", "project"), default="harness",
+                   help="harness: this file's minimal loop (any width); project: flow_pipeline's trainer (presets)")
+    p.add_argument("--flow", choices=("icfm", "otcfm"), default="icfm")
     p.add_argument("--norm", choices=("zscore", "whiten"), default="whiten")
-    p.add_argument("--floor", type=float, default=0.1)
     p.add_argument("--time", choices=("uniform", "logit_normal"), default="uniform")
     p.add_argument("--skip", action="store_true")
     p.add_argument("--size", default="small")
+    p.add_argument("--width", type=int, default=0, help="custom MLP width (0: the --size preset)")
+    p.add_argument("--depth", type=int, default=2)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--sample-steps", type=int, default=25)

@@ -13,6 +13,8 @@ from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
 DEFAULT_MODEL_SIZE = "small"
 DEFAULT_SEED = 42
 DEFAULT_NORMALIZATION = "zscore"
+DEFAULT_LINEAR_SKIP = False
+DEFAULT_TIME_SAMPLING = "uniform"
 
 
 def _one_of(field: str, value: str, valid) -> str:
@@ -34,6 +36,12 @@ class TrainConfig(BaseModel):
     dim: int = Field(1024, gt=0)
     sigma: float = Field(0.0, ge=0, description="icfm/otcfm path noise; 0 is rectified flow")
     sigma_min: float = Field(1e-4, ge=0, lt=1, description="fm path minimum std")
+    linear_skip: bool = Field(DEFAULT_LINEAR_SKIP, description="add g(t) * x_t to the velocity field, g the exact "
+                              "velocity gain of a diagonal Gaussian with learned per-dimension variances: the network "
+                              "then models only what is not Gaussian (meant for whitened data)")
+    time_sampling: Literal["uniform", "logit_normal"] = Field(
+        DEFAULT_TIME_SAMPLING, description="training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more "
+        "steps mid-path); validation always uses uniform t")
     # data
     dataset: str = "full"
     aug: str = "none"
@@ -87,12 +95,16 @@ class TrainConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """``{arch}-{flow}-{dataset}-{aug}``, plus normalisation, model size and seed when they differ from the
-        defaults, so two runs never share a checkpoint directory (losses under different normalisations are not the
-        same quantity)."""
+        """``{arch}-{flow}-{dataset}-{aug}``, plus normalisation, skip path, time sampling, model size and seed when
+        they differ from the defaults, so two runs never share a checkpoint directory (losses under different
+        normalisations are not the same quantity)."""
         name = f"{self.arch}-{self.flow}-{self.dataset}-{self.aug}"
         if self.normalization != DEFAULT_NORMALIZATION:
             name += f"-{self.normalization}"
+        if self.linear_skip != DEFAULT_LINEAR_SKIP:
+            name += "-skip" if self.linear_skip else "-noskip"
+        if self.time_sampling != DEFAULT_TIME_SAMPLING:
+            name += f"-t{self.time_sampling.replace('_', '')}"
         if self.model_size != DEFAULT_MODEL_SIZE:
             name += f"-{self.model_size}"
         if self.seed != DEFAULT_SEED:

@@ -121,7 +121,7 @@ def load_ema_model(checkpoint_path: str | os.PathLike, device: str | torch.devic
                               f"{expected_sha256[:12]}...): re-materialize trained_checkpoint or wait for its run")
     state = load_checkpoint(path, map_location="cpu")
     config = _train_config(state["config"], path)
-    model = build_model(config.arch, dim=config.dim, size=config.model_size)
+    model = build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip)
     _load_ema_weights(model, state, path)
     return EMAModel(
         model=model.to(device).eval(),
@@ -175,6 +175,8 @@ class Evaluation:
     n_target: int = 0
     n_note: str = ""
     nearest_sentences: list[dict] = field(default_factory=list)
+    # The first sampler's samples (n, dim), raw space, for the evaluation's figure; not part of as_dict().
+    primary_samples: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def primary(self) -> SamplerEvaluation:
@@ -182,7 +184,7 @@ class Evaluation:
         return self.results[0]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "primary_samples"}
 
 
 def run_training_rows(train_split, config: TrainConfig):
@@ -255,9 +257,10 @@ def evaluate_checkpoint(
     # Sliced, not copied: a memory-mapped split is scanned chunk by chunk for copies, never loaded whole.
     train_rows, test = run_training_rows(train, ema.config), np.asarray(test)
     space = TrainSpace.fit(train_rows)
-    results, threshold, shown = [], None, []
+    results, threshold, shown, primary_samples = [], None, [], None
     for spec in samplers:
         drawn = draw_samples(ema, spec, n, seed, batch_size)
+        primary_samples = drawn.x.numpy() if primary_samples is None else primary_samples
         # The copy threshold depends only on the rows, n and seed: computed for the first sampler, then reused.
         metrics = evaluate_samples(drawn.x.numpy(), train_rows, test, k=k, seed=seed,
                                    train_copy_threshold=threshold, train_space=space)
@@ -273,4 +276,5 @@ def evaluate_checkpoint(
                       arch=ema.config.arch, flow=ema.config.flow, n=n, seed=seed, k=k, results=results,
                       references=references, dataset=ema.config.dataset, n_training_rows=int(train_rows.shape[0]),
                       n_target=SAMPLES_PER_DIM * ema.config.dim,
-                      n_note=sample_count_note(n, ema.config.dim, test.shape[0]), nearest_sentences=shown)
+                      n_note=sample_count_note(n, ema.config.dim, test.shape[0]), nearest_sentences=shown,
+                      primary_samples=primary_samples)

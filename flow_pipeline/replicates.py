@@ -81,6 +81,7 @@ def replicates_from_metadata(metadata: dict) -> list[dict]:
         return list(metadata["replicates"])
     config = metadata.get("config") or {}
     return [{"seed": config.get("seed"), "run_name": metadata.get("run_name"),
-             "checkpoint_path": str(metadata["checkpoint_path"]), "sha256": metadata.get("sha256"),
+             "checkpoint_path": metadata.get("checkpoint_path") and str(metadata["checkpoint_path"]),
+             "sha256": metadata.get("sha256"),
              "best_val_loss": metadata.get("best_val_loss"), "global_step": metadata.get("global_step"),
              "stopped_early": metadata.get("stopped_early"), "train_seconds": metadata.get("train_seconds")}]

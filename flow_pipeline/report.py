@@ -39,8 +39,17 @@ COLUMNS: tuple[Column, ...] = (
     Column("partition", "partition"),
     Column("arch", "arch"),
     Column("flow", "flow"),
+    # --- run identity and budget (study_report): one row per identity, replicates pooled -----------------------
+    Column("dataset", "dataset"),
+    Column("aug", "aug"),
+    Column("model_size", "size"),
     Column("num_params", "params", ","),
+    Column("flops_per_sample", "FLOPs / sample", ","),
+    Column("steps", "steps", ",.0f"),
+    Column("stopped_early", "stopped early"),
+    Column("n_replicates", "replicates", "d"),
     Column("best_val_loss", "best val loss", ".4f"),
+    Column("val_loss_ratio", "val loss / zero pred.", ".4f"),
     Column(PRIMARY_METRIC, "ranking KID", ".4g"),
     Column("kid", "KID", ".4g"),
     Column("kid_se", "± se", ".2g"),
@@ -60,6 +69,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("sampler", "sampler"),
     Column("nfe", "NFE", "d"),
     Column("n", "n", "d"),
+    Column("vs_baseline", "vs baseline"),
+    Column("p_holm", "p (Holm)", ".3g"),
+    Column("identity", "identity"),
     Column("note", "note"),
 )
 COLUMN_KEYS = tuple(column.key for column in COLUMNS)
@@ -82,13 +94,16 @@ def beats_baseline(evaluation: dict, metric: str = PRIMARY_METRIC) -> bool | Non
     return float(model) < float(reference)
 
 
-def build_row(partition: str, arch: str, flow: str, evaluation: dict, training: dict, note: str = "") -> dict:
+def build_row(partition: str, arch: str, flow: str, evaluation: dict, training: dict, note: str = "",
+              study: dict | None = None) -> dict:
     """One report row: every key of :data:`COLUMNS`; values absent from ``evaluation``/``training`` are None.
-    A model that does not beat its evaluation's ``gaussian-full`` baseline says so first in its note."""
+    A model that does not beat its evaluation's ``gaussian-full`` baseline says so first in its note.
+    ``study``: a :func:`flow_pipeline.study_report.study_rows` row (identity, replicates, intervals), kept whole."""
     notes = [LOSES_TO_BASELINE] if beats_baseline(evaluation) is False else []
     n_note = evaluation.get("n_note", "")
     notes += [n_note] if n_note and not n_note.startswith("n >=") else []
-    row = {"partition": partition, "arch": arch, "flow": flow, "note": "; ".join(notes + ([note] if note else []))}
+    row = {**(study or {}), "partition": partition, "arch": arch, "flow": flow,
+           "note": "; ".join(notes + ([note] if note else []))}
     row.update({key: evaluation.get(key) for key in EVALUATION_KEYS})
     row.update({key: training.get(key) for key in TRAINING_KEYS})
     return row
@@ -150,6 +165,8 @@ def format_cell(value, fmt: str = "") -> str:
             return "∞" if value > 0 else "-∞"
         if fmt == "d" or fmt == ",":
             return format(int(value), fmt)
+        if fmt == ",.0f":
+            return format(float(value), fmt)
         return format(float(value), fmt)
     return str(value).replace("|", "\\|")
 
@@ -176,9 +193,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(rows: list[dict], metric: str = PRIMARY_METRIC, ascending: bool = True) -> str:
-    """Header stating the sort (first line) and the ranking rule, then the table of the rows sorted by ``metric``."""
-    return sort_statement(metric, ascending) + "\n\n" + markdown_table(sort_rows(rows, metric, ascending)) + "\n"
+def markdown_report(rows: list[dict], metric: str = PRIMARY_METRIC, ascending: bool = True,
+                    statistics: str = "") -> str:
+    """Header stating the sort (first line) and the ranking rule, the table of the rows sorted by ``metric`` (means
+    over replicates), then the ``statistics`` section (:func:`flow_pipeline.study_report.statistics_markdown`)."""
+    text = sort_statement(metric, ascending) + "\n\n" + markdown_table(sort_rows(rows, metric, ascending)) + "\n"
+    return text + ("\n" + statistics if statistics else "")
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -189,52 +209,6 @@ def csv_text(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow({key: "" if is_missing(row.get(key)) else row.get(key) for key in COLUMN_KEYS})
     return buffer.getvalue()
-
-
-def plot_report(rows: list[dict], curves: dict[str, list[dict]], path: Path, metric: str = PRIMARY_METRIC) -> Path:
-    """Left: EMA (solid) and raw (dashed) validation loss per epoch of every partition in ``curves``
-    (partition -> history rows with epoch, val_loss, ema_val_loss). Right: ``metric`` per row, in row order,
-    with the real-data level 1.0 marked for fd_ratio; rows missing the metric get no bar."""
-    # Imported here: matplotlib costs ~0.7 s, and every Dagster process loads this module through the definitions.
-    from flow_pipeline import plots  # selects the Agg backend before pyplot is imported
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2))
-    # One colour per partition in both panels.
-    partitions = sorted(set(curves) | {row["partition"] for row in rows})
-    colors = {partition: f"C{index % 10}" for index, partition in enumerate(partitions)}
-    for partition, history in sorted(curves.items()):
-        if not history:
-            continue
-        epochs = [entry["epoch"] for entry in history]
-        ax_loss.plot(epochs, [entry["ema_val_loss"] for entry in history], color=colors[partition], marker=".",
-                     label=partition)
-        ax_loss.plot(epochs, [entry["val_loss"] for entry in history], color=colors[partition], marker=".",
-                     linestyle="--", alpha=0.4)
-    ax_loss.axhline(2.0, color="grey", linestyle=":", label="zero predictor")
-    ax_loss.set(xlabel="epoch", ylabel="val loss (solid: EMA, dashed: raw)", title="validation loss")
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=7)
-
-    labels = [row["partition"] for row in rows]
-    # Missing and infinite (memorising) values get no bar.
-    values = [float(row[metric]) if not is_missing(row.get(metric)) and math.isfinite(float(row[metric]))
-              else math.nan for row in rows]
-    ax_bar.bar(range(len(rows)), [0.0 if math.isnan(v) else v for v in values],
-               color=["lightgrey" if math.isnan(v) else colors[label] for label, v in zip(labels, values)])
-    ax_bar.set_xticks(range(len(rows)), [f"{label}\n(n/a)" if math.isnan(v) else label
-                                         for label, v in zip(labels, values)], rotation=45, ha="right", fontsize=8)
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    if metric == PRIMARY_METRIC:
-        ax_bar.axhline(0.0, color="grey", linestyle=":", label="real-data level (E = 0)")
-        ax_bar.legend(fontsize=7)
-    if finite and max(finite) / min(finite) > 30 and all(v > 0 for v in values if math.isfinite(v)):
-        ax_bar.set_yscale("log")  # ratios spanning orders of magnitude would flatten the good ones
-    ax_bar.set(ylabel=metric, title=f"{metric} per partition (sorted)")
-    ax_bar.grid(alpha=0.3, axis="y")
-    return plots.save_figure(fig, path)
 
 
 def sampler_table(results: list[dict]) -> str:
@@ -260,16 +234,21 @@ class ReportFiles:
     csv_path: Path
     png_path: Path
     rows: list[dict]
+    figure: object  # flow_pipeline.plots.InlineFigure: the PNG, also embeddable in Markdown
 
 
 def write_report(rows: list[dict], curves: dict[str, list[dict]], reports_dir: Path,
-                 metric: str = PRIMARY_METRIC, ascending: bool = True) -> ReportFiles:
-    """Sort the rows by ``metric`` and write Markdown, CSV and PNG atomically under ``reports_dir``."""
+                 metric: str = PRIMARY_METRIC, ascending: bool = True, statistics: str = "") -> ReportFiles:
+    """Sort the rows by ``metric`` and write Markdown (with the ``statistics`` section), CSV and PNG atomically
+    under ``reports_dir``."""
     ordered = sort_rows(rows, metric, ascending)
-    markdown = markdown_report(ordered, metric, ascending)
+    markdown = markdown_report(ordered, metric, ascending, statistics)
     markdown_path, csv_path = reports_dir / MARKDOWN_NAME, reports_dir / CSV_NAME
     write_atomic(markdown_path, markdown.encode())
     write_atomic(csv_path, csv_text(ordered).encode())
-    png_path = plot_report(ordered, curves, reports_dir / PNG_NAME, metric)
+    from flow_pipeline.plots import plot_report  # matplotlib costs ~0.7 s: only where a report is drawn
+
+    figure = plot_report(ordered, curves, metric)
+    png_path = figure.save(reports_dir / PNG_NAME)
     return ReportFiles(markdown=markdown, markdown_path=markdown_path, csv_path=csv_path, png_path=png_path,
-                       rows=ordered)
+                       rows=ordered, figure=figure)

@@ -10,6 +10,7 @@ import dagster as dg
 
 from flow_pipeline.ablations import ablation_for
 from flow_pipeline.config import zero_predictor_loss_of
+from flow_pipeline.replicates import replicates_from_metadata
 
 SHOWN = ("checkpoint_path", "best_val_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds", "device",
          "sha256", "wandb_url", "wandb_run_dir", "wandb_sync_command")
@@ -37,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     for key in SHOWN:
         if key in metadata:
             print(f"  {key:20s} {metadata[key].value}")
+    replicates = replicates_from_metadata({key: value.value for key, value in metadata.items()})
+    if len(replicates) > 1:
+        print(f"  replicates           {len(replicates)}: best val loss {metadata['best_val_loss_mean'].value:.4f} "
+              f"(95% CI {metadata['best_val_loss_ci95_low'].value:.4f} .. {metadata['best_val_loss_ci95_high'].value:.4f})")
+        for entry in replicates:
+            print(f"    seed {entry['seed']:<6} {entry['best_val_loss']:.4f}  ({entry['best_val_loss'] / zero_loss:.3f} of "
+                  f"zero)  {entry['global_step']} steps  {entry['checkpoint_path']}")
     return 0
 
 

@@ -97,8 +97,9 @@ def open_tracker(job: TrainJob, config: TrainConfig, dist: DistInfo):
 
 
 def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dict, loss_curve: Path,
-                    world_size: int = 1, data_identity: dict | None = None) -> dict:
-    """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run)."""
+                    world_size: int = 1, data_identity: dict | None = None, loss_curve_image: str = "") -> dict:
+    """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run;
+    ``loss_curve_image``: the curve as a Markdown image, shown above its table)."""
     from flow_pipeline.plots import loss_curve_markdown
 
     def typed(value, kind):
@@ -122,7 +123,8 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "run_name": typed(config.run_name, "text"),
         "config": typed(config.model_dump(), "json"),
         "loss_curve_png": typed(str(loss_curve), "path"),
-        "loss_curve": typed(loss_curve_markdown(result.history), "md"),
+        "loss_curve": typed((loss_curve_image + "\n\n" if loss_curve_image else "")
+                            + loss_curve_markdown(result.history), "md"),
     }
     if data_identity:
         metadata["dataset_subset"] = typed(str(data_identity.get("subset")), "text")
@@ -172,10 +174,10 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         from flow_pipeline.plots import plot_loss_curve  # matplotlib costs seconds: import it only when needed
 
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
-        loss_curve = plot_loss_curve(result.history, run_dir / LOSS_CURVE_NAME, config.run_name,
-                                     config.zero_predictor_loss())
+        figure = plot_loss_curve(result.history, config.run_name, result.best_loss, config.zero_predictor_loss())
+        loss_curve = figure.save(run_dir / LOSS_CURVE_NAME)
         metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size,
-                                   job.data_identity)
+                                   job.data_identity, figure.markdown(f"loss curve of {config.run_name}"))
         process = {"pid": os.getpid(), "started_at": started_at, "finished_at": time.time()}
         write_json(run_dir / RESULT_NAME, {**{key: value["raw_value"] for key, value in metadata.items()},
                                            "process": process})

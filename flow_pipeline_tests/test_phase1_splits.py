@@ -93,13 +93,19 @@ def test_splits_root_trains_one_size_on_its_own_files_and_statistics(artifacts_r
         message = failure_message(result)
         assert "has 1k, full" in message and "5k: missing train.pt" in message, message
 
-        # One size directory as the source: the whole data, and `dataset: 1k` is all of it.
+        # One size directory as the source: the whole data, and `dataset: 1k` is all of it. Trained whitened: the
+        # run picks the (1k, whiten) statistics, stores the transform and has its own name.
         assert materialize(instance, [dataset_splits, normalization_stats],
                            {"source": str(root / "1k"), "dim": DIM}).success
         assert not (artifacts_root / "data" / "splits" / "1k").exists()
-        assert materialize(instance, [trained_checkpoint], train={**TRAIN, "dataset": "1k"}, partition="mlp-icfm").success
+        assert materialize(instance, [trained_checkpoint], train={**TRAIN, "dataset": "1k", "normalization": "whiten"},
+                           partition="mlp-icfm").success
         meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
-        assert meta["dataset_subset"].startswith("all 160 train rows")
+        assert meta["dataset_subset"].startswith("all 160 train rows") and meta["run_name"] == "mlp-icfm-1k-none-whiten-tiny"
+        whiten = load_normalizer(artifacts_root / "data" / "normalization_stats" / "1k-whiten.npz")
+        state = torch.load(meta["checkpoint_path"], weights_only=True)["normalization_stats"]
+        assert state["method"] == "whiten" and torch.equal(state["components"], whiten.components)
+        np.testing.assert_allclose(whiten.mean.numpy(), pool[ids].astype(np.float64).mean(0), rtol=1e-5, atol=1e-8)
 
 
 def test_malformed_files_fail_naming_file_and_key_and_leave_artifacts_untouched(artifacts_root, tmp_path, source):

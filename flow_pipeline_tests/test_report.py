@@ -24,12 +24,13 @@ from flow_pipeline.report import (
     csv_text,
     format_cell,
     markdown_report,
-    plot_report,
     reference_rows,
     sort_rows,
     write_report,
 )
+from flow_pipeline.plots import plot_report
 from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline_tests.test_plots import embedded_png
 from flow_pipeline_tests.test_pipeline import latest_metadata, materialize_data, resources
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,10 +47,17 @@ def row(partition: str, ranking_kid, **values) -> dict:
     return build_row(partition, arch, flow, evaluation_values, training)
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """Body rows of the (single) Markdown table in ``markdown``, as lists of cells."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+def table_rows(markdown: str, table: int = 0) -> list[list[str]]:
+    """Body rows of the ``table``-th Markdown table in ``markdown`` (0: the main table, 1: the statistics), as lists
+    of cells."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in tables[table][2:]]
 
 
 def column(name: str) -> int:
@@ -108,7 +116,7 @@ def test_csv_holds_the_same_rows_unrounded():
 def test_figure_is_a_png_that_opens(tmp_path):
     history = [{"epoch": e, "val_loss": 2.0 / e, "ema_val_loss": 1.9 / e} for e in range(1, 6)]
     rows = [row("mlp-icfm", 2.0), row("dit-icfm", None)]
-    path = plot_report(sort_rows(rows), {"mlp-icfm": history, "dit-icfm": []}, tmp_path / "report.png")
+    path = plot_report(sort_rows(rows), {"mlp-icfm": history, "dit-icfm": []}).save(tmp_path / "report.png")
     data = path.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
     image = matplotlib.image.imread(path)
@@ -202,6 +210,10 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
             check = checks[partition]["evaluation_beats_gaussian_full"]
             assert check.passed == (values["ranking_kid"] < values["references"]["gaussian-full"]["ranking_kid"])
             evaluations[partition] = (values, {key: value.value for key, value in training.items()})
+            with open(values["samples_figure_png"], "rb") as handle:
+                assert embedded_png(values["samples_figure"]) == handle.read()
+            with open(training["loss_curve_png"].value, "rb") as handle:
+                assert embedded_png(training["loss_curve"].value) == handle.read()
 
         report = dg.materialize([ablation_report], instance=instance, resources=resources())
         assert report.success
@@ -251,6 +263,7 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
 
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
     assert image.ndim == 3 and image.shape[0] > 100
+    assert embedded_png(markdown) == png  # the figure below the table, inline in the UI
     assert str(artifacts_root / "reports") in meta["markdown_path"]
 
     notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}

@@ -6,7 +6,8 @@ run 30-80 s, mostly Python/torch start-ups):
 
 1. ``dataset_splits`` + ``normalization_stats`` from an embeddings file that is not there yet: the run fails; the file
    appears; the run is re-executed from failure with its own config.
-2. ``trained_checkpoint[dit-icfm]`` with a tiny config, submitted with ``DagsterGraphQLClient``.
+2. ``trained_checkpoint[dit-icfm]`` with a tiny config, its ``evaluation`` and the ``ablation_report``, one run
+   submitted with ``DagsterGraphQLClient``; the UI shows each one's figure.
 3. A two-partition backfill of ``trained_checkpoint`` launched by clicking in the UI, with a tiny config typed into
    the launch dialog's config editor.
 
@@ -48,6 +49,7 @@ PARTITION = "dit-icfm"
 BACKFILL_PARTITIONS = ("mlp-icfm", "unet-fm")
 N_ROWS = 640
 RUN_TIMEOUT_S = 480
+EVALUATION_CONFIG = {"solver": "euler", "steps": 4}
 # The trainer's per-epoch line, streamed into the run's log through Pipes.
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) train_loss=(\S+) val_loss=(\S+) ema_val_loss=(\S+)( \*best\*)? lr=(\S+) "
                         r"epoch_s=(\S+) elapsed_s=(\S+) eta_s=(\S+)$")
@@ -142,6 +144,22 @@ def metadata_row(page, label: str):
     return page.get_by_role("row").filter(has=page.get_by_role("cell", name=label, exact=True))
 
 
+def open_markdown_figure(page, label: str):
+    """Open the Markdown metadata entry ``label`` (the UI shows one of 1,000 characters or more behind a
+    "[Show Markdown]" button) and return its dialog once the image in it has loaded and decoded with a width."""
+    from playwright.sync_api import expect
+
+    metadata_row(page, label).get_by_text("[Show Markdown]").click()
+    dialog = page.get_by_role("dialog").filter(has=page.locator("img"))
+    image = dialog.locator("img").first
+    expect(image).to_be_visible()
+    assert image.get_attribute("src").startswith("data:image/png;base64,")
+    # decode() rejects for a broken image; naturalWidth is 0 until an image has really loaded.
+    assert image.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    image.scroll_into_view_if_needed()  # below a long table, it would be out of the screenshot
+    return dialog
+
+
 # --- fixtures: one server pair and one chain of runs for the module ----------------------------------------------
 
 
@@ -191,11 +209,14 @@ def data_recovery(stack) -> Recovery:
 
 @pytest.fixture(scope="module")
 def dit_icfm_run(stack, data_recovery) -> dict:
-    """trained_checkpoint[dit-icfm], tiny config, submitted like a script would: DagsterGraphQLClient."""
+    """trained_checkpoint[dit-icfm] (tiny config), its evaluation and the ablation report in one run (one start-up
+    of the run worker), submitted like a script would: DagsterGraphQLClient."""
     assert data_recovery.reexecution["status"] == "SUCCESS", "the data assets did not materialize"
+    config = run_config(train=TINY_TRAIN)
+    config["ops"]["evaluation"] = {"config": EVALUATION_CONFIG}
     run_id = stack.servers.client().submit_job_execution(
-        ASSET_JOB, run_config={**run_config(train=TINY_TRAIN), **fast_execution()},
-        tags={PARTITION_TAG: PARTITION}, asset_selection=["trained_checkpoint"],
+        ASSET_JOB, run_config={**config, **fast_execution()},
+        tags={PARTITION_TAG: PARTITION}, asset_selection=["trained_checkpoint", "evaluation", "ablation_report"],
     )
     return stack.servers.wait_for_run(run_id, RUN_TIMEOUT_S)
 
@@ -329,8 +350,33 @@ def test_ui_shows_partition_metadata(stack, dit_icfm_run, page):
     assert float(shown_loss) == pytest.approx(meta["best_val_loss"], rel=1e-9)
     expect(metadata_row(page, "tracking")).to_contain_text("offline")
     expect(metadata_row(page, "wandb_sync_command")).to_contain_text(f"wandb sync {meta['wandb_run_dir']}")
-    expect(metadata_row(page, "loss_curve")).to_contain_text("EMA val loss")  # the Markdown table, rendered
+    dialog = open_markdown_figure(page, "loss_curve")
+    expect(dialog).to_contain_text("EMA val loss")  # the Markdown table below the curve, rendered
     screenshot(page, f"trained_checkpoint-{PARTITION}")
+
+
+@pytest.mark.timeout(1200)
+def test_ui_shows_evaluation_and_report_figures(stack, dit_icfm_run, page):
+    from playwright.sync_api import expect
+
+    assert dit_icfm_run["status"] == "SUCCESS"
+    run_id, meta = latest_materialization(stack.servers, "evaluation", PARTITION)
+    assert run_id == dit_icfm_run["runId"]
+    assert Path(meta["samples_figure_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    page.goto(f"{stack.servers.url}/assets/evaluation?view=partitions&partition={PARTITION}")
+    expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
+    expect(metadata_row(page, "run_name")).to_contain_text(meta["run_name"])
+    open_markdown_figure(page, "samples_figure")
+    screenshot(page, f"evaluation-{PARTITION}")
+
+    run_id, report = latest_materialization(stack.servers, "ablation_report")
+    assert run_id == dit_icfm_run["runId"] and report["partitions"] == [PARTITION]
+    page.goto(f"{stack.servers.url}/assets/ablation_report")
+    expect(metadata_row(page, "best_partition")).to_contain_text(PARTITION)
+    dialog = open_markdown_figure(page, "report")
+    expect(dialog).to_contain_text(PARTITION)  # the table beside the figure
+    screenshot(page, "ablation_report")
 
 
 @pytest.mark.timeout(1500)
@@ -339,7 +385,7 @@ def test_ui_launches_backfill_with_typed_config(stack, data_recovery, page):
 
     assert data_recovery.reexecution["status"] == "SUCCESS"
     typed_config = {**fast_execution(), **run_config(train={"model_size": "tiny", "max_epochs": 2, "batch_size": 64,
-                                                            "device": "cpu"})}
+                                                            "warmup_steps": 4, "device": "cpu"})}
     page.goto(f"{stack.servers.url}/assets/trained_checkpoint")
     page.get_by_role("button", name=re.compile(r"Materialize…$")).click()  # "materialization" icon + label
     dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize trained_checkpoint")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command A: install, then train partition dit-icfm on the built-in SONAR-like data (CPU, a few minutes).
+# README command A: install, then train partition mlp-icfm on the built-in SONAR-like data (CPU, under 10 minutes)
+# with the recipe of configs/quickstart.json (whitened data, linear skip path; see RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -9,6 +10,6 @@ dagster=.venv/bin/dagster
 # Pools are enforced only with an explicit limit on a persistent instance: one training at a time here.
 $dagster instance concurrency set gpu "${GPU_POOL_LIMIT:-1}"
 $dagster asset materialize -m flow_pipeline.definitions --select dataset_splits,normalization_stats
-$dagster asset materialize -m flow_pipeline.definitions --select trained_checkpoint --partition dit-icfm \
+$dagster asset materialize -m flow_pipeline.definitions --select trained_checkpoint --partition mlp-icfm \
   --config-json "$(cat configs/quickstart.json)"
-.venv/bin/python -m flow_pipeline.show dit-icfm
+.venv/bin/python -m flow_pipeline.show mlp-icfm

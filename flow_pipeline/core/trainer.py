@@ -28,6 +28,7 @@ from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import Flow, PathSample, get_flow
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.schedule import warmup_cosine_schedule
+from flow_pipeline.core.time_sampling import sample_times
 from flow_pipeline.core.tracking import NullTracker, Tracker
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def draw_path(flow: Flow, x_1: Tensor, generator: torch.Generator) -> PathSample:
-    """Noise x_0 ~ N(0, I) (batch, dim) and times t ~ U(0, 1) (batch,) for every row of the data batch x_1, then
-    the flow's pairing and path point. Under data parallelism every rank calls this on the whole global batch with
-    an identically seeded generator: each row gets the noise it would get in one process, OT pairs and mixup
-    partners span the global batch, and the generators of all ranks stay in the same state."""
+def _build_model(config: TrainConfig) -> nn.Module:
+    return build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip)
+
+
+def draw_path(flow: Flow, x_1: Tensor, generator: torch.Generator, time_sampling: str = "uniform") -> PathSample:
+    """Noise x_0 ~ N(0, I) (batch, dim) and times t (batch,) drawn by ``time_sampling`` for every row of the data
+    batch x_1, then the flow's pairing and path point. Under data parallelism every rank calls this on the whole
+    global batch with an identically seeded generator: each row gets the noise it would get in one process, OT pairs
+    and mixup partners span the global batch, and the generators of all ranks stay in the same state."""
     x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device)
-    t = torch.rand(x_1.shape[0], generator=generator, device=x_1.device)
+    t = sample_times(x_1.shape[0], time_sampling, generator, x_1.device)
     return flow.sample(x_0, x_1, t, generator=generator)
 
 
@@ -225,9 +230,9 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
 
     # --- model, EMA, optimiser, schedule -----------------------------------------------------------------------
     torch.manual_seed(config.seed)  # model init is the only user of the global RNG
-    model = build_model(config.arch, dim=config.dim, size=config.model_size).to(device)
+    model = _build_model(config).to(device)
     ema = EMA(model, decay=config.ema_decay)  # after .to(device): the shadow lives where the weights live
-    ema_model = build_model(config.arch, dim=config.dim, size=config.model_size).to(device).eval()
+    ema_model = _build_model(config).to(device).eval()
     train_model = dist.wrap(model)
     if config.compile:
         train_model = torch.compile(train_model)
@@ -388,7 +393,7 @@ def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tr
         train_model.train()
         for rows in sampler.epoch_batches(device):
             x_1 = augment(train_z[rows], config.aug, noise_generator, config.noise_std, config.mixup_max, config.dropout_p)
-            path = draw_path(flow, x_1, noise_generator)
+            path = draw_path(flow, x_1, noise_generator, config.time_sampling)
             loss = flow_matching_loss(train_model, path, mine, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DDP this also averages the gradients of all ranks

@@ -30,11 +30,22 @@ from flow_pipeline.report import (
     reference_rows,
     reference_table,
     sampler_table,
+    sort_rows,
     write_report,
 )
+from flow_pipeline.replicates import identity_key, replicates_from_metadata
 from flow_pipeline.sentences import read_split_sentences, sentences_markdown
+from flow_pipeline.study_report import (
+    DEFAULT_BASELINE,
+    add_comparisons,
+    evaluation_study_metadata,
+    pick_baseline,
+    statistics_markdown,
+    study_rows,
+)
 
 EVALUATION_JSON = "evaluation.json"
+EVALUATION_PNG = "samples.png"
 
 
 class EvaluationConfig(dg.Config):
@@ -156,29 +167,48 @@ def evaluation(
         raise dg.Failure(description=f"evaluation of {partition}: no trained_checkpoint materialization with a "
                          f"checkpoint_path for this partition; materialize trained_checkpoint[{partition}] first")
     layout = artifacts.layout
+    evaluated = []  # every replicate of the training; the first one's numbers are the headline ones
     try:
-        # The run's own data: for a per-size store, the test split of the size it trained on.
         # The run's own data: its training rows, and for a per-size store the val/test splits of its size.
         run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
         splits = run.splits
-        result = evaluate_checkpoint(
-            training["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,
-            seed=config.seed, k=config.k, device=compute.resolve_device(context.log), batch_size=config.batch_size,
-            expected_sha256=training.get("sha256"), val=splits.val if config.references else None,
-            sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
-        )
+        for entry in replicates_from_metadata(training):
+            result = evaluate_checkpoint(
+                entry["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,
+                seed=config.seed, k=config.k, device=compute.resolve_device(context.log),
+                batch_size=config.batch_size, expected_sha256=entry.get("sha256"),
+                val=splits.val if config.references else None,
+                sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
+            )
+            results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
+            write_json(results_path, {"partition": partition, **result.as_dict()})
+            evaluated.append((entry, result, results_path))
     except (CheckpointError, DataError, ValueError) as exc:
         raise dg.Failure(description=f"evaluation of {partition}: {exc}") from exc
 
-    results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
-    write_json(results_path, {"partition": partition, **result.as_dict()})
+    _, result, results_path = evaluated[0]
+    study = evaluation_study_metadata(training["config"], [
+        (entry, {key: value for key, value in r.primary.metrics.items() if key != "n"}) for entry, r, _ in evaluated])
+    from flow_pipeline.plots import plot_evaluation  # matplotlib costs ~0.7 s: only in the process that draws
+
+    figure = plot_evaluation(result.primary_samples, splits.test, result.primary.metrics,
+                             f"{partition} ({result.primary.sampler})", config.seed)
+    figure_path = results_path.with_name(EVALUATION_PNG)
+    figure.save(figure_path)
     primary = result.primary.metrics
     context.log.info(f"{partition} ({result.primary.sampler}, n={result.n}): kid={primary['kid']:.4g} ± "
                      f"{primary['kid_se']:.2g} fd_inf={primary['fd_inf']:.4g} "
                      f"variance_ratio={primary['variance_ratio']:.3f} coverage={primary['coverage']:.3f}"
                      + (f" [{result.n_note}]" if result.n_note else ""))
     gaussian_full = next((ref.metrics for ref in result.references if ref.name == "gaussian-full"), None)
-    return dg.MaterializeResult(metadata=evaluation_metadata(result, results_path),
+    study_values = {key: dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
+                    for key, value in study.items()}
+    figure_metadata = {
+        "samples_figure": dg.MetadataValue.md(figure.markdown(f"generated vs real samples of {partition}")),
+        "samples_figure_png": dg.MetadataValue.path(str(figure_path)),
+    }
+    return dg.MaterializeResult(metadata={**evaluation_metadata(result, results_path), **study_values,
+                                          **figure_metadata},
                                 check_results=[beats_gaussian_full(primary, gaussian_full, PRIMARY_METRIC)])
 
 
@@ -192,46 +222,73 @@ def _history(checkpoint_path: str | None) -> tuple[list[dict], str]:
         return [], f"no loss curve: {exc}"
 
 
+class ReportConfig(dg.Config):
+    baseline: str = Field(default=DEFAULT_BASELINE, description="the row every other row is compared with: a run "
+                          "identity as printed in the report, or a partition key (then its row with the default "
+                          "training config, else its newest)")
+
+
 @dg.asset(
     deps=[dg.AssetDep(evaluation, partition_mapping=dg.AllPartitionMapping())],
     group_name="evaluation",
     owners=OWNERS,
     kinds={"pytorch"},
 )
-def ablation_report(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
-    """All evaluated partitions side by side with the reference rows (held-out real, gaussian-full, gaussian-diag):
-    a Markdown table (arch, flow, params, best val loss, ranking KID, KID ± se and CI, FD∞, variance and norm ratios,
-    precision, recall, density, coverage, memorisation, train copies, train time) sorted by the ranking metric, with
-    models that do not beat gaussian-full marked; the same rows as CSV, and a PNG with every partition's
-    validation-loss curve and a bar chart of the ranking metric."""
-    rows, curves, evaluations = [], {}, {}
-    for partition in ablation_partitions.get_partition_keys():
-        evaluated = latest_metadata(context.instance, evaluation.key, partition)
-        if evaluated is None:
-            continue
-        evaluations[partition] = evaluated
-        training = latest_metadata(context.instance, trained_checkpoint.key, partition)
-        notes = []
-        if training is None:
-            training = {}
-            notes.append("no trained_checkpoint materialization")
-        elif training.get("sha256") != evaluated.get("checkpoint_sha256"):
+def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
+                    artifacts: ArtifactsResource) -> dg.MaterializeResult:
+    """All evaluated run identities side by side, one row per identity (config minus seed; replicates pooled as
+    mean and 95% t-interval, never across identities), with the reference rows (held-out real, gaussian-full,
+    gaussian-diag): a Markdown table (arch, flow, data, size, params, FLOPs, steps, best val loss and its ratio to
+    the zero predictor, ranking KID, KID ± se and CI, FD∞, variance and norm ratios, precision, recall, density,
+    coverage, memorisation, train copies, train time) sorted by the ranking metric, with models that do not beat
+    gaussian-full marked; a statistics section comparing every row with the baseline row (paired or Welch t,
+    Holm-corrected); the same rows as CSV, and a PNG with every row's validation-loss curve (on the zero-predictor
+    scale) and a bar chart of the ranking metric."""
+    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=evaluation.key),
+                                                      limit=10_000).records  # newest first
+    evaluations = [(record.partition_key, {key: value.value for key, value in
+                                           record.asset_materialization.metadata.items()}) for record in records]
+    rows, curves, newest = [], {}, {}
+    for study in study_rows(evaluations):
+        partition = study["partition"]
+        newest.setdefault(partition, study["evaluation"])
+        training = latest_metadata(context.instance, trained_checkpoint.key, partition) or {}
+        notes = [] if training else ["no trained_checkpoint materialization"]
+        # The partition's newest training, if it is of this identity (or says nothing of it), must be the one
+        # evaluated; a newer one of another identity is another row's business.
+        same_identity = "config" not in training or identity_key(training["config"]) == study["identity"]
+        shas = {entry["sha256"] for entry in study["replicates"]}
+        if training and same_identity and {e.get("sha256") for e in replicates_from_metadata(training)} != shas:
             notes.append("trained again since this evaluation: re-materialize evaluation")
-        curves[partition], curve_note = _history(evaluated.get("checkpoint_path"))
+        history, curve_note = _history(study["replicates"][0]["checkpoint_path"])
+        zero_loss = study["zero_predictor_loss"]
+        curves.setdefault(study["identity"], [{**entry, "val_loss": entry["val_loss"] / zero_loss,
+                                               "ema_val_loss": entry["ema_val_loss"] / zero_loss} for entry in history])
         notes += [curve_note] if curve_note else []
         ablation = ablation_for(partition)
-        rows.append(build_row(partition, ablation.arch, ablation.flow, evaluated, training, note="; ".join(notes)))
+        pooled = {key: study[key] for key in study["per_seed"]}  # means over replicates replace the first's values
+        rows.append(build_row(partition, ablation.arch, ablation.flow, {**study["evaluation"], **pooled}, study,
+                              note="; ".join(notes), study=study))
     if not rows:
         raise dg.Failure(description="ablation_report: no partition of evaluation is materialized yet; "
                          "materialize evaluation for at least one partition first")
+    order = ablation_partitions.get_partition_keys()
+    rows.sort(key=lambda row: (order.index(row["partition"]), row["identity"]))  # registry order, then identity
     losing = [row["partition"] for row in rows if row["note"].startswith(LOSES_TO_BASELINE)]
-    files = write_report(rows + reference_rows(evaluations), curves, artifacts.layout.reports_dir)
-    context.log.info(f"ablation report over {len(rows)} partitions in {artifacts.layout.reports_dir}")
+    baseline = pick_baseline(rows, config.baseline)
+    add_comparisons(rows, baseline, PRIMARY_METRIC)
+    statistics = statistics_markdown(sort_rows(rows), baseline, PRIMARY_METRIC)
+    files = write_report(rows + reference_rows(newest), curves, artifacts.layout.reports_dir, statistics=statistics)
+    context.log.info(f"ablation report over {len(rows)} run identities in {artifacts.layout.reports_dir}")
     return dg.MaterializeResult(metadata={
-        "report": dg.MetadataValue.md(files.markdown),
+        "report": dg.MetadataValue.md(files.markdown + "\n\n" + files.figure.markdown("ablation report figure")),
         "primary_metric": PRIMARY_METRIC,
         "best_partition": next(row["partition"] for row in files.rows if not row["partition"].startswith("reference")),
-        "n_partitions": len(rows),
+        "n_partitions": len({row["partition"] for row in rows}),
+        "n_rows": len(rows),
+        "identities": dg.MetadataValue.json([row["identity"] for row in files.rows if "identity" in row]),
+        "baseline": baseline["identity"] if baseline else "none",
+        "verdicts": dg.MetadataValue.json({row["identity"]: row["vs_baseline"] for row in rows}),
         "not_beating_gaussian_full": dg.MetadataValue.json(losing),
         "partitions": dg.MetadataValue.json([row["partition"] for row in files.rows
                                              if not row["partition"].startswith("reference")]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import dit, mlp, unet
+from .skip import LinearSkip
 
 ARCHITECTURES = ("mlp", "dit", "unet")
 # "matched": the three architectures within ±15% of one parameter count (the presets say how close), so an
@@ -24,8 +25,14 @@ PRESET_PARAM_COUNTS: dict[tuple[str, str], int] = {
 }
 
 
-def build_model(arch: str, dim: int = 1024, size: str = "small") -> nn.Module:
-    """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``."""
+def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bool = False) -> nn.Module:
+    """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``; ``linear_skip`` wraps it
+    in :class:`LinearSkip` (adds ``dim`` parameters)."""
+    model = _build_preset(arch, dim, size)
+    return LinearSkip(model, dim) if linear_skip else model
+
+
+def _build_preset(arch: str, dim: int, size: str) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
     if size not in MODEL_SIZES:

@@ -1,0 +1,106 @@
+"""Study rows on real (tiny) trainings: one row per identity, intervals over replicates, and verdicts that are right
+by construction: an untrained model is "worse" than a trained one, the same config on other seeds is not
+distinguishable from itself."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flow_pipeline.config import TrainConfig
+from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, WORSE
+from flow_pipeline.core.trainer import train
+from flow_pipeline.replicates import identity_key
+from flow_pipeline.study_report import (
+    VAL_LOSS_RATIO,
+    add_comparisons,
+    evaluation_study_metadata,
+    pick_baseline,
+    statistics_markdown,
+    study_rows,
+)
+from flow_pipeline_tests.core.mixture_data import mixture_train_data
+
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    return mixture_train_data(320, 64, DIM, seed=3)
+
+
+def config(**overrides) -> TrainConfig:
+    values = dict(arch="mlp", model_size="tiny", dim=DIM, batch_size=32, max_steps=30, warmup_steps=5, patience=50,
+                  device="cpu", lr=3e-3, log_every=100)
+    return TrainConfig(**{**values, **overrides})
+
+
+def evaluated(base: TrainConfig, seeds, data, tmp_path) -> dict:
+    """Evaluation-like metadata of ``base`` trained with each seed (the metrics: just the loss ratio here)."""
+    replicates = []
+    for seed in seeds:
+        run = base.model_copy(update={"seed": seed})
+        result = train(run, data, tmp_path / run.run_name)
+        entry = {"seed": seed, "run_name": run.run_name, "checkpoint_path": str(result.checkpoint_path),
+                 "sha256": result.sha256, "best_val_loss": result.best_loss, "global_step": result.global_step,
+                 "stopped_early": result.stopped_early, "train_seconds": result.train_seconds}
+        replicates.append((entry, {}))
+    return evaluation_study_metadata(run.model_dump(), replicates)
+
+
+@pytest.mark.slow
+def test_untrained_is_worse_and_other_seeds_are_no_different(data, tmp_path):
+    trained = evaluated(config(), [0, 1, 2], data, tmp_path)
+    untrained = evaluated(config(max_steps=1, warmup_steps=0), [0, 1, 2], data, tmp_path)
+    other_seeds = evaluated(config(), [3, 4, 5], data, tmp_path)
+    assert other_seeds["identity"] == trained["identity"] != untrained["identity"]
+    # The same identity twice: one row, the newest evaluation's replicates.
+    rows = study_rows([("mlp-icfm", other_seeds), ("mlp-icfm", untrained), ("mlp-icfm", trained)])
+    assert len(rows) == 2 and rows[0]["seeds"] == [3, 4, 5]
+    # Compare both seed ranges of the trained config as rows of their own.
+    trained_rows = study_rows([("mlp-icfm", trained)])
+    rows = trained_rows + study_rows([("mlp-icfm", untrained)]) + [
+        {**row, "identity": row["identity"] + " (seeds 3-5)"} for row in study_rows([("mlp-icfm", other_seeds)])]
+    baseline = pick_baseline(rows, trained["identity"])
+    assert baseline is trained_rows[0]
+    add_comparisons(rows, baseline, VAL_LOSS_RATIO)
+    untrained_row, other_row = rows[1], rows[2]
+    assert untrained_row["vs_baseline"] == WORSE and untrained_row["test"] == "paired t"
+    assert other_row["vs_baseline"] == NO_DIFFERENCE and other_row["test"] == "Welch t"
+    # Holm over the two comparisons: the smaller raw p doubled, the larger at least that.
+    assert untrained_row["p_holm"] < 0.05 <= other_row["p_holm"]
+    # Rows carry the identity, the interval and the loss on the flow's zero-predictor scale (2.0 for icfm).
+    losses = [entry["best_val_loss"] for entry in trained["replicates"]]
+    assert baseline["best_val_loss"] == pytest.approx(sum(losses) / 3)
+    assert baseline[VAL_LOSS_RATIO] == pytest.approx(sum(losses) / 3 / 2.0)
+    assert baseline["steps"] == 30 and baseline["n_replicates"] == 3 and baseline["model_size"] == "tiny"
+    assert baseline["num_params"] > 0 and baseline["flops_per_sample"] > baseline["num_params"]
+    markdown = statistics_markdown(rows, baseline, VAL_LOSS_RATIO)
+    assert "paired t-test" in markdown and "Holm" in markdown and "worse" in markdown
+
+
+def replicate_metadata(config_values: dict, seeds, losses, zero_loss=None) -> dict:
+    replicates = [({"seed": s, "run_name": "r", "checkpoint_path": f"/c/{s}", "sha256": str(s), "best_val_loss": v,
+                    "global_step": 10, "stopped_early": False, "train_seconds": 1.0}, {"fd_ratio": v})
+                  for s, v in zip(seeds, losses)]
+    return {"identity": identity_key(config_values), "identity_config": config_values,
+            "n_replicates": len(replicates), "zero_predictor_loss": zero_loss,
+            "replicates": [{**entry, "metrics": metrics} for entry, metrics in replicates]}
+
+
+def test_one_replicate_rows_say_no_significance_can_be_claimed():
+    values = {**TrainConfig(dim=8).model_dump(), "flow": "vp"}
+    rows = study_rows([("mlp-vp", replicate_metadata(values, [0], [2.0])),
+                       ("mlp-icfm", replicate_metadata({**values, "flow": "icfm"}, [0], [1.5]))])
+    baseline = pick_baseline(rows, "mlp-icfm")  # the default config's row of that partition
+    add_comparisons(rows, baseline, "fd_ratio")
+    assert rows[0]["vs_baseline"] == NOT_TESTABLE and math.isnan(rows[0]["fd_ratio_ci_low"])
+    markdown = statistics_markdown(rows, baseline, "fd_ratio")
+    assert "no significance can be claimed" in markdown
+    # vp's validation loss is read against pi^2/4, derived from the flow, not 2.0.
+    assert rows[0]["zero_predictor_loss"] == pytest.approx(math.pi**2 / 4)
+    assert rows[0][VAL_LOSS_RATIO] == pytest.approx(2.0 / (math.pi**2 / 4))
+    assert "2.4674" in markdown
