@@ -32,6 +32,7 @@ from flow_pipeline.defs.assets import trained_checkpoint
 from flow_pipeline.defs.failures import FAILURE_KIND_TAG
 from flow_pipeline.defs.retries import ATTEMPT_TAG
 from flow_pipeline.defs.run_config import TrainRunConfig
+from flow_pipeline.replicates import replicates_from_metadata
 from flow_pipeline.train import JOB_NAME, TrainJob, run_job
 from flow_pipeline_tests.postgres_server import PostgresServer, _run as run_as_server_user, start_postgres
 from flow_pipeline_tests.servers import BIN, REPO_ROOT, DagsterServers, dagster_servers
@@ -250,7 +251,8 @@ def check_checkpoints(instance: dg.DagsterInstance, settings: SoakSettings, repo
             report.not_materialized.append(partition)
             continue
         metadata = {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
-        for path, sha in _checkpoints_of(metadata):
+        for replicate in replicates_from_metadata(metadata):
+            path, sha = replicate["checkpoint_path"], replicate["sha256"]
             report.checkpoints_checked += 1
             try:
                 load_checkpoint(path)
@@ -260,14 +262,6 @@ def check_checkpoints(instance: dg.DagsterInstance, settings: SoakSettings, repo
                 report.corrupt_checkpoints.append(str(exc))
         materialized.append(metadata)
     return materialized
-
-
-def _checkpoints_of(metadata: dict) -> list[tuple[str, str]]:
-    """(path, sha256) of every checkpoint a materialization names: its replicates, or its one checkpoint."""
-    replicates = metadata.get("replicates")
-    if isinstance(replicates, list):
-        return [(item["checkpoint_path"], item["sha256"]) for item in replicates]
-    return [(metadata["checkpoint_path"], metadata["sha256"])]
 
 
 def retrain_uninterrupted(run_dir: Path, scratch: Path) -> bool:
