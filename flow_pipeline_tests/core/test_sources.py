@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -114,14 +113,6 @@ def test_generator_is_deterministic_per_seed_and_differs_across_seeds():
     assert np.array_equal(a, synthetic_sonar_like(200, dim=64, seed=3))
     assert not np.allclose(a, synthetic_sonar_like(200, dim=64, seed=4))
     assert not np.allclose(a, synthetic_sonar_like(200, dim=64, seed=3, n_clusters=16))
-
-
-def test_generator_is_fast():
-    start = time.perf_counter()
-    synthetic_sonar_like(14_000, seed=0)
-    # ~0.4 s on an idle 2-core CPU (target <= 1 s); the bound leaves room for a machine shared with other jobs,
-    # where multi-threaded BLAS calls slow down several-fold, and still catches an accidental O(n * dim^2) step.
-    assert time.perf_counter() - start < 4.0
 
 
 def test_generator_rejects_bad_arguments():
