@@ -27,14 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 import scipy.linalg
 import torch
+
+from flow_pipeline.core.atomic import TEMP_PREFIX, fsync_directory, remove_stale_temp_files, write_bytes_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
 MANIFEST_NAME = "splits.json"
 MANIFEST_VERSION = 1
 DEFAULT_CHUNK_ROWS = 65536
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TEMP_PREFIX
 
 # Synthetic generator. The first two are targets measured on real SONAR text embeddings (1024-d, unnormalised),
 # stated per dimension so other ``dim`` values keep the same per-dimension scale; the rest were fitted so that the
@@ -423,7 +426,7 @@ def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = 
     """
     directory = _absolute(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(directory)
+    remove_stale_temp_files(directory)
     _check_same_dim(splits.arrays(), splits.source or "splits")
     staged: dict[str, Path] = {}
     try:
@@ -439,7 +442,7 @@ def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = 
         raise
     manifest = _manifest(splits, {final: tmp.stat().st_size for final, tmp in staged.items()})
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_directory(directory)
     try:
         for final, tmp in staged.items():
             os.replace(tmp, directory / final)
@@ -449,7 +452,7 @@ def save_splits(splits: Splits, directory: str | os.PathLike, chunk_rows: int = 
     for name in SPLIT_NAMES:
         if f"{name}.jsonl" not in staged:
             (directory / f"{name}.jsonl").unlink(missing_ok=True)  # sentences of an earlier set
-    _atomic_write_bytes(directory / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+    write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return directory / MANIFEST_NAME
 
 
@@ -586,40 +589,6 @@ def _write_sentences_temp(directory: Path, sentences: list[str], indices: np.nda
     return Path(name)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file in the same directory and ``os.replace``."""
-    fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames durable; some filesystems refuse to open a directory, which only costs durability.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(directory: Path) -> None:
-    """Delete temp files left by an interrupted save."""
-    for stale in directory.glob(f"{_TMP_PREFIX}*"):
-        if stale.is_file():
-            stale.unlink(missing_ok=True)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from flow_pipeline.core.atomic import write_bytes_atomic
 from flow_pipeline.core.data import DATASET_SIZES
 from flow_pipeline.core.sources import (
     MANIFEST_NAME,
     DataError,
     Splits,
     _absolute,
-    _atomic_write_bytes,
     load_saved_splits,
     load_sentences,
     save_splits,
@@ -61,7 +61,7 @@ def store_splits(data: Splits | SplitsRoot, directory: str | os.PathLike) -> Pat
     for label, splits in data.sizes.items():
         save_splits(splits, directory / label)
     index = {"format_version": 1, "source": data.source, "sizes": list(data.sizes), "incomplete": data.incomplete}
-    _atomic_write_bytes(directory / SIZES_MANIFEST, json.dumps(index, indent=2).encode())
+    write_bytes_atomic(directory / SIZES_MANIFEST, json.dumps(index, indent=2).encode())
     (directory / MANIFEST_NAME).unlink(missing_ok=True)  # the single set this replaces
     for stale in directory.glob("*.npy"):
         stale.unlink()
