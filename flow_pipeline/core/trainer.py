@@ -13,13 +13,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
 from flow_pipeline.core.data import EpochBatchSampler, Normalizer, augment
 from flow_pipeline.core.distributed import DistInfo
@@ -36,6 +36,22 @@ logger = logging.getLogger(__name__)
 # Seeds of the dedicated generators derive from the run seed with fixed offsets so the streams never coincide.
 _NOISE_SEED_OFFSET = 1
 _VAL_SEED_OFFSET = 2
+
+
+class TrainSettings(Protocol):
+    """What the trainer reads of a run's config: every knob of :class:`flow_pipeline.config.TrainConfig` (validated
+    there, outside the core) as attributes, plus ``run_name``, ``flow_params()`` and ``model_dump()`` (a plain dict,
+    stored in the checkpoint). The core never imports that class."""
+
+    arch: str
+    flow: str
+    dim: int
+    seed: int
+    run_name: str
+
+    def flow_params(self) -> dict: ...
+
+    def model_dump(self) -> dict: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,7 +98,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _build_model(config: TrainConfig) -> nn.Module:
+def _build_model(config: TrainSettings) -> nn.Module:
     return build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip)
 
 
@@ -151,9 +167,12 @@ _RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed",
                       "max_steps", "eval_every_steps")
 
 
-def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
-    # A key an older checkpoint lacks had its default then.
-    saved = {key: saved.get(key, TrainConfig.model_fields[key].default) for key in _RESUME_MUST_MATCH}
+# What a knob was, in effect, for checkpoints written before it existed.
+_BEFORE_THE_KNOB_EXISTED = {"normalization": "zscore", "max_steps": 0, "eval_every_steps": 0}
+
+
+def _check_resumable(saved: dict, config: TrainSettings, path: Path) -> None:
+    saved = {key: saved.get(key, _BEFORE_THE_KNOB_EXISTED.get(key)) for key in _RESUME_MUST_MATCH}
     wrong = [f"{key}: checkpoint {saved[key]!r} vs run {getattr(config, key)!r}"
              for key in _RESUME_MUST_MATCH if saved[key] != getattr(config, key)]
     if wrong:
@@ -178,7 +197,7 @@ def _latest_checkpoint(paths: list[Path], device: torch.device) -> tuple[Path, d
     return max(loaded, key=lambda item: (item[1]["global_step"], item[1]["epoch"]), default=None)
 
 
-def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+def planned_steps(config: TrainSettings, steps_per_epoch: int) -> int:
     """Optimizer steps of the run, the LR schedule's total: ``max_steps`` when set (the same for every dataset size),
     else ``max_epochs`` epochs. A warmup that never ends is rejected: the LR would never decay and early stopping,
     which counts only after warmup, would never act."""
@@ -190,7 +209,7 @@ def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return total
 
 
-def train(config: TrainConfig, data: TrainData, run_dir: str | Path, tracker: Tracker | None = None,
+def train(config: TrainSettings, data: TrainData, run_dir: str | Path, tracker: Tracker | None = None,
           dist: DistInfo | None = None) -> TrainResult:
     """Train one model; ``best.pt`` (and, while running, ``last.pt``) are written to ``run_dir``.
 

@@ -574,9 +574,15 @@ def test_dim_mismatch_names_dim(data, tmp_path):
         train(tiny_config(dim=32), data, tmp_path)
 
 
-# --- core never imports dagster or wandb -------------------------------------------------------------------------
+# --- core never imports dagster, wandb, pydantic, nor flow_pipeline outside core -----------------------------------
 
-FORBIDDEN = ("dagster", "wandb")
+FORBIDDEN = ("dagster", "wandb", "pydantic")
+
+
+def _forbidden(name: str) -> bool:
+    """A module the core must not import: a forbidden package, or any of flow_pipeline outside flow_pipeline.core."""
+    return name.split(".")[0] in FORBIDDEN or (name.startswith("flow_pipeline") and name != "flow_pipeline"
+                                               and not name.startswith("flow_pipeline.core"))
 
 
 def _core_modules() -> list[str]:
@@ -589,7 +595,7 @@ def _core_modules() -> list[str]:
     return modules
 
 
-def test_core_sources_never_import_dagster_or_wandb():
+def test_core_sources_never_import_dagster_wandb_pydantic_or_the_layers_above():
     files = sorted(CORE_DIR.rglob("*.py"))
     assert len(files) >= 10
     offenders = []
@@ -604,15 +610,16 @@ def test_core_sources_never_import_dagster_or_wandb():
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
                     "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
                 names = [str(node.args[0].value)]
-            offenders += [f"{path}:{node.lineno} {name}" for name in names if name.split(".")[0] in FORBIDDEN]
+            offenders += [f"{path}:{node.lineno} {name}" for name in names if _forbidden(name)]
     assert offenders == []
 
 
-def test_importing_all_of_core_loads_no_dagster_or_wandb():
+def test_importing_all_of_core_loads_no_dagster_wandb_pydantic_or_the_layers_above():
     modules = _core_modules()
     assert "flow_pipeline.core.trainer" in modules and "flow_pipeline.core.models.dit" in modules
     code = "; ".join(f"import {m}" for m in modules) + (
-        "; import sys; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'wandb'))"
+        "; import sys; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'wandb', 'pydantic')"
+        " or (m.startswith('flow_pipeline.') and not m.startswith('flow_pipeline.core')))"
         "; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
