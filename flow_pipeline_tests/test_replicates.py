@@ -19,7 +19,7 @@ from flow_pipeline.replicates import (
     replicate_seeds,
     replicates_from_metadata,
 )
-from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
 
 PARTITION = "unet-icfm"  # the fastest tiny model
@@ -120,3 +120,20 @@ def test_completed_result_accepts_only_a_finished_intact_run_of_the_same_config(
     with open(run_dir / "best.pt", "ab") as handle:
         handle.write(b"x")
     assert completed_result(run_dir, config) is None
+
+
+@pytest.mark.slow
+def test_equal_max_steps_train_1k_and_full_the_same_optimizer_steps(artifacts_root, tmp_path):
+    """A dataset-size ablation with ``max_steps`` measures data, not optimisation length: 1k and full run the same
+    number of optimizer steps, though 1k passes over its rows more often (issue: equal budgets)."""
+    budget = {"max_steps": 30, "eval_every_steps": 10, "warmup_steps": 5, "max_epochs": 1000, "patience": 1000}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert materialize_data(instance, {**TINY_DATASET, "n_synthetic": 1600}).success  # 1,280 train rows > 1k
+        steps, rows = {}, {}
+        for dataset in ("1k", "full"):
+            assert materialize(instance, dataset=dataset, **budget).success
+            metadata = latest(instance)
+            assert metadata["config"]["dataset"] == dataset
+            steps[dataset], rows[dataset] = metadata["global_step"], metadata["data_identity"]["train_rows"]
+    assert rows == {"1k": 1000, "full": 1280}
+    assert steps == {"1k": 30, "full": 30}
