@@ -6,11 +6,14 @@ process group. The trainer never reads environment variables itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,3 +55,15 @@ class DistInfo:
     def barrier(self) -> None:
         if self.active:
             torch_dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU (with a warning); ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        logger.warning("device=auto: no CUDA device visible, training on the CPU")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)

@@ -8,12 +8,16 @@ undoes that scale, so sampling integrates the true velocity whatever the trainin
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flow_pipeline.core.time_sampling import sample_times
 
 
 @dataclass
@@ -183,3 +187,21 @@ def get_flow(name: str, **params: float) -> Flow:
     except KeyError:
         raise ValueError(f"unknown flow method {name!r}; valid: {', '.join(FLOWS)}") from None
     return cls(**params)
+
+
+def draw_path(flow: Flow, x_1: Tensor, generator: torch.Generator, time_sampling: str = "uniform") -> PathSample:
+    """Noise x_0 ~ N(0, I) (batch, dim) and times t (batch,) drawn by ``time_sampling`` for every row of the data
+    batch x_1, then the flow's pairing and path point. Under data parallelism every rank calls this on the whole
+    global batch with an identically seeded generator: each row gets the noise it would get in one process, OT pairs
+    and mixup partners span the global batch, and the generators of all ranks stay in the same state."""
+    x_0 = torch.randn(x_1.shape, generator=generator, device=x_1.device)
+    t = sample_times(x_1.shape[0], time_sampling, generator, x_1.device)
+    return flow.sample(x_0, x_1, t, generator=generator)
+
+
+def flow_matching_loss(model: nn.Module, path: PathSample, rows: slice,
+                       autocast: contextlib.AbstractContextManager) -> Tensor:
+    """MSE (scalar float32 tensor) between the model's prediction at ``path.x_t[rows]`` and ``path.target[rows]``."""
+    with autocast:
+        prediction = model(path.x_t[rows], path.t[rows])
+    return F.mse_loss(prediction.float(), path.target[rows])

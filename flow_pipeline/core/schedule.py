@@ -26,3 +26,15 @@ def warmup_cosine_schedule(optimizer: Optimizer, warmup_steps: int, total_steps:
     """``LambdaLR`` over :func:`warmup_cosine_factor`; its ``state_dict`` carries the step, so resume needs no re-warm."""
     factor = partial(warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
     return LambdaLR(optimizer, factor)
+
+
+def planned_steps(config, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run, the LR schedule's total: ``max_steps`` when set (the same for every dataset size),
+    else ``max_epochs`` epochs. A warmup that never ends is rejected: the LR would never decay and early stopping,
+    which counts only after warmup, would never act."""
+    total = config.max_steps or config.max_epochs * steps_per_epoch
+    if config.warmup_steps >= total:
+        source = "max_steps" if config.max_steps else f"max_epochs x {steps_per_epoch} steps per epoch"
+        raise ValueError(f"warmup_steps: {config.warmup_steps} >= the run's {total} optimizer steps ({source}); "
+                         f"lower warmup_steps or raise max_steps/max_epochs")
+    return total

@@ -8,11 +8,10 @@ import scipy.stats
 import torch
 
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.flows import get_flow
+from flow_pipeline.core.flows import draw_path, get_flow
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.models.skip import LinearSkip, gaussian_velocity_gain
 from flow_pipeline.core.time_sampling import sample_times
-from flow_pipeline.core.trainer import draw_path
 
 
 def test_uniform_times_are_uniform():

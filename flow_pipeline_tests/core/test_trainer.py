@@ -16,6 +16,7 @@ import torch
 from pydantic import ValidationError
 
 import flow_pipeline.core.trainer as trainer_module
+import flow_pipeline.core.training_run as training_run_module
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core import checkpoint as ckpt
 from flow_pipeline.core.data import AUGMENTATIONS
@@ -390,7 +391,7 @@ def test_resume_without_checkpoint_starts_from_scratch(data, tmp_path, tmp_path_
 def _on_trained_model(monkeypatch, install) -> None:
     """Call ``install(model)`` on the model the trainer trains: the first one it builds (the second is the EMA
     evaluation copy)."""
-    real_build = trainer_module.build_model
+    real_build = training_run_module.build_model
     built = []
 
     def build(*args, **kwargs):
@@ -400,7 +401,7 @@ def _on_trained_model(monkeypatch, install) -> None:
         built.append(model)
         return model
 
-    monkeypatch.setattr(trainer_module, "build_model", build)
+    monkeypatch.setattr(training_run_module, "build_model", build)
 
 
 def _nan_at_training_call(monkeypatch, bad_call: int):
