@@ -15,6 +15,7 @@ DEFAULT_SEED = 42
 DEFAULT_NORMALIZATION = "zscore"
 DEFAULT_LINEAR_SKIP = False
 DEFAULT_TIME_SAMPLING = "uniform"
+DEFAULT_PRINCIPAL_DIMS = 0
 
 
 def _one_of(field: str, value: str, valid) -> str:
@@ -39,6 +40,10 @@ class TrainConfig(BaseModel):
     linear_skip: bool = Field(DEFAULT_LINEAR_SKIP, description="add g(t) * x_t to the velocity field, g the exact "
                               "velocity gain of a diagonal Gaussian with learned per-dimension variances: the network "
                               "then models only what is not Gaussian (meant for whitened data)")
+    principal_dims: int = Field(
+        DEFAULT_PRINCIPAL_DIMS, ge=0, description="k > 0: the network models only the first k whitened coordinates "
+        "(the top k principal directions, where the data's cluster structure lives); the rest follow the linear skip "
+        "path's Gaussian velocity. Needs normalization whiten and linear_skip; 0: the network models every coordinate")
     time_sampling: Literal["uniform", "logit_normal"] = Field(
         DEFAULT_TIME_SAMPLING, description="training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more "
         "steps mid-path); validation always uses uniform t")
@@ -89,6 +94,12 @@ class TrainConfig(BaseModel):
         if self.max_steps and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} >= max_steps {self.max_steps}: the LR would never "
                              f"leave warmup; lower warmup_steps or raise max_steps")
+        if self.principal_dims:
+            if self.principal_dims > self.dim:
+                raise ValueError(f"principal_dims: {self.principal_dims} > dim {self.dim}")
+            if self.normalization != "whiten" or not self.linear_skip:
+                raise ValueError("principal_dims: needs normalization 'whiten' (coordinates ordered by variance) and "
+                                 "linear_skip true (the other coordinates' velocity)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: unknown value {self.device!r}; valid: auto, cpu, cuda, cuda:N")
         return self
@@ -105,6 +116,8 @@ class TrainConfig(BaseModel):
             name += "-skip" if self.linear_skip else "-noskip"
         if self.time_sampling != DEFAULT_TIME_SAMPLING:
             name += f"-t{self.time_sampling.replace('_', '')}"
+        if self.principal_dims != DEFAULT_PRINCIPAL_DIMS:
+            name += f"-pd{self.principal_dims}"
         if self.model_size != DEFAULT_MODEL_SIZE:
             name += f"-{self.model_size}"
         if self.seed != DEFAULT_SEED:

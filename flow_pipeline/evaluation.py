@@ -121,7 +121,8 @@ def load_ema_model(checkpoint_path: str | os.PathLike, device: str | torch.devic
                               f"{expected_sha256[:12]}...): re-materialize trained_checkpoint or wait for its run")
     state = load_checkpoint(path, map_location="cpu")
     config = _train_config(state["config"], path)
-    model = build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip)
+    model = build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip,
+                        principal_dims=config.principal_dims)
     _load_ema_weights(model, state, path)
     return EMAModel(
         model=model.to(device).eval(),

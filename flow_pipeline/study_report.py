@@ -25,7 +25,8 @@ def describe_run(config: dict) -> dict:
     zero-predictor loss (the scale of its validation loss)."""
     from flow_pipeline.core.models import build_model, count_parameters, flops_per_sample
 
-    model = build_model(config["arch"], dim=config["dim"], size=config["model_size"])
+    model = build_model(config["arch"], dim=config["dim"], size=config["model_size"],
+                        linear_skip=config.get("linear_skip", False), principal_dims=config.get("principal_dims", 0))
     return {"num_params": count_parameters(model), "flops_per_sample": flops_per_sample(model, config["dim"]),
             "zero_predictor_loss": zero_predictor_loss_of(config)}
 

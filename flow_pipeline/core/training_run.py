@@ -53,7 +53,8 @@ class TrainSettings(Protocol):
 
 
 def _build_model(config: TrainSettings) -> nn.Module:
-    return build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip)
+    return build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip,
+                       principal_dims=config.principal_dims)
 
 
 @dataclass

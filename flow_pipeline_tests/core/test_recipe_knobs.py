@@ -1,4 +1,5 @@
-"""Recipe knobs: the training-time distribution of t and the linear skip path of the velocity field."""
+"""Recipe knobs: the training-time distribution of t, the linear skip path of the velocity field, and the network
+on the top principal directions only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.flows import draw_path, get_flow
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.models.skip import LinearSkip, gaussian_velocity_gain
+from flow_pipeline.core.models.subspace import PrincipalSubspace
 from flow_pipeline.core.time_sampling import sample_times
 
 
@@ -79,3 +81,55 @@ def test_run_name_carries_non_default_skip_and_time_sampling():
     assert flipped.run_name.startswith(base.run_name)
     assert ("-skip" if flipped.linear_skip else "-noskip") in flipped.run_name
     assert f"-t{flipped.time_sampling.replace('_', '')}" in flipped.run_name
+
+
+def test_principal_dims_network_sees_and_moves_only_the_top_coordinates():
+    """With principal_dims k the velocity is net_k(x[:, :k], t) on the first k coordinates and the Gaussian skip gain
+    alone on the others, whatever the other coordinates hold."""
+    torch.manual_seed(0)
+    model = build_model("mlp", dim=16, size="tiny", linear_skip=True, principal_dims=5)
+    net = model.net.net  # LinearSkip(PrincipalSubspace(ResidualMLP on 5 coordinates))
+    with torch.no_grad():
+        model.log_var.copy_(torch.randn(16))
+    x, t = torch.randn(7, 16), torch.rand(7)
+    tc, var = t[:, None], model.log_var.detach().exp()
+    gain = (tc * var - (1 - tc)) / ((1 - tc) ** 2 + tc**2 * var)
+    expected = gain * x
+    expected[:, :5] += net(x[:, :5], t)
+    torch.testing.assert_close(model(x, t), expected)
+    changed = x.clone()
+    changed[:, 5:] = torch.randn(7, 11)  # the network's part of the first 5 coordinates ignores the others
+    torch.testing.assert_close((model(changed, t) - gain * changed)[:, :5], (model(x, t) - gain * x)[:, :5])
+    assert count_parameters(model) < count_parameters(build_model("mlp", dim=16, size="tiny", linear_skip=True))
+    with pytest.raises(ValueError, match="principal_dims"):
+        PrincipalSubspace(net, 16, 17)
+
+
+def test_config_requires_whitening_and_skip_for_principal_dims():
+    good = TrainConfig(normalization="whiten", linear_skip=True, principal_dims=64)
+    assert good.run_name.endswith("-pd64")
+    for bad in ({"normalization": "zscore", "linear_skip": True}, {"normalization": "whiten", "linear_skip": False}):
+        with pytest.raises(ValueError, match="principal_dims: needs normalization 'whiten'"):
+            TrainConfig(principal_dims=64, **bad)
+    with pytest.raises(ValueError, match="principal_dims: 2000 > dim 1024"):
+        TrainConfig(normalization="whiten", linear_skip=True, principal_dims=2000)
+    with pytest.raises(ValueError, match="principal_dims"):
+        TrainConfig(principal_dims=-1)
+
+
+def test_trainer_and_evaluation_build_the_principal_subspace_model(tmp_path, one_torch_thread):
+    from dataclasses import replace
+
+    from flow_pipeline.core.normalization import Normalizer
+    from flow_pipeline.core.trainer import train
+    from flow_pipeline.evaluation import load_ema_model
+    from flow_pipeline_tests.core.mixture_data import mixture_train_data
+
+    data = mixture_train_data(128, 32, 32, seed=3)
+    data = replace(data, normalizer=Normalizer.fit(data.train.numpy(), "whiten"))
+    config = TrainConfig(model_size="tiny", dim=32, batch_size=32, max_epochs=1, warmup_steps=1, device="cpu",
+                         normalization="whiten", linear_skip=True, principal_dims=6)
+    result = train(config, data, tmp_path / config.run_name)
+    loaded = load_ema_model(result.checkpoint_path)
+    assert isinstance(loaded.model.net, PrincipalSubspace) and loaded.model.net.k == 6
+    assert loaded.config.principal_dims == 6

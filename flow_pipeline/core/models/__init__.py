@@ -10,6 +10,7 @@ from torch import nn
 
 from . import dit, mlp, unet
 from .skip import LinearSkip
+from .subspace import PrincipalSubspace
 
 ARCHITECTURES = ("mlp", "dit", "unet")
 # "matched": the three architectures within ±15% of one parameter count (the presets say how close), so an
@@ -25,10 +26,15 @@ PRESET_PARAM_COUNTS: dict[tuple[str, str], int] = {
 }
 
 
-def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bool = False) -> nn.Module:
-    """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``; ``linear_skip`` wraps it
-    in :class:`LinearSkip` (adds ``dim`` parameters)."""
-    model = _build_preset(arch, dim, size)
+def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bool = False,
+                principal_dims: int = 0) -> nn.Module:
+    """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``; ``principal_dims`` k > 0
+    builds it on the first k coordinates only (:class:`PrincipalSubspace`, zero velocity on the rest);
+    ``linear_skip`` wraps the result in :class:`LinearSkip` (adds ``dim`` parameters)."""
+    if principal_dims:
+        model = PrincipalSubspace(_build_preset(arch, principal_dims, size), dim, principal_dims)
+    else:
+        model = _build_preset(arch, dim, size)
     return LinearSkip(model, dim) if linear_skip else model
 
 
