@@ -3,13 +3,14 @@
 Datasets: ``builtin`` (the built-in generator, 25,600 rows split 0.6/0.2/0.2 like the quickstart's dataset_splits,
 scored with n = 1,000 generated rows against the test split, to keep runs short) and ``real`` (the 800 real SONAR vectors in
 ../shared/data, 600 fit / 200 held out, scored with n = 200). Every run prints one JSON line with the config, steps,
-wall time, FD / floor, precision, recall, density, coverage, train-copy fraction, and the median nearest-train
+wall time (and training time, and the load average at the start), ranking KID, FD / floor, precision, recall, density, coverage, train-copy fraction, and the median nearest-train
 distance of the generated rows relative to the held-out rows' (``nn_train_ratio``: < 1 means closer to training rows
 than unseen real rows are, the sign of memorisation). Reference rows: ``--model gaussian-full`` (Ledoit-Wolf
 covariance of the fit rows) and ``--model heldout`` (real held-out rows, or for ``builtin`` fresh rows of the true
 distribution).
 
     python benchmarks/recipe_search.py --data real --norm whiten --time logit_normal --skip --steps 1500
+    python benchmarks/recipe_search.py --trainer project --size matched --skip --pca-dims 64 --steps 3000 --batch 256
     python benchmarks/recipe_search.py calibrate   # the generator's calibration against the real vectors
 
 Single-threaded (torch.set_num_threads(1)) so a shared 2-core machine keeps a core for others.
@@ -206,8 +207,8 @@ def calibration_stats(x: np.ndarray, seed: int) -> list[float]:
     return [scores["precision"], scores["coverage"], *np.quantile(nearest_distance(held, fit), QUANTILES)]
 
 
-TABLE_KEYS = ("data", "model", "norm", "time", "skip", "pca_dims", "size", "steps", "batch", "lr", "ema", "seed", "wall_s",
-              "load", "ranking_kid", "fd_ratio",
+TABLE_KEYS = ("data", "model", "norm", "time", "skip", "pca_dims", "lw", "size", "steps", "batch", "lr", "ema", "seed",
+              "wall_s", "train_s", "load", "ranking_kid", "fd_ratio",
               "precision", "recall", "coverage", "train_copy_fraction", "nn_train_ratio", "fd_true_ratio", "note")
 
 
