@@ -6,6 +6,7 @@
     <root>/checkpoints/<run_name>/    best.pt (last.pt while running), job.json, loss_curve.png, result.json
     <root>/wandb/                     offline Wandb runs
     <root>/evaluation/<run_name>/     evaluation results
+    <root>/evaluation/references/     reference rows (held-out real, Gaussian baselines) by the sha256 of their inputs
     <root>/reports/                   ablation report (Markdown, CSV, PNG)
 """
 
@@ -53,6 +54,12 @@ class ArtifactLayout:
 
     def evaluation_dir(self, run_name: str) -> Path:
         return self.root / "evaluation" / run_name
+
+    @property
+    def reference_cache_dir(self) -> Path:
+        """Scored reference rows, one JSON per set of inputs
+        (:func:`flow_pipeline.evaluation_references.cached_references`)."""
+        return self.root / "evaluation" / "references"
 
     @property
     def reports_dir(self) -> Path:

@@ -24,10 +24,10 @@ from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha2
 from flow_pipeline.core.data import DATASET_SIZES, Normalizer, first_training_rows
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.distances import TrainSpace
-from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.models import build_model
+from flow_pipeline.core.real_side import RealSide
 from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
-from flow_pipeline.evaluation_references import ReferenceEvaluation, score_references
+from flow_pipeline.evaluation_references import ReferenceEvaluation, cached_references
 from flow_pipeline.sentences import nearest_sentences
 
 ADAPTIVE_SOLVERS = ("dopri5",)
@@ -231,6 +231,7 @@ def evaluate_checkpoint(
     val: np.ndarray | None = None,
     sentences: tuple[list[str], list[str]] | None = None,
     n_sentences: int = 5,
+    reference_cache: str | os.PathLike | None = None,
 ) -> Evaluation:
     """Sample the checkpoint's EMA model with each sampler and score the samples, beside the reference rows.
 
@@ -242,7 +243,9 @@ def evaluate_checkpoint(
     Raises CheckpointError for a bad file, ValueError for a dimension mismatch, an empty sampler list or too few
     rows. ``expected_sha256``: see :func:`load_ema_model`. ``sentences``: (train split's, test split's) row-aligned
     sentences; when given, the first ``n_sentences`` samples of the primary sampler are shown with their nearest
-    training and test sentences (:func:`flow_pipeline.sentences.nearest_sentences`).
+    training and test sentences (:func:`flow_pipeline.sentences.nearest_sentences`). ``reference_cache``: a
+    directory where the reference rows are kept and reused across evaluations on the same inputs
+    (:func:`flow_pipeline.evaluation_references.cached_references`); None scores them every time.
     """
     if not samplers:
         raise ValueError("at least one sampler is needed (e.g. 'dopri5')")
@@ -257,22 +260,21 @@ def evaluate_checkpoint(
         raise ValueError(f"k={k} nearest neighbours needs more than k samples; n={n}")
     # Sliced, not copied: a memory-mapped split is scanned chunk by chunk for copies, never loaded whole.
     train_rows, test = run_training_rows(train, ema.config), np.asarray(test)
-    space = TrainSpace.fit(train_rows)
-    results, threshold, shown, primary_samples = [], None, [], None
+    # Everything on the real side (subsamples, copy threshold, FD roots, K_yy, k-NN radii) depends only on the rows,
+    # n, k and seed: prepared once, then every sample set (each sampler, each reference) pays only its own work.
+    side = RealSide.prepare(train_rows, test, n, k=k, seed=seed, train_space=TrainSpace.fit(train_rows))
+    results, shown, primary_samples = [], [], None
     for spec in samplers:
         drawn = draw_samples(ema, spec, n, seed, batch_size)
         primary_samples = drawn.x.numpy() if primary_samples is None else primary_samples
-        # The copy threshold depends only on the rows, n and seed: computed for the first sampler, then reused.
-        metrics = evaluate_samples(drawn.x.numpy(), train_rows, test, k=k, seed=seed,
-                                   train_copy_threshold=threshold, train_space=space)
-        threshold = metrics["copy_threshold"]
+        metrics = side.score(drawn.x.numpy())
         if sentences is not None and not results:
             # The run's rows are the first rows of the split (run_training_rows), so their sentences are too.
             shown = nearest_sentences(drawn.x.numpy()[:n_sentences], train_rows,
-                                      sentences[0][: train_rows.shape[0]], test, sentences[1], threshold)
+                                      sentences[0][: train_rows.shape[0]], test, sentences[1], side.threshold)
         results.append(SamplerEvaluation(sampler=spec.label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
                                          seconds=drawn.seconds, metrics=metrics))
-    references = [] if val is None else score_references(train_rows, test, val, n, seed, k, threshold, space)
+    references = [] if val is None else cached_references(side, val, reference_cache)
     return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,
                       arch=ema.config.arch, flow=ema.config.flow, n=n, seed=seed, k=k, results=results,
                       references=references, dataset=ema.config.dataset, n_training_rows=int(train_rows.shape[0]),

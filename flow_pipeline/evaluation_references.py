@@ -1,17 +1,27 @@
 """Reference rows scored beside every model: held-out real rows (the level to reach) and the closed-form Gaussian
 baselines fitted to the run's training rows (the level to beat), with the same metrics, n and seed as the model.
+
+They do not depend on the model, so :func:`cached_references` scores them once per inputs and keeps them as a JSON
+file named by the sha256 of everything they are computed from: the training, test and val rows, n, seed, k and
+the source of the code that computes them. Every partition evaluated on the same data reuses that file; changed
+rows or changed metric code give another name, so a stale file is never read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from flow_pipeline import artifacts
+from flow_pipeline.core import baselines, distances, metrics, real_side, reference_stats, stats
 from flow_pipeline.core.baselines import BASELINES, fit_baseline
-from flow_pipeline.core.distances import TrainSpace, subsample
-from flow_pipeline.core.metrics import evaluate_samples
+from flow_pipeline.core.distances import subsample
+from flow_pipeline.core.real_side import RealSide
 
 HELD_OUT_REAL = "held-out real (val)"
 REFERENCES = (HELD_OUT_REAL, *BASELINES)
@@ -26,6 +36,7 @@ class ReferenceEvaluation:
     seconds: float
     metrics: dict[str, float]
     note: str = ""
+    cached: bool = False  # read from the reference cache (seconds: the time it took when it was computed)
 
 
 def reference_samples(name: str, train_rows, val: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, str]:
@@ -40,15 +51,63 @@ def reference_samples(name: str, train_rows, val: np.ndarray, n: int, seed: int)
     return baseline.sample(n, seed), note
 
 
-def score_references(train_rows, test: np.ndarray, val: np.ndarray, n: int, seed: int, k: int,
-                     threshold: float, space: TrainSpace) -> list[ReferenceEvaluation]:
-    """Every reference of :data:`REFERENCES`, scored against test exactly like the model's samples (same n, seed,
-    k, copy threshold and train-normalised space)."""
+def score_references(side: RealSide, val: np.ndarray) -> list[ReferenceEvaluation]:
+    """Every reference of :data:`REFERENCES`, scored against test exactly like the model's samples: with the same
+    prepared real side (n, seed, k, copy threshold, train-normalised space; its training rows fit the baselines).
+    A held-out set with fewer than n rows is scored at its own size, with the same threshold and space."""
     results = []
     for name in REFERENCES:
         start = time.perf_counter()
-        samples, note = reference_samples(name, train_rows, val, n, seed)
-        metrics = evaluate_samples(samples, train_rows, test, k=k, seed=seed, train_copy_threshold=threshold,
-                                   train_space=space)
-        results.append(ReferenceEvaluation(name, samples.shape[0], time.perf_counter() - start, metrics, note))
+        samples, note = reference_samples(name, side.train, val, side.n, side.seed)
+        if samples.shape[0] == side.n:
+            scores = side.score(samples)
+        else:
+            scores = metrics.evaluate_samples(samples, side.train, side.test, k=side.k, seed=side.seed,
+                                       train_copy_threshold=side.threshold, train_space=side.space)
+        results.append(ReferenceEvaluation(name, samples.shape[0], time.perf_counter() - start, scores, note))
+    return results
+
+
+# The code the reference rows are computed by: its source is part of the cache key.
+_SCORING_MODULES = (baselines, distances, metrics, real_side, reference_stats, stats)
+CACHE_ROWS_PER_CHUNK = 8192
+
+
+def references_key(side: RealSide, val) -> str:
+    """sha256 of the reference rows' inputs: the prepared side's training and test rows, val, n, seed, k, the
+    reference names and the source of the scoring code. Rows are hashed in chunks with their shape and dtype."""
+    digest = hashlib.sha256()
+    for source in (*(module.__file__ for module in _SCORING_MODULES), __file__):
+        digest.update(Path(source).read_bytes())
+    digest.update(json.dumps({"n": side.n, "seed": side.seed, "k": side.k, "references": REFERENCES}).encode())
+    for name, rows in (("train", side.train), ("test", side.test), ("val", val)):
+        digest.update(f"{name} {tuple(rows.shape)} {np.dtype(rows.dtype).str}".encode())
+        for chunk in stats.row_chunks(rows, CACHE_ROWS_PER_CHUNK):
+            digest.update(np.ascontiguousarray(chunk).tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path) -> list[ReferenceEvaluation] | None:
+    """The cached rows, or None when the file is missing, unreadable or not a complete reference set."""
+    try:
+        entries = json.loads(path.read_text())["references"]
+        rows = [ReferenceEvaluation(**{**entry, "cached": True}) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rows if [row.name for row in rows] == list(REFERENCES) else None
+
+
+def cached_references(side: RealSide, val, cache_dir: Path | None) -> list[ReferenceEvaluation]:
+    """:func:`score_references`, read from ``cache_dir/<references_key>.json`` when an earlier evaluation on the
+    same inputs wrote it, else scored and written there (atomically). ``cache_dir`` None: always scored."""
+    if cache_dir is None:
+        return score_references(side, val)
+    key = references_key(side, val)
+    path = Path(cache_dir) / f"{key}.json"
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached
+    results = score_references(side, val)
+    artifacts.write_json(path, {"key": key, "n": side.n, "seed": side.seed, "k": side.k,
+                                "references": [{**asdict(row), "cached": False} for row in results]})
     return results

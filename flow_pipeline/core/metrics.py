@@ -238,38 +238,15 @@ def evaluate_samples(
     ``train_copy_threshold`` to skip recomputing it for more samples of the same n and seed); memorising (1.0 when
     train_copy_fraction > :data:`COPY_FRACTION_LIMIT`); norm_mean, norm_std of generated norms; real_norm_mean,
     real_norm_std of test_n norms; nn_cosine of generated to test_n; n = len(generated).
+
+    Several sample sets of the same size against the same rows: prepare the real side once
+    (:meth:`flow_pipeline.core.real_side.RealSide.prepare`) and :meth:`~flow_pipeline.core.real_side.RealSide.score`
+    each set; this function does both for one set.
     """
+    # real_side builds on this module's pieces, so it is imported here rather than at the top.
+    from flow_pipeline.core.real_side import RealSide
+
     generated = _as_float64(generated)
-    n = generated.shape[0]
-    rng = np.random.default_rng(seed)
-    # Subsample before converting: the train split may be far larger than n (and memory-mapped).
-    test_n, train_n = _as_float64(subsample(test, n, rng)), _as_float64(subsample(train, n, rng))
-    space = TrainSpace.fit(train) if train_space is None else train_space
-    z_generated, z_test = space.transform(generated), space.transform(test_n)
-    fd = frechet_distance(generated, test_n)
-    fd_floor = frechet_distance(train_n, test_n)
-    gen_norms, real_norms = norm_stats(generated), norm_stats(test_n)
-    threshold = copy_threshold(train, test_n) if train_copy_threshold is None else train_copy_threshold
-    kernel = kid(z_generated, z_test, seed=seed)
-    copies = train_copy_fraction(generated, train, threshold, test_n)
-    memorising = copies > COPY_FRACTION_LIMIT
-    return {
-        **kernel,
-        RANKING_METRIC: float("inf") if memorising else kernel["kid"],
-        **fd_infinity(z_generated, z_test, seed=seed),
-        **dispersion(generated, test_n),
-        "fd": fd,
-        "fd_floor": fd_floor,
-        "fd_ratio": fd / fd_floor if fd_floor > 0 else float("inf"),
-        **prdc(test_n, generated, k=k),
-        "memorization_ratio": memorization_ratio(generated, train_n, test_n, seed=seed),
-        "train_copy_fraction": copies,
-        "copy_threshold": threshold,
-        "memorising": float(memorising),
-        "norm_mean": gen_norms["mean"],
-        "norm_std": gen_norms["std"],
-        "real_norm_mean": real_norms["mean"],
-        "real_norm_std": real_norms["std"],
-        "nn_cosine": nn_cosine(generated, test_n),
-        "n": n,
-    }
+    side = RealSide.prepare(train, test, generated.shape[0], k=k, seed=seed,
+                            train_copy_threshold=train_copy_threshold, train_space=train_space)
+    return side.score(generated)

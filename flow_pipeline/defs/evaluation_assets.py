@@ -62,6 +62,9 @@ class EvaluationConfig(dg.Config):
                            "min(test rows, n_samples); 5 x dim by default (FD and k-NN metrics are biased at n ~ dim)")
     references: bool = Field(default=True, description="also score held-out real val rows and the gaussian-full / "
                              "gaussian-diag baselines with the same metrics, n and seed")
+    reuse_references: bool = Field(default=True, description="read the reference rows from <root>/evaluation/"
+                                   "references when an evaluation on the same rows, n, seed, k and metric code "
+                                   "scored them already (they do not depend on the model); false: score them again")
     n_sentences: int = Field(default=5, ge=0, description="generated samples shown with their nearest train and "
                              "test sentences, when the splits carry sentences (<split>.jsonl)")
     seed: int = Field(default=0, description="seed of the starting noise and of the reference subsampling")
@@ -179,6 +182,7 @@ def evaluation(
                 batch_size=config.batch_size, expected_sha256=entry.get("sha256"),
                 val=splits.val if config.references else None,
                 sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
+                reference_cache=layout.reference_cache_dir if config.reuse_references else None,
             )
             results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
             write_json(results_path, {"partition": partition, **result.as_dict()})

@@ -1,0 +1,230 @@
+"""Every metric of :func:`flow_pipeline.core.metrics.evaluate_samples`, with the real side prepared once.
+
+An evaluation scores several sample sets of the same size n against the same held-out rows: the model's samples
+under each sampler and the reference rows (held-out real, gaussian-full, gaussian-diag). Everything that depends
+only on the real rows is computed once in :meth:`RealSide.prepare`: the seeded test and train subsamples, the copy
+threshold, FD's floor, the real halves of FD, FD∞ and KID (:mod:`flow_pipeline.core.reference_stats`), the real
+rows' k-NN radii. :meth:`RealSide.score` then pays only for the sample set's own work, and shares its distance
+blocks between metrics: one pass over sample-vs-test distances gives precision, recall, density, coverage, the
+nearest-test distances of both memorisation measures and the nearest-neighbour cosine; one scan of the training
+rows gives both the copy fraction and the memorisation ratio's nearest-train distances.
+
+The numbers are those of the metric functions in :mod:`flow_pipeline.core.metrics` and
+:mod:`flow_pipeline.core.distances` (same definitions, subsamples and seeds), up to floating-point round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flow_pipeline.core.distances import FD_INF_SIZES, TrainSpace, _as_float64, dispersion
+from flow_pipeline.core.metrics import (
+    COPY_FRACTION_LIMIT,
+    COPY_TRAIN_TEST_RATIO,
+    RANKING_METRIC,
+    copy_threshold,
+    kth_neighbour_distance,
+    norm_stats,
+)
+from flow_pipeline.core.reference_stats import FrechetReference, KidReference
+from flow_pipeline.core.stats import row_chunks
+
+# Sample rows per distance block: (512, 5,120) float64 blocks are 21 MB, a few of them live at once.
+SCORE_CHUNK = 512
+TRAIN_CHUNK_ROWS = 8192
+
+
+def subsample_index(rows: int, n: int, rng: np.random.Generator) -> np.ndarray | None:
+    """The sorted row indices :func:`~flow_pipeline.core.distances.subsample` draws (the same rng calls), or None
+    when it keeps all ``rows``."""
+    return None if rows <= n else np.sort(rng.choice(rows, size=n, replace=False))
+
+
+def _take(x, index: np.ndarray | None) -> np.ndarray:
+    return _as_float64(x if index is None else x[index])
+
+
+@dataclass
+class RealSide:
+    """The held-out side of every metric for sample sets of n rows (see the module docstring).
+
+    train, test: the rows given to :meth:`prepare` (the run's training rows, possibly memory-mapped and then
+    scanned in chunks; the whole held-out split); test_n (n_t, dim) float64: test subsampled to n; train_n_index:
+    the rows of train subsampled to n (None: all); fd_inf_subsets: (size, sample-row index or None,
+    FrechetReference of the matching test subset in train-normalised space) per FD∞ size;
+    memorisation_train_index (rows of train) and memorisation_test_index (rows of test_n, None: all) are the
+    equal-sized sets of :func:`~flow_pipeline.core.metrics.memorization_ratio`.
+    """
+
+    n: int
+    k: int
+    seed: int
+    train: object
+    test: object
+    test_n: np.ndarray
+    train_n_index: np.ndarray | None
+    space: TrainSpace
+    threshold: float
+    fd_floor: float
+    frechet: FrechetReference
+    fd_inf_subsets: list[tuple[int, np.ndarray | None, FrechetReference]]
+    kid_reference: KidReference
+    real_radii: torch.Tensor
+    memorisation_train_index: np.ndarray
+    memorisation_test_index: np.ndarray | None
+
+    @classmethod
+    def prepare(cls, train, test: np.ndarray, n: int, k: int = 5, seed: int = 0,
+                train_copy_threshold: float | None = None, train_space: TrainSpace | None = None) -> "RealSide":
+        """Prepare for sample sets of n rows against test (n_test, dim), with the run's training rows train
+        (n_train, dim). ``train_copy_threshold`` / ``train_space``: reuse values computed before for the same rows,
+        n and seed. The subsamples are drawn exactly as ``evaluate_samples`` draws them."""
+        rng = np.random.default_rng(seed)
+        test_n = _take(test, subsample_index(test.shape[0], n, rng))
+        train_n_index = subsample_index(train.shape[0], n, rng)
+        train_n = _take(train, train_n_index)
+        space = TrainSpace.fit(train) if train_space is None else train_space
+        frechet = FrechetReference.fit(test_n)
+        z_test = space.transform(test_n)
+        memorisation_rng = np.random.default_rng(seed)
+        size = min(train_n.shape[0], test_n.shape[0])
+        within_train_n = subsample_index(train_n.shape[0], size, memorisation_rng)
+        all_train_n = np.arange(train.shape[0]) if train_n_index is None else train_n_index
+        return cls(
+            n=n, k=k, seed=seed, train=train, test=test, test_n=test_n, train_n_index=train_n_index, space=space,
+            threshold=copy_threshold(train, test_n) if train_copy_threshold is None else train_copy_threshold,
+            fd_floor=frechet.distance(train_n), frechet=frechet,
+            fd_inf_subsets=_fd_inf_subsets(z_test, n, seed),
+            kid_reference=KidReference.fit(z_test[: min(n, z_test.shape[0])], seed=seed),
+            real_radii=torch.from_numpy(kth_neighbour_distance(test_n, k)),
+            memorisation_train_index=all_train_n if within_train_n is None else all_train_n[within_train_n],
+            memorisation_test_index=subsample_index(test_n.shape[0], size, memorisation_rng),
+        )
+
+    def score(self, generated: np.ndarray) -> dict[str, float]:
+        """Every metric of generated (n, dim), as :func:`~flow_pipeline.core.metrics.evaluate_samples` returns it."""
+        generated = _as_float64(generated)
+        if generated.shape[0] != self.n or generated.shape[1] != self.test_n.shape[1]:
+            raise ValueError(f"prepared for {self.n} samples of dim {self.test_n.shape[1]}, got {generated.shape}")
+        z_generated = self.space.transform(generated)
+        kernel = self.kid_reference.kid(z_generated)
+        neighbours = _test_neighbours(generated, self.test_n, self.real_radii, self.k, self.memorisation_test_index)
+        near_train, near_memorisation_train = _train_neighbours(generated, self.train, self.memorisation_train_index)
+        is_copy = (near_train < self.threshold) & (near_train <= COPY_TRAIN_TEST_RATIO * neighbours.pop("near_test"))
+        copies = float(np.mean(is_copy))
+        memorising = copies > COPY_FRACTION_LIMIT
+        fd = self.frechet.distance(generated)
+        gen_norms, real_norms = norm_stats(generated), norm_stats(self.test_n)
+        memorisation = near_memorisation_train / (neighbours.pop("near_memorisation_test") + 1e-12)
+        return {
+            **kernel,
+            RANKING_METRIC: float("inf") if memorising else kernel["kid"],
+            **self._fd_infinity(z_generated),
+            **dispersion(generated, self.test_n),
+            "fd": fd,
+            "fd_floor": self.fd_floor,
+            "fd_ratio": fd / self.fd_floor if self.fd_floor > 0 else float("inf"),
+            **{name: neighbours[name] for name in ("precision", "recall", "density", "coverage")},
+            "memorization_ratio": float(np.median(memorisation)),
+            "train_copy_fraction": copies,
+            "copy_threshold": self.threshold,
+            "memorising": float(memorising),
+            "norm_mean": gen_norms["mean"],
+            "norm_std": gen_norms["std"],
+            "real_norm_mean": real_norms["mean"],
+            "real_norm_std": real_norms["std"],
+            "nn_cosine": neighbours["nn_cosine"],
+            "n": self.n,
+        }
+
+    def _fd_infinity(self, z_generated: np.ndarray) -> dict[str, float]:
+        """:func:`~flow_pipeline.core.distances.fd_infinity` with the test subsets' roots prepared."""
+        sizes = np.array([size for size, _, _ in self.fd_inf_subsets], dtype=float)
+        values = [reference.distance(_take(z_generated, index)) for _, index, reference in self.fd_inf_subsets]
+        slope, intercept = np.polyfit(1.0 / sizes, values, deg=1)
+        return {"fd_inf": float(intercept), "fd_inf_slope": float(slope)}
+
+
+def _fd_inf_subsets(z_test: np.ndarray, n: int, seed: int) -> list[tuple[int, np.ndarray | None, FrechetReference]]:
+    """The subsets :func:`~flow_pipeline.core.distances.fd_infinity` draws for n samples against z_test (the same
+    sizes and rng calls: per size, the samples' rows, then the test rows), with the test subsets fitted."""
+    m = min(n, z_test.shape[0])
+    if m < 8:
+        raise ValueError(f"FD∞ needs at least 8 rows per set, got m={m}")
+    rng = np.random.default_rng(seed)
+    subsets = []
+    for size in np.unique(np.linspace(m // 2, m, FD_INF_SIZES).astype(int)):
+        sample_index = subsample_index(n, int(size), rng)
+        test_index = subsample_index(z_test.shape[0], int(size), rng)
+        subsets.append((int(size), sample_index, FrechetReference.fit(_take(z_test, test_index))))
+    return subsets
+
+
+def _pairwise_distances(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor):
+    """(Euclidean distances (c, m), inner products (c, m)) of a (c, d) and b (m, d), given their squared row norms;
+    the matmul form cdist uses, negative round-off clamped to 0."""
+    inner = a @ b.T
+    return (a_sq[:, None] + b_sq[None, :] - 2.0 * inner).clamp_min_(0.0).sqrt_(), inner
+
+
+def _test_neighbours(generated: np.ndarray, test_n: np.ndarray, real_radii: torch.Tensor, k: int,
+                     memorisation_test_index: np.ndarray | None) -> dict:
+    """One pass over the sample-vs-test distances: PRDC (:func:`~flow_pipeline.core.metrics.prdc` with
+    real = test_n), nn_cosine, and the nearest-test distances (n,) of the copy test and of memorisation."""
+    g, t = torch.from_numpy(generated), torch.from_numpy(test_n)
+    g_sq, t_sq = (g * g).sum(dim=1), (t * t).sum(dim=1)
+    g_norm, t_norm = g_sq.sqrt().clamp_min(1e-12), t_sq.sqrt().clamp_min(1e-12)
+    fake_radii = torch.from_numpy(kth_neighbour_distance(generated, k))
+    n = g.shape[0]
+    in_some_real_ball, real_ball_count = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.float64)
+    real_ball_has_fake = torch.zeros(t.shape[0], dtype=torch.bool)
+    real_in_some_fake_ball = torch.zeros(t.shape[0], dtype=torch.bool)
+    near_test, near_memorisation_test, cosine = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+    for start in range(0, n, SCORE_CHUNK):
+        rows = slice(start, min(start + SCORE_CHUNK, n))
+        dist, inner = _pairwise_distances(g[rows], g_sq[rows], t, t_sq)  # (c, n_t)
+        inside_real_ball = dist < real_radii[None, :]
+        in_some_real_ball[rows] = inside_real_ball.any(dim=1)
+        real_ball_count[rows] = inside_real_ball.sum(dim=1)
+        real_ball_has_fake |= inside_real_ball.any(dim=0)
+        real_in_some_fake_ball |= (dist < fake_radii[rows, None]).any(dim=0)
+        near_test[rows] = dist.min(dim=1).values
+        near_memorisation_test[rows] = (near_test[rows] if memorisation_test_index is None
+                                        else dist[:, memorisation_test_index].min(dim=1).values)
+        cosine[rows] = (inner / (g_norm[rows, None] * t_norm[None, :])).max(dim=1).values
+    return {
+        "precision": float(in_some_real_ball.double().mean()),
+        "recall": float(real_in_some_fake_ball.double().mean()),
+        "density": float(real_ball_count.mean()) / k,
+        "coverage": float(real_ball_has_fake.double().mean()),
+        "nn_cosine": float(cosine.mean()),
+        "near_test": near_test.numpy(),
+        "near_memorisation_test": near_memorisation_test.numpy(),
+    }
+
+
+def _train_neighbours(generated: np.ndarray, train, memorisation_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One scan of the training rows (read ``TRAIN_CHUNK_ROWS`` at a time, so a memory-mapped split never becomes
+    resident): the nearest-train distance of every sample (n,), and the nearest among the rows
+    ``memorisation_index`` (sorted indices into train) (n,)."""
+    g = torch.from_numpy(generated)
+    g_sq = (g * g).sum(dim=1)
+    near_train = torch.full((g.shape[0],), float("inf"), dtype=torch.float64)
+    near_subset = near_train.clone()
+    start = 0
+    for chunk in row_chunks(train, TRAIN_CHUNK_ROWS):
+        t = torch.from_numpy(_as_float64(chunk))
+        t_sq = (t * t).sum(dim=1)
+        lo, hi = np.searchsorted(memorisation_index, [start, start + t.shape[0]])
+        columns = torch.from_numpy(memorisation_index[lo:hi] - start)
+        for rows in range(0, g.shape[0], SCORE_CHUNK):
+            block = slice(rows, min(rows + SCORE_CHUNK, g.shape[0]))
+            dist, _ = _pairwise_distances(g[block], g_sq[block], t, t_sq)
+            near_train[block] = torch.minimum(near_train[block], dist.min(dim=1).values)
+            if columns.numel():
+                near_subset[block] = torch.minimum(near_subset[block], dist[:, columns].min(dim=1).values)
+        start += t.shape[0]
+    return near_train.numpy(), near_subset.numpy()

@@ -1,0 +1,67 @@
+"""The reference rows are scored once per inputs and read back from a file named by the inputs' sha256."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flow_pipeline.core.metrics import evaluate_samples
+from flow_pipeline.core.real_side import RealSide
+from flow_pipeline.evaluation_references import (
+    HELD_OUT_REAL,
+    REFERENCES,
+    cached_references,
+    references_key,
+    score_references,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(8)
+    mixing = rng.normal(size=(16, 16)) / 4
+    draw = lambda count: (rng.normal(size=(count, 16)) @ mixing + 0.2).astype(np.float32)  # noqa: E731
+    train, test, val = draw(120), draw(70), draw(70)
+    return {"train": train, "test": test, "val": val, "side": RealSide.prepare(train, test, 50, k=3, seed=1)}
+
+
+def test_references_are_scored_once_then_read_back(data, tmp_path):
+    side, val = data["side"], data["val"]
+    first = cached_references(side, val, tmp_path)
+    files = list(tmp_path.glob("*.json"))
+    assert [f.name for f in files] == [f"{references_key(side, val)}.json"]
+    assert [row.name for row in first] == list(REFERENCES) and not any(row.cached for row in first)
+    # Held-out real, independently: the seeded val subsample through the one-set entry point.
+    val_rows = val[np.sort(np.random.default_rng(1).choice(70, size=50, replace=False))]
+    expected = evaluate_samples(val_rows, data["train"], data["test"], k=3, seed=1)
+    assert first[0].metrics == pytest.approx(expected, rel=1e-9)
+    second = cached_references(side, val, tmp_path)
+    assert all(row.cached for row in second)
+    assert [(row.name, row.n, row.metrics, row.note) for row in second] == \
+        [(row.name, row.n, row.metrics, row.note) for row in first]
+
+
+def test_other_inputs_or_a_damaged_file_are_scored_again(data, tmp_path):
+    side, val = data["side"], data["val"].copy()
+    cached_references(side, val, tmp_path)
+    changed = val.copy()
+    changed[3, 5] += 1e-3  # one value of one val row
+    assert references_key(side, changed) != references_key(side, val)
+    other_seed = RealSide.prepare(data["train"], data["test"], 50, k=3, seed=2)
+    assert references_key(other_seed, val) != references_key(side, val)
+    rescored = cached_references(side, changed, tmp_path)
+    assert not any(row.cached for row in rescored) and len(list(tmp_path.glob("*.json"))) == 2
+    path = tmp_path / f"{references_key(side, val)}.json"
+    path.write_text('{"references": [{"name": "held-out real (val)"')  # truncated
+    again = cached_references(side, val, tmp_path)
+    assert not any(row.cached for row in again)
+    assert [entry["name"] for entry in json.loads(path.read_text())["references"]] == list(REFERENCES)
+
+
+def test_without_a_cache_directory_nothing_is_written(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = cached_references(data["side"], data["val"], None)
+    assert rows[0].name == HELD_OUT_REAL and list(tmp_path.iterdir()) == []
+    assert [row.metrics for row in rows] == [row.metrics for row in score_references(data["side"], data["val"])]
