@@ -27,7 +27,12 @@ from flow_pipeline.core.distances import TrainSpace
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.real_side import RealSide
 from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
-from flow_pipeline.evaluation_references import ReferenceEvaluation, cached_references
+from flow_pipeline.evaluation_references import (
+    ReferenceEvaluation,
+    cached_references,
+    read_cached,
+    references_key,
+)
 from flow_pipeline.sentences import nearest_sentences
 
 ADAPTIVE_SOLVERS = ("dopri5",)
@@ -262,7 +267,11 @@ def evaluate_checkpoint(
     train_rows, test = run_training_rows(train, ema.config), np.asarray(test)
     # Everything on the real side (subsamples, copy threshold, FD roots, K_yy, k-NN radii) depends only on the rows,
     # n, k and seed: prepared once, then every sample set (each sampler, each reference) pays only its own work.
-    side = RealSide.prepare(train_rows, test, n, k=k, seed=seed, train_space=TrainSpace.fit(train_rows))
+    # A reference cache hit also carries the copy threshold of these inputs (the side's scan of the training rows).
+    key = None if val is None or reference_cache is None else references_key(train_rows, test, val, n, seed, k)
+    cached = None if key is None else read_cached(reference_cache, key)
+    side = RealSide.prepare(train_rows, test, n, k=k, seed=seed, train_space=TrainSpace.fit(train_rows),
+                            train_copy_threshold=None if cached is None else cached.copy_threshold)
     results, shown, primary_samples = [], [], None
     for spec in samplers:
         drawn = draw_samples(ema, spec, n, seed, batch_size)
@@ -274,7 +283,10 @@ def evaluate_checkpoint(
                                       sentences[0][: train_rows.shape[0]], test, sentences[1], side.threshold)
         results.append(SamplerEvaluation(sampler=spec.label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
                                          seconds=drawn.seconds, metrics=metrics))
-    references = [] if val is None else cached_references(side, val, reference_cache)
+    if val is None:
+        references = []
+    else:
+        references = cached.rows if cached is not None else cached_references(side, val, reference_cache, key)
     return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,
                       arch=ema.config.arch, flow=ema.config.flow, n=n, seed=seed, k=k, results=results,
                       references=references, dataset=ema.config.dataset, n_training_rows=int(train_rows.shape[0]),

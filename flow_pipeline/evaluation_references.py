@@ -73,41 +73,53 @@ _SCORING_MODULES = (baselines, distances, metrics, real_side, reference_stats, s
 CACHE_ROWS_PER_CHUNK = 8192
 
 
-def references_key(side: RealSide, val) -> str:
-    """sha256 of the reference rows' inputs: the prepared side's training and test rows, val, n, seed, k, the
-    reference names and the source of the scoring code. Rows are hashed in chunks with their shape and dtype."""
+def references_key(train, test, val, n: int, seed: int, k: int) -> str:
+    """sha256 of the reference rows' inputs: the run's training rows, test, val, n, seed, k, the reference names and
+    the source of the scoring code. Rows are hashed in chunks (a memory-mapped split is never loaded whole), each
+    split with its shape and dtype."""
     digest = hashlib.sha256()
     for source in (*(module.__file__ for module in _SCORING_MODULES), __file__):
         digest.update(Path(source).read_bytes())
-    digest.update(json.dumps({"n": side.n, "seed": side.seed, "k": side.k, "references": REFERENCES}).encode())
-    for name, rows in (("train", side.train), ("test", side.test), ("val", val)):
+    digest.update(json.dumps({"n": n, "seed": seed, "k": k, "references": REFERENCES}).encode())
+    for name, rows in (("train", train), ("test", test), ("val", val)):
         digest.update(f"{name} {tuple(rows.shape)} {np.dtype(rows.dtype).str}".encode())
         for chunk in stats.row_chunks(rows, CACHE_ROWS_PER_CHUNK):
             digest.update(np.ascontiguousarray(chunk).tobytes())
     return digest.hexdigest()
 
 
-def _read_cache(path: Path) -> list[ReferenceEvaluation] | None:
-    """The cached rows, or None when the file is missing, unreadable or not a complete reference set."""
+@dataclass
+class CachedReferences:
+    """A cache file's content: the scored reference rows and the copy threshold of the same inputs (so that an
+    evaluation that finds them skips the threshold's scan of the training rows too)."""
+
+    rows: list[ReferenceEvaluation]
+    copy_threshold: float
+
+
+def read_cached(cache_dir: Path, key: str) -> CachedReferences | None:
+    """``cache_dir/<key>.json``, or None when it is missing, unreadable or not a complete reference set."""
     try:
-        entries = json.loads(path.read_text())["references"]
-        rows = [ReferenceEvaluation(**{**entry, "cached": True}) for entry in entries]
+        content = json.loads((Path(cache_dir) / f"{key}.json").read_text())
+        rows = [ReferenceEvaluation(**{**entry, "cached": True}) for entry in content["references"]]
+        threshold = float(content["copy_threshold"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return rows if [row.name for row in rows] == list(REFERENCES) else None
+    return CachedReferences(rows, threshold) if [row.name for row in rows] == list(REFERENCES) else None
 
 
-def cached_references(side: RealSide, val, cache_dir: Path | None) -> list[ReferenceEvaluation]:
-    """:func:`score_references`, read from ``cache_dir/<references_key>.json`` when an earlier evaluation on the
-    same inputs wrote it, else scored and written there (atomically). ``cache_dir`` None: always scored."""
+def cached_references(side: RealSide, val, cache_dir: Path | None, key: str | None = None) -> list[ReferenceEvaluation]:
+    """:func:`score_references`, read from ``cache_dir/<key>.json`` when an earlier evaluation on the same inputs
+    wrote it, else scored and written there (atomically). ``key``: :func:`references_key` of the side's rows and
+    val, when the caller has it already. ``cache_dir`` None: always scored, nothing written."""
     if cache_dir is None:
         return score_references(side, val)
-    key = references_key(side, val)
-    path = Path(cache_dir) / f"{key}.json"
-    cached = _read_cache(path)
+    key = key or references_key(side.train, side.test, val, side.n, side.seed, side.k)
+    cached = read_cached(cache_dir, key)
     if cached is not None:
-        return cached
+        return cached.rows
     results = score_references(side, val)
-    artifacts.write_json(path, {"key": key, "n": side.n, "seed": side.seed, "k": side.k,
-                                "references": [{**asdict(row), "cached": False} for row in results]})
+    artifacts.write_json(Path(cache_dir) / f"{key}.json", {
+        "key": key, "n": side.n, "seed": side.seed, "k": side.k, "copy_threshold": side.threshold,
+        "references": [{**asdict(row), "cached": False} for row in results]})
     return results

@@ -223,3 +223,17 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
         assert shown["train_sentence"] == f"train {nearest}"
         assert shown["copy"] == (shown["train_distance"] < threshold)
     assert evaluation.n_note.startswith("n = 64 < 5 x dim")
+
+
+@pytest.mark.slow
+def test_a_second_evaluation_reads_the_reference_rows_and_threshold_back(trained, tmp_path):
+    path, splits = trained
+    args = (path, splits.train, splits.test, [SamplerSpec.parse("euler:4")])
+    fresh = evaluate_checkpoint(*args, seed=2, val=splits.val)  # no cache: everything scored
+    first = evaluate_checkpoint(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+    second = evaluate_checkpoint(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert not any(ref.cached for ref in first.references) and all(ref.cached for ref in second.references)
+    for evaluation in (first, second):
+        assert evaluation.primary.metrics == fresh.primary.metrics
+        assert [ref.metrics for ref in evaluation.references] == [ref.metrics for ref in fresh.references]

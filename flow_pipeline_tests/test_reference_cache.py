@@ -13,9 +13,14 @@ from flow_pipeline.evaluation_references import (
     HELD_OUT_REAL,
     REFERENCES,
     cached_references,
-    references_key,
+    read_cached,
     score_references,
 )
+from flow_pipeline.evaluation_references import references_key as rows_key
+
+
+def references_key(side, val):
+    return rows_key(side.train, side.test, val, side.n, side.seed, side.k)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,7 @@ def test_references_are_scored_once_then_read_back(data, tmp_path):
     assert first[0].metrics == pytest.approx(expected, rel=1e-9)
     second = cached_references(side, val, tmp_path)
     assert all(row.cached for row in second)
+    assert read_cached(tmp_path, references_key(side, val)).copy_threshold == side.threshold
     assert [(row.name, row.n, row.metrics, row.note) for row in second] == \
         [(row.name, row.n, row.metrics, row.note) for row in first]
 

@@ -1,7 +1,8 @@
 """The real-set halves of FD and KID, computed once per held-out set and reused for every sample set scored
 against it (the model's samples under each sampler, the held-out real rows, the Gaussian baselines).
 
-* :class:`FrechetReference`: the real set's mean, covariance trace and covariance square root R (one ``eigh``).
+* :class:`FrechetReference`: the real set's mean, covariance trace and covariance square root R (one ``eigh``;
+  a set of at most dim rows keeps its centred rows instead, for the Gram route when the sample set is small too).
   FD against a sample set then needs only that set's covariance S and the eigenvalues of the symmetric PSD matrix
   R S R (``eigvalsh``): tr sqrt(S_real S) = sum sqrt(eig(R S R)), because S_real S = R (R S) has the eigenvalues
   of (R S) R.
@@ -27,26 +28,38 @@ from flow_pipeline.core.distances import (
     _cubic_kernel,
     _scaled_centred,
     _sum_sqrt_eigenvalues,
+    _trace_sqrt_product,
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class FrechetReference:
-    """Gaussian statistics of a real set: mean (dim,), trace of its unbiased covariance, and that covariance's
-    symmetric PSD square root (dim, dim), negative round-off eigenvalues clipped to 0."""
+    """Gaussian statistics of a real set of m rows: mean (dim,), trace of its unbiased covariance, and either the
+    centred rows (m, dim) when m <= dim (FD then takes the Gram route, whose eigenproblem is at most m x m) or,
+    computed on first use, the covariance's symmetric PSD square root (dim, dim), negative round-off clipped."""
 
     mean: np.ndarray
     trace: float
-    root: np.ndarray
+    centred: np.ndarray | None
+    _root: np.ndarray | None = None
 
     @classmethod
     def fit(cls, real: np.ndarray) -> "FrechetReference":
         """Statistics of real (m, dim), m >= 2."""
         real = _as_float64(real)
         centred = _scaled_centred(real)
-        eigval, eigvec = np.linalg.eigh(centred.T @ centred)
-        root = (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
-        return cls(mean=real.mean(axis=0), trace=float(np.sum(centred * centred)), root=root)
+        reference = cls(mean=real.mean(axis=0), trace=float(np.sum(centred * centred)), centred=centred)
+        if centred.shape[0] > centred.shape[1]:
+            reference._root = _covariance_root(centred)
+            reference.centred = None  # (m, dim) rows no longer needed: memory stays (dim, dim)
+        return reference
+
+    @property
+    def root(self) -> np.ndarray:
+        """The covariance's square root (dim, dim)."""
+        if self._root is None:
+            self._root = _covariance_root(self.centred)
+        return self._root
 
     def distance(self, x: np.ndarray) -> float:
         """FD between Gaussians fitted to x (n, dim) and to the real set (see
@@ -55,9 +68,18 @@ class FrechetReference:
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"dimension mismatch: {x.shape[1]} vs {self.mean.shape[0]}")
         centred = _scaled_centred(x)
-        cross = _sum_sqrt_eigenvalues(self.root @ (centred.T @ centred) @ self.root)
+        if self.centred is not None and centred.shape[0] <= centred.shape[1]:
+            cross = _trace_sqrt_product(centred, self.centred)  # both sets small: the Gram route
+        else:
+            cross = _sum_sqrt_eigenvalues(self.root @ (centred.T @ centred) @ self.root)
         mean_term = float(np.sum((x.mean(axis=0) - self.mean) ** 2))
         return max(mean_term + float(np.sum(centred * centred)) + self.trace - 2.0 * cross, 0.0)
+
+
+def _covariance_root(centred: np.ndarray) -> np.ndarray:
+    """Symmetric PSD square root of centredᵀ centred (dim, dim), from eigh, negative round-off clipped to 0."""
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred)
+    return (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
 
 
 def _row_blocks(m: int, chunk: int):

@@ -40,9 +40,11 @@ def test_frechet_reference_matches_scipy_sqrtm(n_real, n_x, dim):
         assert reference.distance(x) == pytest.approx(sqrtm_frechet(x, real), rel=1e-7, abs=1e-9)
 
 
-def test_frechet_reference_of_a_singular_real_set_matches_the_gram_route():
-    rng = np.random.default_rng(5)
-    real, x = rng.normal(size=(6, 20)), rng.normal(size=(9, 20)) * 1.5  # both covariances singular (n < dim)
+@pytest.mark.parametrize("n_x", [9, 45])
+def test_frechet_reference_of_a_singular_real_set_matches_the_one_shot_distance(n_x):
+    rng = np.random.default_rng(n_x)
+    real, x = rng.normal(size=(6, 20)), rng.normal(size=(n_x, 20)) * 1.5  # real covariance singular (6 < dim)
+    # 9 rows: both small, the Gram route; 45 rows: the root of the singular real covariance
     assert FrechetReference.fit(real).distance(x) == pytest.approx(frechet_distance(x, real), rel=1e-9)
 
 
