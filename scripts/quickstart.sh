@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command A: install, then train partition mlp-icfm on the built-in SONAR-like data (CPU, under 10 minutes)
-# with the recipe of configs/quickstart.json (whitened data, linear skip path; see RESULTS.md).
+# with the recipe of configs/quickstart.json (whitened data, linear skip path, network on the top 64 principal
+# directions; see RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
