@@ -19,9 +19,9 @@ import torch
 
 from common import command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.baselines import fit_baseline
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.distances import TrainSpace, fd_infinity, kid
 from flow_pipeline.core.metrics import evaluate_samples
-from flow_pipeline.core.sources import synthetic_sonar_like
 
 NAME = "bench_distances"
 

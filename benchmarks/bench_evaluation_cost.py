@@ -27,7 +27,7 @@ from flow_pipeline.core.metrics import (
     copy_threshold, memorization_ratio, nn_cosine, norm_stats, prdc, train_copy_fraction,
 )
 from flow_pipeline.core.real_side import RealSide
-from flow_pipeline.core.sources import synthetic_sonar_like
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 
 NAME = "bench_evaluation_cost"
 SHOWN = ("kid", "kid_se", "fd_inf", "fd", "fd_floor", "precision", "recall", "density", "coverage",

@@ -5,7 +5,7 @@
 
 The file is written in chunks (never whole in memory) after checking free disk space, fsynced, then read by:
 
-- ``stream``: ``flow_pipeline.core.stats.streaming_mean_std(np.load(path, mmap_mode="r"), chunk_rows)`` for each
+- ``stream``: ``flow_pipeline.core.data.stats.streaming_mean_std(np.load(path, mmap_mode="r"), chunk_rows)`` for each
   ``--chunk-rows`` value (one pass: BLAS column sums around each chunk's mean in the data's float32, one reused
   buffer, one short-lived mapping per chunk, chunk moments merged in float64 with Chan's update);
 - ``numpy mean``: ``a.mean(axis=0, dtype=np.float64)`` on the memmap: one pass that only sums, the fastest
@@ -149,7 +149,7 @@ def numpy_two_pass(array: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.n
 
 def child(kind: str, path: Path, chunk_rows: int) -> dict:
     """One measured pass in this (child) process; returns seconds, RSS peaks and a digest of the result."""
-    from flow_pipeline.core.stats import streaming_mean_std  # imported before timing: part of the baseline
+    from flow_pipeline.core.data.stats import streaming_mean_std  # imported before timing: part of the baseline
 
     array = np.load(path, mmap_mode="r")
     with RssSampler() as rss:

@@ -34,7 +34,7 @@ from bench_trainer_vs_reference import SeedEMA, SeedFlowDataset
 from common import (add_common_args, command_line, finish_run, format_table, median, start_run, synthetic_train_data,
                     time_calls, write_result)
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.data import EpochBatchSampler, augment
+from flow_pipeline.core.data.batching import EpochBatchSampler, augment
 from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import get_flow
 from flow_pipeline.core.models import build_model, count_parameters

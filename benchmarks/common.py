@@ -194,16 +194,14 @@ def command_line() -> str:
 
 def synthetic_train_data(n_train: int, n_val: int, dim: int = 1024, seed: int = 0):
     """A :class:`flow_pipeline.core.trainer.TrainData` from the built-in SONAR-like generator, with the pipeline's
-    normalisation (streamed mean/std of the train rows, floored std)."""
+    normalisation (``Normalizer.fit``: streamed mean/std of the train rows, floored std)."""
     import torch
 
-    from flow_pipeline.core.data import Normalizer
-    from flow_pipeline.core.sources import synthetic_sonar_like
-    from flow_pipeline.core.stats import floor_std, streaming_mean_std
+    from flow_pipeline.core.data.normalization import Normalizer
+    from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
     from flow_pipeline.core.trainer import TrainData
 
     rows = synthetic_sonar_like(n_train + n_val, dim=dim, seed=seed)
-    mean, std, _ = streaming_mean_std(rows[:n_train])
-    normalizer = Normalizer(torch.from_numpy(mean).float(), torch.from_numpy(floor_std(std)).float())
+    normalizer = Normalizer.fit(rows[:n_train])
     return TrainData(train=torch.from_numpy(rows[:n_train].copy()), val=torch.from_numpy(rows[n_train:].copy()),
                      normalizer=normalizer)

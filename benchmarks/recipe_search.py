@@ -30,20 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from flow_pipeline.core.data.normalization import Normalizer
+from flow_pipeline.core.data.splits import split_array
+from flow_pipeline.core.data.synthetic import (frechet_to_gaussian, ledoit_wolf_gaussian, sonar_mixture,
+                                               synthetic_sonar_mixture)
 from flow_pipeline.core.flows import exact_ot_permutation
 from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.models.mlp import MLPConfig, ResidualMLP
 from flow_pipeline.core.models.skip import LinearSkip
-from flow_pipeline.core.normalization import Normalizer
 from flow_pipeline.core.time_sampling import sample_times
-from flow_pipeline.core.sources import split_array
-from flow_pipeline.core.synthetic import (
-    frechet_to_gaussian,
-    ledoit_wolf_gaussian,
-    sonar_mixture,
-    synthetic_sonar_mixture,
-)
 
 # ../shared/data beside the checkout; REAL_SONAR_EMBEDDINGS overrides (e.g. from a git worktree elsewhere).
 REAL = Path(os.environ.get("REAL_SONAR_EMBEDDINGS",

@@ -1,4 +1,5 @@
-"""Where the pipeline's files live under one root directory, and the small files it writes there.
+"""Where the pipeline's files live under one root directory, and how its JSON files are written (the normalisation
+``.npz`` files: :mod:`flow_pipeline.core.data.normalization`).
 
     <root>/data/splits/               train/val/test .npy + row indices (+ sentences .jsonl) + splits.json, or, from
                                       a splits/ root, one such set per <size>/ and sizes.json
@@ -12,17 +13,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from flow_pipeline.core.atomic import write_bytes_atomic
-from flow_pipeline.core.data import Normalizer
 
 
 @dataclass(frozen=True)
@@ -73,39 +68,3 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
-
-
-def save_normalizer(path: Path, normalizer: Normalizer, extra: dict | None = None) -> None:
-    """Write a Normalizer's state (method, mean, std, components when whitening) as one ``.npz``, atomically;
-    ``extra`` (JSON-serialisable: where the rows came from, how many) is kept beside it under ``info``."""
-    arrays = {key: value.numpy() for key, value in normalizer.state_dict().items() if key != "method"}
-    info = {**normalizer.details, **(extra or {})}
-    buffer = io.BytesIO()
-    np.savez(buffer, method=np.array(normalizer.method), info=np.array(json.dumps(info, sort_keys=True)), **arrays)
-    write_atomic(path, buffer.getvalue())
-
-
-def load_normalizer(path: Path) -> Normalizer:
-    """The Normalizer saved by :func:`save_normalizer` at ``path``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"normalization stats not found: {path} (materialize normalization_stats first)")
-    with np.load(path, allow_pickle=False) as stats:
-        state = {key: torch.from_numpy(stats[key]) for key in stats.files if key not in ("method", "info")}
-        state["method"] = str(stats["method"]) if "method" in stats.files else "zscore"
-    return Normalizer.from_state_dict(state)
-
-
-def normalizer_sha256(normalizer: Normalizer) -> str:
-    """sha256 of a Normalizer's content (method and arrays), unlike the file's: the same statistics written again
-    hash the same."""
-    digest = hashlib.sha256(normalizer.method.encode())
-    for key, value in sorted(normalizer.state_dict().items()):
-        if key != "method":
-            digest.update(key.encode() + value.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_normalizer_info(path: Path) -> dict:
-    """The ``info`` saved with a Normalizer (rows it was fitted on, subset, shrinkage...)."""
-    with np.load(path, allow_pickle=False) as stats:
-        return json.loads(str(stats["info"])) if "info" in stats.files else {}

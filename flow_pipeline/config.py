@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flow_pipeline.core.data import AUGMENTATIONS, DATASET_SIZES
+from flow_pipeline.core.data.batching import AUGMENTATIONS
+from flow_pipeline.core.data.splits import DATASET_SIZES
 from flow_pipeline.core.flows import FLOWS, get_flow
 from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
 

@@ -21,9 +21,11 @@ from torch import nn
 
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from flow_pipeline.core.data import DATASET_SIZES, Normalizer, first_training_rows
-from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.data.normalization import Normalizer
+from flow_pipeline.core.data.split_store import first_training_rows
+from flow_pipeline.core.data.splits import DATASET_SIZES
 from flow_pipeline.core.distances import TrainSpace
+from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.real_side import RealSide
 from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
@@ -196,7 +198,7 @@ class Evaluation:
 def run_training_rows(train_split, config: TrainConfig):
     """The rows the run was trained on (its ``dataset`` subset of the train split): the one place that decides
     which rows both memorisation measures, the train-normalised space and the baselines use. Rows that are already
-    the run's (``core.split_store.load_run_splits``: a size's own train split, or the first N rows) are kept whole;
+    the run's (``core.data.split_store.load_run_splits``: a size's own train split, or the first N rows) are kept whole;
     a longer train split is cut to its first N rows."""
     limit = DATASET_SIZES.get(config.dataset)
     if limit is None or train_split.shape[0] <= limit:

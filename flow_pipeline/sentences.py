@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flow_pipeline.core.stats import row_chunks
+from flow_pipeline.core.data.stats import row_chunks
 
 SENTENCE_FIELDS = ("text", "sentence", "instruction")
 

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from flow_pipeline.artifacts import load_normalizer, write_json
+from flow_pipeline.artifacts import write_json
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.checkpoint import load_checkpoint
+from flow_pipeline.core.data.normalization import load_normalizer
+from flow_pipeline.core.data.split_store import load_run_splits
 from flow_pipeline.core.distributed import DistInfo
-from flow_pipeline.core.split_store import load_run_splits
 from flow_pipeline.core.tracking import NullTracker
 from flow_pipeline.core.trainer import TrainData, TrainResult, train
 

@@ -10,23 +10,17 @@ import dagster as dg
 import pytest
 import torch
 
-from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from flow_pipeline.core.data import Normalizer
 from flow_pipeline.config import zero_predictor_loss_of
+from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from flow_pipeline.core.data.normalization import Normalizer
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.flows import FLOWS, get_flow
-from flow_pipeline.core.sources import synthetic_sonar_like
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.defs.assets import TrainRunConfig, dataset_splits, normalization_stats, trained_checkpoint
-from flow_pipeline.defs.checks import (
-    BEATS_ZERO_PREDICTOR,
-    FILE_INTACT,
-    WEIGHTS_FINITE,
-    combine_replicates,
-    verify_checkpoint,
-    verify_trained_checkpoint,
-)
-from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline.definitions import defs
+from flow_pipeline.defs.assets import TrainRunConfig, dataset_splits, normalization_stats, trained_checkpoint
+from flow_pipeline.defs.checks import (BEATS_ZERO_PREDICTOR, FILE_INTACT, WEIGHTS_FINITE, combine_replicates,
+                                       verify_checkpoint, verify_trained_checkpoint)
+from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
 
 PARTITION = "unet-icfm"  # the fastest tiny model; it beats the zero predictor in 2 epochs (best loss ~1.92)

@@ -10,22 +10,16 @@ import pytest
 import torch
 
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.checkpoint import CheckpointError, sha256_file
-from flow_pipeline.core.data import Normalizer
-from flow_pipeline.core.metrics import evaluate_samples
-from flow_pipeline.core.sources import split_array, synthetic_sonar_like
-from flow_pipeline.core.stats import floor_std, streaming_mean_std
-from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.core.baselines import fit_baseline
-from flow_pipeline.evaluation import (
-    SamplerSpec,
-    draw_samples,
-    evaluate_checkpoint,
-    load_ema_model,
-    run_training_rows,
-    sample_count,
-    sample_count_note,
-)
+from flow_pipeline.core.checkpoint import CheckpointError, sha256_file
+from flow_pipeline.core.data.normalization import Normalizer, floor_std
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
+from flow_pipeline.core.data.splits import split_array
+from flow_pipeline.core.data.stats import streaming_mean_std
+from flow_pipeline.core.metrics import evaluate_samples
+from flow_pipeline.core.trainer import TrainData, train
+from flow_pipeline.evaluation import (SamplerSpec, draw_samples, evaluate_checkpoint, load_ema_model, run_training_rows,
+                                      sample_count, sample_count_note)
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",

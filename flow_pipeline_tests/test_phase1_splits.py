@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from flow_pipeline.artifacts import load_normalizer
-from flow_pipeline.core.sources import synthetic_sonar_like
+from flow_pipeline.core.data.normalization import load_normalizer
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
+from flow_pipeline.definitions import defs
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource, default_root
-from flow_pipeline.definitions import defs
 from flow_pipeline_tests.conftest import SHARED_DATA, TINY_TRAIN, cli_env, dagster_cli, run_config
 from flow_pipeline_tests.phase1_files import MALFORMED, sentence, write_malformed, write_splits_root
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flow_pipeline import plots
-from flow_pipeline.core.sources import synthetic_sonar_like
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.report import sort_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,36 +8,17 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from flow_pipeline.artifacts import ArtifactLayout, save_normalizer
-from flow_pipeline.core.normalization import Normalizer
+from flow_pipeline.artifacts import ArtifactLayout
+from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
+from flow_pipeline.definitions import defs
 from flow_pipeline.defs.assets import RUN_HOST_TAG, trained_checkpoint
 from flow_pipeline.defs.checks import verify_trained_checkpoint
+from flow_pipeline.defs.failures import (CONFIG, DATA, DISK_FULL, DIVERGED, ERROR, FAILURE_KIND_TAG, KILLED,
+                                         MISSING_INPUT, classify_training_failure)
 from flow_pipeline.defs.resources import ArtifactsResource, default_root
-from flow_pipeline.defs.failures import (
-    CONFIG,
-    DATA,
-    DISK_FULL,
-    DIVERGED,
-    ERROR,
-    FAILURE_KIND_TAG,
-    KILLED,
-    MISSING_INPUT,
-    classify_training_failure,
-)
-from flow_pipeline.defs.retries import (
-    ATTEMPT_TAG,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_RERUN_CRON,
-    MAX_ATTEMPTS_ENV,
-    RERUN_CRON_ENV,
-    RETRAIN_JOB_NAME,
-    Retry,
-    RetrySettings,
-    build_retry_schedule,
-    plan_retries,
-    retry_settings_from_env,
-)
-from flow_pipeline.definitions import defs
+from flow_pipeline.defs.retries import (ATTEMPT_TAG, DEFAULT_MAX_ATTEMPTS, DEFAULT_RERUN_CRON, MAX_ATTEMPTS_ENV,
+                                        RERUN_CRON_ENV, RETRAIN_JOB_NAME, Retry, RetrySettings, build_retry_schedule,
+                                        plan_retries, retry_settings_from_env)
 from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
 
 FAILED, IN_PROGRESS, MATERIALIZED = (dg.AssetPartitionStatus.FAILED, dg.AssetPartitionStatus.IN_PROGRESS,

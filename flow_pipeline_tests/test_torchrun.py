@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flow_pipeline.artifacts import ArtifactLayout, save_normalizer
+from flow_pipeline.artifacts import ArtifactLayout
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
-from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
+from flow_pipeline.core.data.sources import build_splits
+from flow_pipeline.core.data.split_set import save_splits
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.models import build_model
-from flow_pipeline.core.sources import save_splits
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.datasets import build_splits
 from flow_pipeline.train import LOSS_CURVE_NAME, RESULT_NAME, TrainJob, load_train_data
 from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, alive, descendants
 

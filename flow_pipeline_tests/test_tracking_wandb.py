@@ -21,14 +21,15 @@ import torch
 import wandb
 
 import flow_pipeline.tracking_wandb as tracking_wandb
-from flow_pipeline.artifacts import save_normalizer
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.normalization import Normalizer
-from flow_pipeline.core.sources import save_splits, split_array, synthetic_sonar_like
+from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
+from flow_pipeline.core.data.split_set import save_splits
+from flow_pipeline.core.data.splits import split_array
+from flow_pipeline.definitions import defs
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline.defs.tracking import WandbResource
-from flow_pipeline.definitions import defs
 from flow_pipeline.train import FAILURE_NAME, JOB_NAME, RESULT_NAME, TrainJob, run_job
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
 from flow_pipeline_tests.wandb_records import OfflineRun, read_offline_run

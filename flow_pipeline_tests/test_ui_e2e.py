@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from flow_pipeline.core.sources import synthetic_sonar_like
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.definitions import defs
 from flow_pipeline_tests.conftest import REPO_ROOT, TINY_TRAIN, cli_env, run_config
 from flow_pipeline_tests.servers import DagsterServers, dagster_servers, prepare_dagster_home

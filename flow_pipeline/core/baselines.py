@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flow_pipeline.core.stats import DEFAULT_CHUNK_ROWS, ledoit_wolf_shrinkage, streaming_mean_std, streaming_scatter
+from flow_pipeline.core.data.stats import (DEFAULT_CHUNK_ROWS, ledoit_wolf_shrinkage, streaming_mean_std,
+                                           streaming_scatter)
 
 BASELINES = ("gaussian-full", "gaussian-diag")
 
@@ -31,7 +32,7 @@ class LedoitWolf:
 
 def ledoit_wolf(x, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> LedoitWolf:
     """Ledoit–Wolf shrinkage of the covariance of x (n, dim), streamed over row chunks (two passes: mean, then
-    scatter and fourth moment), with the intensity of :func:`flow_pipeline.core.stats.ledoit_wolf_shrinkage`
+    scatter and fourth moment), with the intensity of :func:`flow_pipeline.core.data.stats.ledoit_wolf_shrinkage`
     (Ledoit & Wolf 2004, Lemmas 3.2–3.4) — the same estimate the whitening normaliser uses for its eigenvalues."""
     mean, _, _ = streaming_mean_std(x, chunk_rows)
     scatter, fourth, n = streaming_scatter(x, mean, chunk_rows)

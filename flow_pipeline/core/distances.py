@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flow_pipeline.core.stats import floor_std, streaming_mean_std
+from flow_pipeline.core.data.normalization import floor_std
+from flow_pipeline.core.data.stats import streaming_mean_std
 
 # Rows of the kernel matrix per chunk: 5 float64 blocks of (512, n) are ~100 MB at n = 5,120.
 KID_CHUNK = 512

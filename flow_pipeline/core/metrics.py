@@ -26,7 +26,7 @@ from flow_pipeline.core.distances import (  # noqa: F401  (frechet_distance and 
     kid,
     subsample,
 )
-from flow_pipeline.core.stats import row_chunks
+from flow_pipeline.core.data.stats import row_chunks
 
 # Rows of the left operand per distance chunk: the (chunk, m) float64 block is 80 MB for m = 10k reference rows.
 _CHUNK = 1024
@@ -128,7 +128,7 @@ def nearest_distance_streamed(x: np.ndarray, reference, chunk_rows: int = 8192) 
     """:func:`nearest_distance` of x (n, dim) to a reference (m, dim) read ``chunk_rows`` rows at a time: (n,).
 
     A file-backed ``np.memmap`` reference (a split on disk) is read through one short-lived mapping per chunk
-    (:func:`flow_pipeline.core.stats.row_chunks`), so a split far larger than memory never becomes resident.
+    (:func:`flow_pipeline.core.data.stats.row_chunks`), so a split far larger than memory never becomes resident.
     """
     best = np.full(x.shape[0], np.inf)
     for chunk in row_chunks(reference, chunk_rows):

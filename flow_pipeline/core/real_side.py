@@ -30,7 +30,7 @@ from flow_pipeline.core.metrics import (
     norm_stats,
 )
 from flow_pipeline.core.reference_stats import FrechetReference, KidReference
-from flow_pipeline.core.stats import row_chunks
+from flow_pipeline.core.data.stats import row_chunks
 
 # Sample rows per distance block: (512, 5,120) float64 blocks are 21 MB, a few of them live at once.
 SCORE_CHUNK = 512

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.data.normalization import Normalizer
 
 
 class TrainingDiverged(RuntimeError):

@@ -16,14 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from flow_pipeline.core import checkpoint as ckpt
-from flow_pipeline.core.data import augment
+from flow_pipeline.core.data.batching import augment
 from flow_pipeline.core.distributed import DistInfo, resolve_device
 from flow_pipeline.core.flows import Flow, draw_path, flow_matching_loss
 from flow_pipeline.core.models import count_parameters
 from flow_pipeline.core.schedule import planned_steps
 from flow_pipeline.core.tracking import NullTracker, Tracker
-from flow_pipeline.core.train_state import TrainData, TrainingDiverged, TrainResult, TrainState
-from flow_pipeline.core.training_run import (VAL_SEED_OFFSET, TrainingRun, TrainSettings, global_batch_size,
+from flow_pipeline.core.train_state import TrainData, TrainResult, TrainState, TrainingDiverged
+from flow_pipeline.core.training_run import (VAL_SEED_OFFSET, TrainSettings, TrainingRun, global_batch_size,
                                              normalised_data, prepare_run_dir, resume, set_up)
 
 __all__ = ["TrainData", "TrainResult", "TrainSettings", "TrainState", "TrainingDiverged", "planned_steps",

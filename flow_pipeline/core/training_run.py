@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from flow_pipeline.core import checkpoint as ckpt
-from flow_pipeline.core.data import EpochBatchSampler
+from flow_pipeline.core.data.batching import EpochBatchSampler
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
@@ -27,7 +27,7 @@ from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.schedule import planned_steps, warmup_cosine_schedule
 from flow_pipeline.core.tracking import Tracker
-from flow_pipeline.core.train_state import TrainData, TrainingDiverged, TrainState
+from flow_pipeline.core.train_state import TrainData, TrainState, TrainingDiverged
 
 logger = logging.getLogger(__name__)
 

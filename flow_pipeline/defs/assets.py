@@ -12,10 +12,10 @@ import torch
 from pydantic import ValidationError
 
 from flow_pipeline.ablations import PARTITION_KEYS
-from flow_pipeline.artifacts import load_normalizer, load_normalizer_info, normalizer_sha256
+from flow_pipeline.core.data.normalization import load_normalizer, load_normalizer_info, normalizer_sha256
 from flow_pipeline.config import TrainConfig, format_validation_error
-from flow_pipeline.core.sources import DataError
-from flow_pipeline.core.split_store import load_run_splits
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.split_store import load_run_splits
 from flow_pipeline.defs.data_assets import OWNERS, DatasetConfig, dataset_splits, normalization_stats  # noqa: F401
 from flow_pipeline.defs.failures import CONFIG, DATA, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
 from flow_pipeline.replicates import completed_result, replicate_entry, replicate_seeds, summary_metadata

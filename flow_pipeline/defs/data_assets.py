@@ -1,15 +1,14 @@
 """The data assets: the split sets (``dataset_splits``) and one normalisation per training subset and method
-(``normalization_stats``). Thin wrappers over :mod:`flow_pipeline.datasets` and :mod:`flow_pipeline.core`."""
+(``normalization_stats``). Thin wrappers over :mod:`flow_pipeline.core.data.sources` and :mod:`flow_pipeline.core`."""
 
 import dagster as dg
 from pydantic import Field
 
-from flow_pipeline.artifacts import save_normalizer
-from flow_pipeline.core.data import DATASET_SIZES
-from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer
-from flow_pipeline.core.sources import DataError, Splits, validate_embeddings
-from flow_pipeline.core.split_store import load_run_splits, store_splits, stored_sizes
-from flow_pipeline.datasets import SYNTHETIC, build_splits
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.normalization import NORMALIZATIONS, Normalizer, save_normalizer
+from flow_pipeline.core.data.sources import SYNTHETIC, build_splits
+from flow_pipeline.core.data.split_store import load_run_splits, store_splits, stored_sizes
+from flow_pipeline.core.data.splits import DATASET_SIZES, Splits, validate_embeddings
 from flow_pipeline.defs.resources import ArtifactsResource
 
 OWNERS = ["team:flow-matching"]

@@ -7,42 +7,21 @@ from pydantic import Field
 from flow_pipeline.ablations import ablation_for
 from flow_pipeline.artifacts import write_json
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.split_set import load_saved_splits
+from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
 from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
-from flow_pipeline.core.sources import DataError, load_saved_splits
-from flow_pipeline.core.split_store import RunSplits, load_run_splits
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
-from flow_pipeline.evaluation import (
-    ADAPTIVE_SOLVERS,
-    DOPRI5_ATOL,
-    DOPRI5_RTOL,
-    SAMPLES_PER_DIM,
-    Evaluation,
-    SamplerSpec,
-    evaluate_checkpoint,
-)
-from flow_pipeline.report import (
-    LOSES_TO_BASELINE,
-    PRIMARY_METRIC,
-    REFERENCE_METRIC_KEYS,
-    build_row,
-    reference_rows,
-    reference_table,
-    sampler_table,
-    sort_rows,
-    write_report,
-)
+from flow_pipeline.evaluation import (ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SAMPLES_PER_DIM, Evaluation,
+                                      SamplerSpec, evaluate_checkpoint)
 from flow_pipeline.replicates import identity_key, replicates_from_metadata
+from flow_pipeline.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, REFERENCE_METRIC_KEYS, build_row, reference_rows,
+                                  reference_table, sampler_table, sort_rows, write_report)
 from flow_pipeline.sentences import read_split_sentences, sentences_markdown
-from flow_pipeline.study_report import (
-    DEFAULT_BASELINE,
-    add_comparisons,
-    evaluation_study_metadata,
-    pick_baseline,
-    statistics_markdown,
-    study_rows,
-)
+from flow_pipeline.study_report import (DEFAULT_BASELINE, add_comparisons, evaluation_study_metadata, pick_baseline,
+                                        statistics_markdown, study_rows)
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "samples.png"

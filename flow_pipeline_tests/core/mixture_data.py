@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flow_pipeline.core.data import Normalizer
+from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.trainer import TrainData
 
 

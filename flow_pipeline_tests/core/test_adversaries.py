@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.metrics import COPY_FRACTION_LIMIT, RANKING_METRIC, evaluate_samples
-from flow_pipeline.core.sources import synthetic_sonar_like
 
 DIM, N = 64, 500
 

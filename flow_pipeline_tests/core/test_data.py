@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flow_pipeline.core.data import AUGMENTATIONS, EpochBatchSampler, Normalizer, augment
+from flow_pipeline.core.data.batching import AUGMENTATIONS, EpochBatchSampler, augment
+from flow_pipeline.core.data.normalization import Normalizer
 
 # --- Normalizer ------------------------------------------------------------------------------------------------
 
@@ -42,7 +43,7 @@ def test_normalizer_fit_zscore_floors_near_constant_dimensions_once():
     norm = Normalizer.fit(x.numpy(), "zscore")
     rows = x.double().numpy()
     std = rows.std(0, ddof=1)
-    floor = 0.1 * np.median(std)  # the one floor rule (core.stats.floor_std), written out
+    floor = 0.1 * np.median(std)  # the one floor rule (core.data.normalization.floor_std), written out
     np.testing.assert_allclose(norm.mean.numpy(), rows.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(norm.std.numpy(), np.maximum(std, floor), rtol=1e-5)
     assert norm.std[3] == pytest.approx(floor, rel=1e-5) and norm.std[7] == pytest.approx(floor, rel=1e-5)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.data import Normalizer
-from flow_pipeline.core.sources import synthetic_sonar_like
+from flow_pipeline.core.data.normalization import Normalizer
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.trainer import TrainData, train
 
 DIM, N_TRAIN, N_VAL, BATCH = 1024, 10_000, 500, 64

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.normalization import Normalizer
-from flow_pipeline.core.stats import ledoit_wolf_shrinkage, streaming_scatter
+from flow_pipeline.core.data.normalization import Normalizer
+from flow_pipeline.core.data.stats import ledoit_wolf_shrinkage, streaming_scatter
 
 
 def _correlated_rows(n: int, dim: int, seed: int) -> np.ndarray:

@@ -120,7 +120,7 @@ def test_config_requires_whitening_and_skip_for_principal_dims():
 def test_trainer_and_evaluation_build_the_principal_subspace_model(tmp_path, one_torch_thread):
     from dataclasses import replace
 
-    from flow_pipeline.core.normalization import Normalizer
+    from flow_pipeline.core.data.normalization import Normalizer
     from flow_pipeline.core.trainer import train
     from flow_pipeline.evaluation import load_ema_model
     from flow_pipeline_tests.core.mixture_data import mixture_train_data

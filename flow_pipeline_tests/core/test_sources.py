@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from flow_pipeline.core.sources import (
-    DataError,
-    Splits,
-    load_embeddings,
-    load_saved_splits,
-    make_splits,
-    save_splits,
-    split_array,
-    synthetic_sonar_like,
-    validate_embeddings,
-    validate_splits,
-)
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.files import load_embeddings
+from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
+from flow_pipeline.core.data.split_set import load_saved_splits, save_splits
+from flow_pipeline.core.data.splits import Splits, make_splits, split_array, validate_embeddings, validate_splits
 
 REAL_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 REAL_EMBEDDINGS = REAL_DATA_DIR / "sonar_embeddings_real.npy"

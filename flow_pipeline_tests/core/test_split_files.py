@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from flow_pipeline.core.sources import DataError, load_saved_splits, load_sentences, split_array
-from flow_pipeline.core.split_files import load_split_dir, load_splits_root
-from flow_pipeline.core.split_store import SIZES_MANIFEST, load_run_splits, store_splits, training_rows
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.split_files import load_split_dir, load_splits_root
+from flow_pipeline.core.data.split_set import load_saved_splits, load_sentences
+from flow_pipeline.core.data.split_store import SIZES_MANIFEST, load_run_splits, store_splits, training_rows
+from flow_pipeline.core.data.splits import split_array
 from flow_pipeline_tests.phase1_files import MALFORMED, sentence, write_malformed, write_splits_root
 
 DIM = 16

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from flow_pipeline.core.sources import DataError
-from flow_pipeline.core.stats import floor_std, streaming_mean_std
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.normalization import floor_std
+from flow_pipeline.core.data.stats import streaming_mean_std
 
 
 def _random_rows(rows: int, dim: int, seed: int) -> np.ndarray:

@@ -9,13 +9,9 @@ import pytest
 import scipy.linalg
 import scipy.spatial.distance
 
+from flow_pipeline.core.data.synthetic import (frechet_to_gaussian, ledoit_wolf_gaussian, sonar_mixture,
+                                               synthetic_sonar_mixture)
 from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
-from flow_pipeline.core.synthetic import (
-    frechet_to_gaussian,
-    ledoit_wolf_gaussian,
-    sonar_mixture,
-    synthetic_sonar_mixture,
-)
 
 REAL_EMBEDDINGS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sonar_embeddings_real.npy"
 

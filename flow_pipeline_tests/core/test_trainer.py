@@ -19,10 +19,10 @@ import flow_pipeline.core.trainer as trainer_module
 import flow_pipeline.core.training_run as training_run_module
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core import checkpoint as ckpt
-from flow_pipeline.core.data import AUGMENTATIONS
+from flow_pipeline.core.data.batching import AUGMENTATIONS
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.tracking import RecordingTracker
-from flow_pipeline.core.trainer import TrainData, TrainingDiverged, TrainResult, train
+from flow_pipeline.core.trainer import TrainData, TrainResult, TrainingDiverged, train
 from flow_pipeline_tests.core.mixture_data import mixture_train_data
 
 DIM, N_TRAIN, N_VAL, BATCH = 64, 320, 64, 32

@@ -6,17 +6,11 @@ import mmap
 
 import numpy as np
 
-from flow_pipeline.core.sources import DataError
+from flow_pipeline.core.data import DataError
 
 # 2048 rows x 1024 dims: an 8 MB float32 chunk. Over a 4.3 GB file (benchmarks/bench_norm_stats.py) it was as fast
 # as 8192 rows (2.4 GB/s) at 17 MB above the interpreter's RSS, and float32 sums over fewer rows round less.
 DEFAULT_CHUNK_ROWS = 2048
-# A dimension's std is floored at max(ABS, REL * median std). 0.1 * median (~5e-4 on SONAR) lifts the two
-# near-constant SONAR dimensions (std ~2e-5 and ~2e-4) so a tiny shift in them cannot become a z-score of 10-100,
-# while leaving every ordinary dimension (all within ~0.6-1.6x the median) untouched. The absolute floor only
-# matters when most dimensions are constant.
-DEFAULT_REL_STD_FLOOR = 0.1
-DEFAULT_ABS_STD_FLOOR = 1e-8
 
 
 def streaming_mean_std(array, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, int]:
@@ -120,23 +114,6 @@ def _merge_moments(
     mean = mean_a + delta * (n_b / n)
     m2 = m2_a + m2_b + delta**2 * (n_a * n_b / n)
     return n, mean, m2
-
-
-def floor_std(
-    std: np.ndarray, rel_floor: float = DEFAULT_REL_STD_FLOOR, abs_floor: float = DEFAULT_ABS_STD_FLOOR
-) -> np.ndarray:
-    """Floor a (dim,) std at ``max(abs_floor, rel_floor * median(std))``; returns a new float64 array.
-
-    Relative to the median so the floor follows the data's scale (raw SONAR, rescaled or synthetic data alike);
-    the absolute floor keeps the result positive when the median itself is 0. See DEFAULT_REL_STD_FLOOR for why 0.1.
-    """
-    std = np.asarray(std, dtype=np.float64)
-    if std.ndim != 1 or std.size == 0:
-        raise ValueError(f"std must be a non-empty 1-D array, got shape {std.shape}")
-    if rel_floor < 0 or abs_floor <= 0:
-        raise ValueError(f"need rel_floor >= 0 and abs_floor > 0, got {rel_floor} and {abs_floor}")
-    floor = max(abs_floor, rel_floor * float(np.median(std)))
-    return np.maximum(std, floor)
 
 
 def streaming_scatter(array, mean: np.ndarray, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, float, int]:

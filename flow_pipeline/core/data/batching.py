@@ -1,5 +1,4 @@
-"""In-memory training data: a seeded resumable batch sampler and data augmentation (normalisation lives in
-:mod:`flow_pipeline.core.normalization` and is re-exported here)."""
+"""In-memory training batches: a seeded resumable batch sampler and data augmentation."""
 
 from __future__ import annotations
 
@@ -8,24 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from flow_pipeline.core.normalization import NORMALIZATIONS, Normalizer  # noqa: F401  (re-exported)
-
 AUGMENTATIONS = ("none", "noise", "mixup", "dropout", "mixup+noise")
-DATASET_SIZES: dict[str, int | None] = {"1k": 1_000, "5k": 5_000, "10k": 10_000, "full": None}
-
-
-def first_training_rows(train, dataset: str):
-    """The first N rows of a train split (array or tensor) for ``dataset`` (``1k``, ``5k``, ``10k``; ``full`` keeps
-    all): the subset rule for sources that are one split set. Raises ValueError naming the dataset when the split
-    has fewer than N rows."""
-    if dataset not in DATASET_SIZES:
-        raise ValueError(f"dataset: unknown value {dataset!r}; valid: {', '.join(DATASET_SIZES)}")
-    n = DATASET_SIZES[dataset]
-    if n is None:
-        return train
-    if train.shape[0] < n:
-        raise ValueError(f"dataset={dataset!r} needs {n} training rows, the train split has {train.shape[0]}")
-    return train[:n]
 
 
 class EpochBatchSampler:

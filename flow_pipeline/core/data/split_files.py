@@ -23,16 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flow_pipeline.core.data import DATASET_SIZES
-from flow_pipeline.core.sources import (
-    SPLIT_NAMES,
-    DataError,
-    Splits,
-    _absolute,
-    _check_same_dim,
-    _scan_nonfinite_rows,
-    _torch_load,
-)
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.files import absolute, torch_load
+from flow_pipeline.core.data.splits import DATASET_SIZES, SPLIT_NAMES, Splits, check_same_dim, scan_nonfinite_rows
 
 SPLIT_FILE_KEYS = ("embeddings", "instructions", "indices", "split", "size")
 SIZE_LABELS = tuple(DATASET_SIZES)
@@ -64,7 +57,7 @@ def load_split_dir(directory: str | os.PathLike, dim: int | None = None) -> Spli
     Returns float32 embeddings, int64 indices and ``sentences`` (split -> list of str); ``source`` is the absolute
     directory. ``dim``: the required embedding width (``None``: whatever the files agree on).
     """
-    directory = _absolute(directory)
+    directory = absolute(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: split directory not found")
     present = split_files_present(directory)
@@ -74,7 +67,7 @@ def load_split_dir(directory: str | os.PathLike, dim: int | None = None) -> Spli
                         f"{', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})")
     loaded = {name: load_split_file(directory / f"{name}.pt", name, dim) for name in SPLIT_NAMES}
     arrays = {name: item[0] for name, item in loaded.items()}
-    _check_same_dim(arrays, str(directory))
+    check_same_dim(arrays, str(directory))
     labels = {name: item[3] for name, item in loaded.items()}
     if len(set(labels.values())) > 1:
         raise DataError(f"{directory}: key 'size' differs between the split files: {labels}")
@@ -88,7 +81,7 @@ def load_split_dir(directory: str | os.PathLike, dim: int | None = None) -> Spli
 def load_splits_root(root: str | os.PathLike, dim: int | None = None) -> SplitsRoot:
     """Every complete size directory under a ``splits/`` root; sizes missing split files are listed in
     ``incomplete``. Raises DataError when no size is complete (naming what each one lacks) or any file is bad."""
-    root = _absolute(root)
+    root = absolute(root)
     sizes, incomplete = {}, {}
     for label in SIZE_LABELS:
         directory = root / label
@@ -109,7 +102,7 @@ def load_splits_root(root: str | os.PathLike, dim: int | None = None) -> SplitsR
 def load_split_file(path: Path, name: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     """One split file -> ((N, dim) float32 embeddings, (N,) int64 indices, N sentences, size label), every key
     validated."""
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict with keys {', '.join(SPLIT_FILE_KEYS)}, got {type(obj).__name__}")
     absent = [key for key in SPLIT_FILE_KEYS if key not in obj]
@@ -136,7 +129,7 @@ def _embeddings(path: Path, value: object, dim: int | None) -> np.ndarray:
     if dim is not None and value.shape[1] != dim:
         raise DataError(f"{path}: key 'embeddings' has wrong dim: expected {dim}, got {value.shape[1]}")
     array = value.detach().to(device="cpu", dtype=torch.float32).numpy()
-    bad, first = _scan_nonfinite_rows(array, chunk_rows=65536)
+    bad, first = scan_nonfinite_rows(array, chunk_rows=65536)
     if bad:
         raise DataError(f"{path}: key 'embeddings': {bad} of {array.shape[0]} rows contain NaN or inf "
                         f"(first row indices: {', '.join(map(str, first))})")

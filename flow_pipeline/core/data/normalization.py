@@ -9,23 +9,36 @@ Two methods, fitted on the training rows a run uses (:meth:`Normalizer.fit`):
   With fewer rows than dimensions (800 real SONAR rows of 1024-d) the sample covariance is singular, and with
   somewhat more rows its small eigenvalues are still far too small (Marchenko-Pastur), so inverting it amplifies
   noise. The eigenvalues are therefore shrunk towards their mean with Ledoit & Wolf's data-driven weight ``a``
-  (:func:`flow_pipeline.core.stats.ledoit_wolf_shrinkage`): ``lambda' = (1 - a) lambda + a mean(lambda)``, the
+  (:func:`flow_pipeline.core.data.stats.ledoit_wolf_shrinkage`): ``lambda' = (1 - a) lambda + a mean(lambda)``, the
   eigenvalues of the Ledoit-Wolf covariance estimate. It makes every eigenvalue at least ``a mean(lambda)`` > 0, is
   large when rows are few and vanishes as rows grow, and needs no tuning. The same std floor as z-scoring
-  (:func:`flow_pipeline.core.stats.floor_std`) is applied on top, to the per-direction scales ``s``.
+  (:func:`floor_std`) is applied on top, to the per-direction scales ``s``.
 
 Losses measured in the two spaces are different quantities: a run's normalisation is part of its identity.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from flow_pipeline.core.stats import floor_std, ledoit_wolf_shrinkage, streaming_mean_std, streaming_scatter
+from flow_pipeline.core.atomic import write_bytes_atomic
+from flow_pipeline.core.data.stats import ledoit_wolf_shrinkage, streaming_mean_std, streaming_scatter
 
 NORMALIZATIONS = ("zscore", "whiten")
+
+# A dimension's std is floored at max(ABS, REL * median std). 0.1 * median (~5e-4 on SONAR) lifts the two
+# near-constant SONAR dimensions (std ~2e-5 and ~2e-4) so a tiny shift in them cannot become a z-score of 10-100,
+# while leaving every ordinary dimension (all within ~0.6-1.6x the median) untouched. The absolute floor only
+# matters when most dimensions are constant.
+DEFAULT_REL_STD_FLOOR = 0.1
+DEFAULT_ABS_STD_FLOOR = 1e-8
 
 
 class Normalizer:
@@ -120,3 +133,59 @@ def whitening_spectrum(rows, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     eigenvalues = np.clip(eigenvalues[::-1], 0.0, None)  # rounding can leave tiny negatives on a singular matrix
     eigenvalues = (1.0 - shrinkage) * eigenvalues + shrinkage * eigenvalues.mean()
     return eigenvalues, np.ascontiguousarray(eigenvectors[:, ::-1]), shrinkage
+
+
+def floor_std(
+    std: np.ndarray, rel_floor: float = DEFAULT_REL_STD_FLOOR, abs_floor: float = DEFAULT_ABS_STD_FLOOR
+) -> np.ndarray:
+    """Floor a (dim,) std at ``max(abs_floor, rel_floor * median(std))``; returns a new float64 array.
+
+    Relative to the median so the floor follows the data's scale (raw SONAR, rescaled or synthetic data alike);
+    the absolute floor keeps the result positive when the median itself is 0. See DEFAULT_REL_STD_FLOOR for why 0.1.
+    """
+    std = np.asarray(std, dtype=np.float64)
+    if std.ndim != 1 or std.size == 0:
+        raise ValueError(f"std must be a non-empty 1-D array, got shape {std.shape}")
+    if rel_floor < 0 or abs_floor <= 0:
+        raise ValueError(f"need rel_floor >= 0 and abs_floor > 0, got {rel_floor} and {abs_floor}")
+    floor = max(abs_floor, rel_floor * float(np.median(std)))
+    return np.maximum(std, floor)
+
+
+# --- the .npz file of a Normalizer -------------------------------------------------------------------------------
+
+
+def save_normalizer(path: Path, normalizer: Normalizer, extra: dict | None = None) -> None:
+    """Write a Normalizer's state (method, mean, std, components when whitening) as one ``.npz``, atomically;
+    ``extra`` (JSON-serialisable: where the rows came from, how many) is kept beside it under ``info``."""
+    arrays = {key: value.numpy() for key, value in normalizer.state_dict().items() if key != "method"}
+    info = {**normalizer.details, **(extra or {})}
+    buffer = io.BytesIO()
+    np.savez(buffer, method=np.array(normalizer.method), info=np.array(json.dumps(info, sort_keys=True)), **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_normalizer(path: Path) -> Normalizer:
+    """The Normalizer saved by :func:`save_normalizer` at ``path``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"normalization stats not found: {path} (materialize normalization_stats first)")
+    with np.load(path, allow_pickle=False) as stats:
+        state = {key: torch.from_numpy(stats[key]) for key in stats.files if key not in ("method", "info")}
+        state["method"] = str(stats["method"]) if "method" in stats.files else "zscore"
+    return Normalizer.from_state_dict(state)
+
+
+def normalizer_sha256(normalizer: Normalizer) -> str:
+    """sha256 of a Normalizer's content (method and arrays), unlike the file's: the same statistics written again
+    hash the same."""
+    digest = hashlib.sha256(normalizer.method.encode())
+    for key, value in sorted(normalizer.state_dict().items()):
+        if key != "method":
+            digest.update(key.encode() + value.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_normalizer_info(path: Path) -> dict:
+    """The ``info`` saved with a Normalizer (rows it was fitted on, subset, shrinkage...)."""
+    with np.load(path, allow_pickle=False) as stats:
+        return json.loads(str(stats["info"])) if "info" in stats.files else {}

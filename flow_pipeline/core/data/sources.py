@@ -1,18 +1,14 @@
-"""Turn the ``dataset_splits`` config into a validated split set (pure: no Dagster)."""
+"""The ``dataset_splits`` source (``synthetic``, an embeddings file, Phase-1 split files) -> a validated split set."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flow_pipeline.core.sources import (
-    DataError,
-    Splits,
-    load_embeddings,
-    split_array,
-    validate_embeddings,
-)
-from flow_pipeline.core.synthetic import synthetic_sonar_mixture
-from flow_pipeline.core.split_files import SplitsRoot, is_splits_root, load_split_dir, load_splits_root
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.files import load_embeddings
+from flow_pipeline.core.data.split_files import SplitsRoot, is_splits_root, load_split_dir, load_splits_root
+from flow_pipeline.core.data.splits import Splits, split_array, validate_embeddings
+from flow_pipeline.core.data.synthetic import synthetic_sonar_mixture
 
 SYNTHETIC = "synthetic"
 # A split with fewer rows than this cannot train, validate or be evaluated meaningfully.

@@ -21,17 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from flow_pipeline.core.atomic import write_bytes_atomic
-from flow_pipeline.core.data import DATASET_SIZES
-from flow_pipeline.core.sources import (
-    MANIFEST_NAME,
-    DataError,
-    Splits,
-    _absolute,
-    load_saved_splits,
-    load_sentences,
-    save_splits,
-)
-from flow_pipeline.core.split_files import SplitsRoot
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.files import absolute
+from flow_pipeline.core.data.split_files import SplitsRoot
+from flow_pipeline.core.data.split_set import MANIFEST_NAME, load_saved_splits, load_sentences, save_splits
+from flow_pipeline.core.data.splits import DATASET_SIZES, Splits
 
 SIZES_MANIFEST = "sizes.json"
 
@@ -49,8 +43,8 @@ class RunSplits:
 
 def store_splits(data: Splits | SplitsRoot, directory: str | os.PathLike) -> Path:
     """Save one split set, or every size of a root (one set per ``<size>/`` plus ``sizes.json``), into
-    ``directory``; returns the manifest written last. Each set is written atomically by :func:`save_splits`."""
-    directory = _absolute(directory)
+    ``directory``; returns the manifest written last. Each set is written atomically by :func:`~flow_pipeline.core.data.split_set.save_splits`."""
+    directory = absolute(directory)
     # The new manifest switches readers over (sizes.json wins over splits.json); the old layout goes after that.
     if isinstance(data, Splits):
         manifest = save_splits(data, directory)
@@ -73,7 +67,7 @@ def store_splits(data: Splits | SplitsRoot, directory: str | os.PathLike) -> Pat
 
 def stored_sizes(directory: str | os.PathLike) -> dict | None:
     """The ``sizes.json`` index of a per-size store (sizes, incomplete, source), or ``None`` for one split set."""
-    path = _absolute(directory) / SIZES_MANIFEST
+    path = absolute(directory) / SIZES_MANIFEST
     if not path.is_file():
         return None
     try:
@@ -93,7 +87,7 @@ def load_run_splits(directory: str | os.PathLike, dataset: str) -> RunSplits:
     """
     if dataset not in DATASET_SIZES:
         raise DataError(f"dataset: unknown value {dataset!r}; valid: {', '.join(DATASET_SIZES)}")
-    directory = _absolute(directory)
+    directory = absolute(directory)
     index = stored_sizes(directory)
     if index is not None:
         if dataset not in index["sizes"]:
@@ -129,3 +123,17 @@ def _remove_size_dirs(directory: Path, keep: tuple[str, ...]) -> None:
     for label in DATASET_SIZES:
         if label not in keep and (directory / label / MANIFEST_NAME).exists():
             shutil.rmtree(directory / label)
+
+
+def first_training_rows(train, dataset: str):
+    """The first N rows of a train split (array or tensor) for ``dataset`` (``1k``, ``5k``, ``10k``; ``full`` keeps
+    all): the subset rule for sources that are one split set. Raises ValueError naming the dataset when the split
+    has fewer than N rows."""
+    if dataset not in DATASET_SIZES:
+        raise ValueError(f"dataset: unknown value {dataset!r}; valid: {', '.join(DATASET_SIZES)}")
+    n = DATASET_SIZES[dataset]
+    if n is None:
+        return train
+    if train.shape[0] < n:
+        raise ValueError(f"dataset={dataset!r} needs {n} training rows, the train split has {train.shape[0]}")
+    return train[:n]
