@@ -10,6 +10,7 @@ from flow_pipeline.core.data.batching import AUGMENTATIONS
 from flow_pipeline.core.data.splits import DATASET_SIZES
 from flow_pipeline.core.flows import FLOWS, get_flow
 from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
+from flow_pipeline.core.train_config import KNOBS, TrainSettings, flow_params
 
 DEFAULT_MODEL_SIZE = "small"
 DEFAULT_SEED = 42
@@ -26,7 +27,8 @@ def _one_of(field: str, value: str, valid) -> str:
 
 
 class TrainConfig(BaseModel):
-    """Resolved configuration of one training run (architecture, flow, data, optimisation, runtime)."""
+    """Resolved configuration of one training run (architecture, flow, data, optimisation, runtime). Validated here;
+    the trainer takes its plain copy, :meth:`to_core`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,11 +128,16 @@ class TrainConfig(BaseModel):
         return name
 
     def flow_params(self) -> dict[str, float]:
-        if self.flow in ("icfm", "otcfm"):
-            return {"sigma": self.sigma}
-        if self.flow == "fm":
-            return {"sigma_min": self.sigma_min}
-        return {}
+        return flow_params(self.flow, self.sigma, self.sigma_min)
+
+    def to_core(self) -> TrainSettings:
+        """The validated values as the core's frozen dataclass, with :attr:`run_name`."""
+        values = self.model_dump()
+        if set(values) != set(KNOBS):
+            raise TypeError(f"TrainConfig and flow_pipeline.core.train_config.TrainSettings disagree: only in "
+                            f"TrainConfig {sorted(set(values) - set(KNOBS))}, only in TrainSettings "
+                            f"{sorted(set(KNOBS) - set(values))}; add a new knob to both")
+        return TrainSettings(**values, run_name=self.run_name)
 
     def zero_predictor_loss(self) -> float:
         """Validation loss of a model that always predicts zero: the scale this run's losses are read on."""

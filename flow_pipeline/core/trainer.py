@@ -22,9 +22,10 @@ from flow_pipeline.core.flows import Flow, draw_path, flow_matching_loss
 from flow_pipeline.core.models import count_parameters
 from flow_pipeline.core.schedule import planned_steps
 from flow_pipeline.core.tracking import NullTracker, Tracker
-from flow_pipeline.core.train_state import TrainData, TrainResult, TrainState, TrainingDiverged
-from flow_pipeline.core.training_run import (VAL_SEED_OFFSET, TrainSettings, TrainingRun, global_batch_size,
-                                             normalised_data, prepare_run_dir, resume, set_up)
+from flow_pipeline.core.train_config import TrainSettings
+from flow_pipeline.core.train_state import TrainData, TrainingDiverged, TrainResult, TrainState
+from flow_pipeline.core.training_run import (VAL_SEED_OFFSET, TrainingRun, global_batch_size, normalised_data,
+                                             prepare_run_dir, resume, set_up)
 
 __all__ = ["TrainData", "TrainResult", "TrainSettings", "TrainState", "TrainingDiverged", "planned_steps",
            "reads_values_every_step", "train", "validate"]
@@ -65,12 +66,16 @@ def train(config: TrainSettings, data: TrainData, run_dir: str | Path, tracker: 
           dist: DistInfo | None = None) -> TrainResult:
     """Train one model; ``best.pt`` (and, while running, ``last.pt``) are written to ``run_dir``.
 
+    ``config``: the core's :class:`TrainSettings`, or a validated config that converts itself (``to_core()``, as
+    :class:`flow_pipeline.config.TrainConfig` does).
+
     ``last.pt`` exists only while it is newer than ``best.pt``: after an improving epoch best.pt is the resume point.
 
     With ``config.resume`` the run continues from the newer of ``last.pt`` and ``best.pt`` with every piece of state
     restored, so an interrupted run ends bit-identical to an uninterrupted one on the CPU.
     Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm.
     """
+    config = config if isinstance(config, TrainSettings) else config.to_core()
     dist = dist or DistInfo()
     device = dist.device if dist.device is not None else resolve_device(config.device)
     run_dir = prepare_run_dir(Path(run_dir), dist)

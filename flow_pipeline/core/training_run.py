@@ -13,7 +13,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,29 +26,14 @@ from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.schedule import planned_steps, warmup_cosine_schedule
 from flow_pipeline.core.tracking import Tracker
-from flow_pipeline.core.train_state import TrainData, TrainState, TrainingDiverged
+from flow_pipeline.core.train_config import TrainSettings
+from flow_pipeline.core.train_state import TrainData, TrainingDiverged, TrainState
 
 logger = logging.getLogger(__name__)
 
 # Seeds of the dedicated generators derive from the run seed with fixed offsets so the streams never coincide.
 NOISE_SEED_OFFSET = 1
 VAL_SEED_OFFSET = 2
-
-
-class TrainSettings(Protocol):
-    """What the trainer reads of a run's config: every knob of :class:`flow_pipeline.config.TrainConfig` (validated
-    there, outside the core) as attributes, plus ``run_name``, ``flow_params()`` and ``model_dump()`` (a plain dict,
-    stored in the checkpoint). The core never imports that class."""
-
-    arch: str
-    flow: str
-    dim: int
-    seed: int
-    run_name: str
-
-    def flow_params(self) -> dict: ...
-
-    def model_dump(self) -> dict: ...
 
 
 def _build_model(config: TrainSettings) -> nn.Module:
@@ -107,7 +91,7 @@ class TrainingRun:
 
     def save(self, path: Path) -> None:
         if self.dist.is_main:
-            ckpt.save_checkpoint(ckpt.capture(self.pieces, config=self.config.model_dump(),
+            ckpt.save_checkpoint(ckpt.capture(self.pieces, config=self.config.to_dict(),
                                               normalization_stats=self.data.normalizer.state_dict(),
                                               data_identity=self.data.identity, world_size=self.dist.world_size),
                                  path)
@@ -175,11 +159,11 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
     state = TrainState(loss_sum=torch.zeros((), device=device))
     pieces = ckpt.RunPieces(loop=state, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                             stopper=stopper, sampler=sampler, noise_generator=noise_generator)
-    return TrainingRun(config=config, data=data, dist=dist, tracker=tracker, device=device, run_dir=run_dir, state=state,
-                pieces=pieces, train_model=train_model, ema_model=ema_model,
-                flow=get_flow(config.flow, **config.flow_params()),
-                autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
-                val_z=val_z, batch_size=batch_size, total_steps=total_steps)
+    return TrainingRun(config=config, data=data, dist=dist, tracker=tracker, device=device, run_dir=run_dir,
+                       state=state, pieces=pieces, train_model=train_model, ema_model=ema_model,
+                       flow=get_flow(config.flow, **config.flow_params()),
+                       autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+                       val_z=val_z, batch_size=batch_size, total_steps=total_steps)
 
 
 def resume(run: TrainingRun) -> None:
