@@ -10,6 +10,7 @@ import dagster as dg
 
 from flow_pipeline.ablations import ablation_for
 from flow_pipeline.config import zero_predictor_loss_of
+from flow_pipeline.defs.materializations import latest_metadata
 from flow_pipeline.replicates import replicates_from_metadata
 
 SHOWN = ("checkpoint_path", "best_val_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds", "device",
@@ -26,22 +27,19 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     with dg.DagsterInstance.get() as instance:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("trained_checkpoint"), asset_partitions=[args.partition]),
-            limit=1).records
-    if not records:
+        metadata = latest_metadata(instance, dg.AssetKey("trained_checkpoint"), args.partition)
+    if metadata is None:
         print(f"partition {args.partition} has no materialization of trained_checkpoint yet", file=sys.stderr)
         return 1
-    metadata = records[0].asset_materialization.metadata
-    zero_loss = zero_predictor_loss_of(metadata["config"].value) if "config" in metadata else math.nan
+    zero_loss = zero_predictor_loss_of(metadata["config"]) if "config" in metadata else math.nan
     print(f"trained_checkpoint[{args.partition}]  (zero predictor's val loss: {zero_loss:.4f})")
     for key in SHOWN:
         if key in metadata:
-            print(f"  {key:20s} {metadata[key].value}")
-    replicates = replicates_from_metadata({key: value.value for key, value in metadata.items()})
+            print(f"  {key:20s} {metadata[key]}")
+    replicates = replicates_from_metadata(metadata)
     if len(replicates) > 1:
-        print(f"  replicates           {len(replicates)}: best val loss {metadata['best_val_loss_mean'].value:.4f} "
-              f"(95% CI {metadata['best_val_loss_ci95_low'].value:.4f} .. {metadata['best_val_loss_ci95_high'].value:.4f})")
+        print(f"  replicates           {len(replicates)}: best val loss {metadata['best_val_loss_mean']:.4f} "
+              f"(95% CI {metadata['best_val_loss_ci95_low']:.4f} .. {metadata['best_val_loss_ci95_high']:.4f})")
         for entry in replicates:
             print(f"    seed {entry['seed']:<6} {entry['best_val_loss']:.4f}  ({entry['best_val_loss'] / zero_loss:.3f} of "
                   f"zero)  {entry['global_step']} steps  {entry['checkpoint_path']}")

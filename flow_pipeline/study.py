@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from flow_pipeline.defs.assets import trained_checkpoint
     from flow_pipeline.defs.data_assets import dataset_splits, normalization_stats
     from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation
+    from flow_pipeline.defs.materializations import latest_metadata
     from flow_pipeline.definitions import defs
 
     started = time.perf_counter()
@@ -82,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             materialize([trained_checkpoint, evaluation], partition_key=partition, run_config=study_run_config(args))
         baseline = args.baseline or partitions[0]
         materialize([ablation_report], run_config={"ops": {"ablation_report": {"config": {"baseline": baseline}}}})
-        report = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=ablation_report.key), limit=1)
-        metadata = report.records[0].asset_materialization.metadata
-    print(metadata["report"].value)
+        metadata = latest_metadata(instance, ablation_report.key)
+    print(metadata["report"])
     print(f"study: {len(partitions)} partitions x {args.replicates} replicates in "
-          f"{time.perf_counter() - started:.0f} s; report: {metadata['markdown_path'].value}")
+          f"{time.perf_counter() - started:.0f} s; report: {metadata['markdown_path']}")
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 from flow_pipeline.config import zero_predictor_loss_of
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from flow_pipeline.defs.assets import ablation_partitions, trained_checkpoint
+from flow_pipeline.defs.materializations import latest_metadata
 from flow_pipeline.replicates import replicates_from_metadata
 
 WEIGHT_GROUPS = ("model_state_dict", "ema_shadow")
@@ -125,12 +126,9 @@ CHECK_SPECS = [
 
 def reported_checkpoints(instance: dg.DagsterInstance, partition: str) -> list[tuple[Path, str]] | None:
     """(checkpoint_path, sha256) of every replicate of the partition's latest materialization, or None."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=trained_checkpoint.key, asset_partitions=[partition]), limit=1
-    ).records
-    if not records:
+    metadata = latest_metadata(instance, trained_checkpoint.key, partition)
+    if metadata is None:
         return None
-    metadata = {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
     return [(Path(entry["checkpoint_path"]), str(entry["sha256"])) for entry in replicates_from_metadata(metadata)]
 
 

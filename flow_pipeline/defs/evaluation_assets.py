@@ -13,6 +13,7 @@ from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
 from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
+from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.evaluation import (ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SAMPLES_PER_DIM, Evaluation,
                                       SamplerSpec, evaluate_checkpoint)
@@ -61,18 +62,6 @@ class EvaluationConfig(dg.Config):
             except ValueError as exc:
                 raise ValueError(f"{field}: {exc}") from exc
         return specs
-
-
-def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None = None) -> dict | None:
-    """Plain values of the latest materialization's metadata of one partition (``None``: an unpartitioned asset),
-    or None if it was never materialized."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition is not None else None),
-        limit=1,
-    ).records
-    if not records:
-        return None
-    return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
 
 
 def _sentences(run: RunSplits, n_sentences: int) -> tuple[list[str], list[str]] | None:
@@ -229,8 +218,7 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     scale) and a bar chart of the ranking metric."""
     records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=evaluation.key),
                                                       limit=10_000).records  # newest first
-    evaluations = [(record.partition_key, {key: value.value for key, value in
-                                           record.asset_materialization.metadata.items()}) for record in records]
+    evaluations = [(record.partition_key, plain_metadata(record)) for record in records]
     rows, curves, newest = [], {}, {}
     for study in study_rows(evaluations):
         partition = study["partition"]

@@ -15,6 +15,7 @@ import dagster as dg
 
 from flow_pipeline.defs.assets import ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.failures import FAILURE_KIND_TAG, retry_verdict
+from flow_pipeline.defs.materializations import latest_materialization
 
 RERUN_CRON_ENV = "FLOW_PIPELINE_RERUN_CRON"
 MAX_ATTEMPTS_ENV = "FLOW_PIPELINE_MAX_ATTEMPTS"
@@ -119,10 +120,8 @@ def plan_retries(statuses: Mapping[str, Status | None], attempts: Mapping[str, i
 
 
 def last_materialization_time(instance: dg.DagsterInstance, partition: str) -> float | None:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=trained_checkpoint.key, asset_partitions=[partition]), limit=1
-    ).records
-    return records[0].timestamp if records else None
+    record = latest_materialization(instance, trained_checkpoint.key, partition)
+    return None if record is None else record.timestamp
 
 
 def attempts_since_materialization(instance: dg.DagsterInstance, partition: str) -> int:
