@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,27 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "sonar_embeddings_real.npy"
 TINY_DATASET = {"n_synthetic": 640, "dim": 1024, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.1}
 TINY_TRAIN = {"model_size": "tiny", "max_epochs": 2, "batch_size": 64, "warmup_steps": 4, "log_every": 2,
               "device": "cpu", "lr": 0.002}
+
+
+def resources(root: str | Path | None = None) -> dict:
+    """The project's Dagster resources with the artifact root ``root`` (default: FLOW_PIPELINE_ROOT, which the
+    ``artifacts_root`` fixture sets)."""
+    from flow_pipeline.definitions import defs
+    from flow_pipeline.defs.resources import ArtifactsResource, default_root
+
+    return {**defs.resources, "artifacts": ArtifactsResource(root=str(root) if root is not None else default_root())}
+
+
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file, written independently of the project's ``sha256_file``."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def run_config(dataset: dict | None = None, train: dict | None = None) -> dict:

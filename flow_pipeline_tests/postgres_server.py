@@ -16,12 +16,13 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flow_pipeline_tests.conftest import free_port
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -91,12 +92,6 @@ def find_bin_dir() -> Path:
                               "does this when run as root)")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
 def start_postgres(username: str = "dagster", db_name: str = "dagster", attempts: int = 3) -> PostgresServer:
     """initdb + pg_ctl start on a free port + CREATE ROLE/DATABASE; raises :class:`PostgresUnavailable` without
     the binaries. Retries on another port if the chosen one was taken in the meantime."""
@@ -115,7 +110,7 @@ def start_postgres(username: str = "dagster", db_name: str = "dagster", attempts
     try:
         _initdb(server)
         for attempt in range(attempts):
-            server.port = free_port()
+            server.port = free_port(HOST)
             started = _run(server, [str(bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-l", str(root / "server.log"),
                                     "-w", "-t", "60", "-o", _server_options(server), "start"], check=False)
             if started.returncode == 0:

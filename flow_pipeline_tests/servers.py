@@ -14,7 +14,6 @@ import ctypes.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import requests
 from dagster_graphql import DagsterGraphQLClient
+
+from flow_pipeline_tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE = REPO_ROOT / "workspace.yaml"
@@ -55,13 +56,6 @@ query ($backfillId: String!) { partitionBackfillOrError(backfillId: $backfillId)
     ... on PartitionBackfill { id status partitionNames runs(limit: 100) { runId status tags { key value } } }
     ... on PythonError { message } ... on BackfillNotFoundError { message } } }
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def prepare_dagster_home(home: Path, gpu_slots: int = 1) -> Path:
@@ -250,7 +244,7 @@ def dagster_servers(home: Path, log_dir: Path, env: Mapping[str, str] | None = N
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**(os.environ if env is None else env), "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    servers = DagsterServers(port=free_port(), home=home, log_dir=log_dir)
+    servers = DagsterServers(port=free_port(HOST), home=home, log_dir=log_dir)
     try:
         servers.processes["webserver"] = _start("webserver", [
             str(BIN / "dagster-webserver"), "-w", str(WORKSPACE), "-h", HOST, "-p", str(servers.port),

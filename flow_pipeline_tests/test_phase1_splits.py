@@ -4,7 +4,6 @@ touching existing artifacts, and the real 800-vector sample trained to below the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -16,10 +15,9 @@ import torch
 
 from flow_pipeline.core.data.normalization import load_normalizer
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
-from flow_pipeline.definitions import defs
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
-from flow_pipeline.defs.resources import ArtifactsResource, default_root
-from flow_pipeline_tests.conftest import SHARED_DATA, TINY_TRAIN, cli_env, dagster_cli, run_config
+from flow_pipeline_tests.conftest import (SHARED_DATA, TINY_TRAIN, cli_env, dagster_cli, resources, run_config,
+                                         sha256_of)
 from flow_pipeline_tests.phase1_files import MALFORMED, sentence, write_malformed, write_splits_root
 
 pytestmark = pytest.mark.slow
@@ -27,10 +25,6 @@ pytestmark = pytest.mark.slow
 DIM = 64
 LAYOUT = {"1k": (160, 24, 24), "full": (400, 50, 50), "5k": (300, 30, 30)}
 TRAIN = {**TINY_TRAIN, "batch_size": 32}
-
-
-def resources():
-    return {**defs.resources, "artifacts": ArtifactsResource(root=default_root())}
 
 
 def materialize(instance, assets, dataset=None, train=None, partition=None):
@@ -52,7 +46,7 @@ def latest_metadata(instance, key: str, partition: str | None = None) -> dict:
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {str(p.relative_to(root)): sha256_of(p) for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.fixture

@@ -11,19 +11,12 @@ import torch
 
 from flow_pipeline.core.checkpoint import REQUIRED_KEYS, sha256_file
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
-from flow_pipeline.definitions import defs
-from flow_pipeline.defs.resources import ArtifactsResource, default_root
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
+from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, resources, run_config
 
 pytestmark = pytest.mark.slow
 
 EXPECTED_METADATA = {"checkpoint_path", "sha256", "size_bytes", "best_val_loss", "best_epoch", "epochs_run",
                      "stopped_early", "global_step", "train_seconds", "device", "run_name", "config", "tracking"}
-
-
-def resources():
-    """The project's resources with the artifact root of this test (FLOW_PIPELINE_ROOT, set by the fixture)."""
-    return {**defs.resources, "artifacts": ArtifactsResource(root=default_root())}
 
 
 def materialize_data(instance, dataset=TINY_DATASET):

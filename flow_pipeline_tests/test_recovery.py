@@ -38,7 +38,6 @@ from flow_pipeline.defs.assets import (
     trained_checkpoint,
 )
 from flow_pipeline.defs.checks import verify_trained_checkpoint
-from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline.defs.failures import DIVERGED, FAILURE_KIND_TAG, KILLED
 from flow_pipeline.defs.orphans import ORPHAN_CHECK_INTERVAL_S, RunWorker, fail_orphaned_runs, process_alive
 from flow_pipeline.defs.retries import RERUN_CRON_ENV, RETRAIN_JOB_NAME, RetrySettings, build_retry_schedule
@@ -46,7 +45,7 @@ from flow_pipeline.definitions import defs
 from flow_pipeline.train import RESULT_NAME, TrainJob, load_train_data
 from flow_pipeline.train import main as train_main
 from flow_pipeline_tests.conftest import (REPO_ROOT, TINY_DATASET, TINY_TRAIN, alive, cli_env, dagster_cli, descendants,
-                                         run_config)
+                                         resources, run_config)
 
 PARTITION = "unet-icfm"  # the fastest tiny model
 DATA_DIR = "data"
@@ -56,9 +55,8 @@ DATA_DIR = "data"
 def tiny_data(tmp_path_factory) -> Path:
     """An artifact root holding the tiny dataset's splits and normalisation stats, materialized once by Dagster."""
     root = tmp_path_factory.mktemp("tiny_data")
-    resources = {**defs.resources, "artifacts": ArtifactsResource(root=str(root))}
     with dg.instance_for_test(temp_dir=str(tmp_path_factory.mktemp("data_instance"))) as instance:
-        assert dg.materialize([dataset_splits, normalization_stats], instance=instance, resources=resources,
+        assert dg.materialize([dataset_splits, normalization_stats], instance=instance, resources=resources(root),
                               run_config=run_config(dataset=TINY_DATASET)).success
     return root
 
@@ -68,10 +66,6 @@ def root(tiny_data, artifacts_root) -> Path:
     """This test's artifact root (FLOW_PIPELINE_ROOT), with a copy of the tiny data."""
     shutil.copytree(tiny_data / DATA_DIR, artifacts_root / DATA_DIR)
     return artifacts_root
-
-
-def resources(root: Path) -> dict:
-    return {**defs.resources, "artifacts": ArtifactsResource(root=str(root))}
 
 
 def weights(path: Path) -> dict:

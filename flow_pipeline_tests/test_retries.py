@@ -15,11 +15,10 @@ from flow_pipeline.defs.assets import RUN_HOST_TAG, trained_checkpoint
 from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.failures import (CONFIG, DATA, DISK_FULL, DIVERGED, ERROR, FAILURE_KIND_TAG, KILLED,
                                          MISSING_INPUT, classify_training_failure)
-from flow_pipeline.defs.resources import ArtifactsResource, default_root
 from flow_pipeline.defs.retries import (ATTEMPT_TAG, DEFAULT_MAX_ATTEMPTS, DEFAULT_RERUN_CRON, MAX_ATTEMPTS_ENV,
                                         RERUN_CRON_ENV, RETRAIN_JOB_NAME, Retry, RetrySettings, build_retry_schedule,
                                         plan_retries, retry_settings_from_env)
-from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline_tests.conftest import TINY_TRAIN, resources, run_config
 
 FAILED, IN_PROGRESS, MATERIALIZED = (dg.AssetPartitionStatus.FAILED, dg.AssetPartitionStatus.IN_PROGRESS,
                                      dg.AssetPartitionStatus.MATERIALIZED)
@@ -79,10 +78,6 @@ def test_shipped_schedule_runs_hourly_and_is_on_by_default():
 
 
 # --- the schedule on a real instance -----------------------------------------------------------------------------
-
-
-def resources():
-    return {**defs.resources, "artifacts": ArtifactsResource(root=default_root())}
 
 
 def failing_run(instance, partition: str, train: dict, tags: dict | None = None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from flow_pipeline.defs.assets import dataset_splits, normalization_stats, train
 from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline.defs.tracking import WandbResource
 from flow_pipeline.train import FAILURE_NAME, JOB_NAME, RESULT_NAME, TrainJob, run_job
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
+from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, free_port, run_config
 from flow_pipeline_tests.wandb_records import OfflineRun, read_offline_run
 
 BOGUS_KEY = "bogus-key-123" + "0123456789abcdef" * 3  # 40+ characters: passes Wandb's format check, so init dials
@@ -43,18 +42,11 @@ STEPS_PER_EPOCH = int(N_ROWS * 0.8) // BATCH
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 
 
-def closed_port() -> int:
-    """A 127.0.0.1 port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def quiet_wandb_env(monkeypatch) -> None:
     """Quiet, fast Wandb that cannot reach any server; no API key unless a test sets one."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")

@@ -16,7 +16,6 @@ Screenshots and the servers' logs land in ``test-artifacts/ui/`` (git-ignored).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -32,7 +31,7 @@ import yaml
 
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.definitions import defs
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_TRAIN, cli_env, run_config
+from flow_pipeline_tests.conftest import REPO_ROOT, TINY_TRAIN, cli_env, run_config, sha256_of
 from flow_pipeline_tests.servers import DagsterServers, dagster_servers, prepare_dagster_home
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -127,10 +126,6 @@ def reexecute_from_failure(servers: DagsterServers, run_id: str) -> str:
 
 def tags(run: dict) -> dict[str, str]:
     return {tag["key"]: tag["value"] for tag in run["tags"]}
-
-
-def sha256_of(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def screenshot(page, name: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -24,12 +23,9 @@ from flow_pipeline.core.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
+from flow_pipeline_tests.conftest import sha256_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _hashlib_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _state(seed: int, n: int = 1000) -> dict:
@@ -69,13 +65,13 @@ def test_save_load_round_trip_and_sha256(tmp_path):
     state = _state(0)
     path = tmp_path / "run" / ckpt.BEST_NAME  # the directory is created
     digest = save_checkpoint(state, path)
-    assert digest == _hashlib_sha256(path) == sha256_file(path)
+    assert digest == sha256_of(path) == sha256_file(path)
     loaded = load_checkpoint(path)
     _assert_same(state, loaded)
     assert all(key in loaded for key in REQUIRED_KEYS)
     # Overwrite with a different state: a new file, a new hash.
     digest2 = save_checkpoint(_state(1), path)
-    assert digest2 != digest and digest2 == _hashlib_sha256(path)
+    assert digest2 != digest and digest2 == sha256_of(path)
     _assert_same(_state(1), load_checkpoint(path))
     assert [p.name for p in path.parent.iterdir()] == [ckpt.BEST_NAME]  # no temp files left behind
 
@@ -83,7 +79,7 @@ def test_save_load_round_trip_and_sha256(tmp_path):
 def test_sha256_file_reads_in_chunks(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(10_000))
-    assert sha256_file(path, chunk_bytes=333) == _hashlib_sha256(path)
+    assert sha256_file(path, chunk_bytes=333) == sha256_of(path)
 
 
 def test_stale_temp_file_is_removed_and_never_replaces_best(tmp_path):
@@ -98,7 +94,7 @@ def test_stale_temp_file_is_removed_and_never_replaces_best(tmp_path):
     removed = remove_stale_temp_files(tmp_path)
     assert removed == [stale]
     assert not stale.exists()
-    assert _hashlib_sha256(best) == digest
+    assert sha256_of(best) == digest
     _assert_same(_state(2), load_checkpoint(best))
     assert remove_stale_temp_files(tmp_path) == []
     assert remove_stale_temp_files(tmp_path / "missing") == []
@@ -111,7 +107,7 @@ def test_failed_save_leaves_the_old_file_and_no_temp(tmp_path):
     bad["config"] = {"not_picklable": lambda: None}
     with pytest.raises(Exception):
         save_checkpoint(bad, best)
-    assert _hashlib_sha256(best) == digest
+    assert sha256_of(best) == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.BEST_NAME]
 
 
@@ -302,7 +298,7 @@ def test_sigkill_during_save_leaves_a_complete_best(tmp_path):
 
             # best.pt is always one complete save: loadable with weights_only, and its hash is a completed save's
             # (or the last announced one, if the kill came after its os.replace but before its "done" line).
-            digest = _hashlib_sha256(best)
+            digest = sha256_of(best)
             assert digest in completed or digest == pending[-1], f"best.pt is not a completed save after kill {kills}"
             state = torch.load(best, weights_only=True)
             assert state["model_state_dict"]["w"].shape == (6_000_000,)
@@ -310,7 +306,7 @@ def test_sigkill_during_save_leaves_a_complete_best(tmp_path):
 
             removed = remove_stale_temp_files(tmp_path)
             assert sorted(removed) == sorted(temps)
-            assert _hashlib_sha256(best) == digest
+            assert sha256_of(best) == digest
             assert [p.name for p in tmp_path.iterdir()] == [ckpt.BEST_NAME]
     finally:
         host.close()

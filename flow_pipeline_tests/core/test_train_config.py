@@ -1,4 +1,5 @@
-"""The core's plain training config and its conversion from the validated pydantic model."""
+"""The core's plain training config, its conversion from the validated pydantic model, and config and data
+errors that name the field."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import dataclasses
 import random
 
 import pytest
+from pydantic import ValidationError
 
-from flow_pipeline.config import TrainConfig
+from flow_pipeline.config import TrainConfig, format_validation_error
+from flow_pipeline.core.data.batching import AUGMENTATIONS
 from flow_pipeline.core.train_config import KNOBS, TrainSettings
+from flow_pipeline.core.trainer import train
+from flow_pipeline_tests.core.trainer_helpers import data, one_thread, tiny_config
 
 
 def test_the_core_dataclass_has_exactly_the_validated_models_knobs_and_defaults():
@@ -32,3 +37,40 @@ def test_to_core_carries_every_value_and_the_run_name():
     assert core.flow_params() == config.flow_params() == {"sigma_min": config.sigma_min}
     with pytest.raises(dataclasses.FrozenInstanceError):
         core.lr = 1.0  # type: ignore[misc]
+
+
+# --- config and data errors name the field -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("lr", -1.0), ("lr", 2.0), ("patience", -1),
+                                         ("max_epochs", 0), ("ema_decay", 1.0), ("ema_every", 0), ("dim", 0)])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        tiny_config(**{field: value})
+    assert field in str(info.value)
+    formatted = format_validation_error(info.value)
+    assert formatted.startswith("invalid training config: ")
+    assert f"{field}:" in formatted
+
+
+@pytest.mark.parametrize("field,value,valid", [("aug", "foo", AUGMENTATIONS),
+                                               ("arch", "resnet", ("mlp", "dit", "unet")),
+                                               ("flow", "ddpm", ("icfm", "otcfm", "fm", "vp")),
+                                               ("dataset", "2k", ("1k", "5k", "10k", "full"))])
+def test_unknown_names_list_valid_values(field, value, valid):
+    with pytest.raises(ValidationError) as info:
+        tiny_config(**{field: value})
+    message = format_validation_error(info.value)
+    assert field in message and repr(value) in message
+    for name in valid:
+        assert name in message
+
+
+def test_unknown_fields_are_rejected():
+    with pytest.raises(ValidationError, match="learning_rate"):
+        tiny_config(learning_rate=0.1)
+
+
+def test_dim_mismatch_names_dim(data, tmp_path):
+    with pytest.raises(ValueError, match="dim"):
+        train(tiny_config(dim=32), data, tmp_path)
