@@ -25,6 +25,7 @@ class TrainSettings:
     sigma: float = 0.0
     sigma_min: float = 1e-4
     linear_skip: bool = False
+    principal_dims: int = 0
     time_sampling: str = "uniform"
     # data
     dataset: str = "full"
