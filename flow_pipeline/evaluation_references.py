@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from flow_pipeline import artifacts
-from flow_pipeline.core import baselines, distances, metrics, real_side, reference_stats, stats
+from flow_pipeline.core import baselines, distances, metrics, real_side, reference_stats
+from flow_pipeline.core.data import stats
 from flow_pipeline.core.baselines import BASELINES, fit_baseline
 from flow_pipeline.core.distances import subsample
 from flow_pipeline.core.real_side import RealSide
