@@ -23,7 +23,7 @@ from common import command_line, finish_run, format_table, start_run, write_resu
 from flow_pipeline.core.distances import TrainSpace
 from flow_pipeline.core.real_side import RealSide
 from flow_pipeline.core.sampling import initial_noise, velocity_field
-from flow_pipeline.core.sources import load_saved_splits
+from flow_pipeline.core.data.split_set import load_saved_splits
 from flow_pipeline.evaluation import SamplerSpec, draw_samples, load_ema_model, run_training_rows
 
 NAME = "bench_samplers"
