@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -77,6 +78,30 @@ def test_invalid_hyperparameters_fail_before_training(artifacts_root, tmp_path):
             message = failure.step_failure_data.error.message + str(failure.step_failure_data.user_failure_data)
             assert field in message, message
         assert not (artifacts_root / "checkpoints").exists() or not any((artifacts_root / "checkpoints").rglob("best.pt"))
+
+
+def test_quickstart_config_trains_through_the_asset_and_principal_dims_is_checked_against_the_data(
+        artifacts_root, tmp_path):
+    """configs/quickstart.json (README command A), cut to a few steps of a tiny model, trains through the asset;
+    ``principal_dims`` is bounded by the data's dimension, which the asset learns only from the statistics."""
+    quickstart = json.loads((Path(__file__).parents[1] / "configs" / "quickstart.json").read_text())
+    train = {**quickstart["ops"]["trained_checkpoint"]["config"], "model_size": "tiny", "max_steps": 6,
+             "eval_every_steps": 3, "warmup_steps": 2, "batch_size": 64, "device": "cpu"}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert materialize_data(instance).success
+        result = dg.materialize([trained_checkpoint], instance=instance, resources=resources(),
+                                partition_key="mlp-icfm", run_config=run_config(train=train),
+                                selection=[trained_checkpoint])
+        assert result.success
+        meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
+        assert meta["config"].value["principal_dims"] == train["principal_dims"] > 0
+        assert meta["global_step"].value == 6
+        too_many = dg.materialize([trained_checkpoint], instance=instance, resources=resources(),
+                                  partition_key="mlp-icfm", run_config=run_config(train={**train, "principal_dims": 1025}),
+                                  selection=[trained_checkpoint], raise_on_error=False)
+        assert not too_many.success
+        failure = [e for e in too_many.all_events if e.event_type_value == "STEP_FAILURE"][0]
+        assert "principal_dims: 1025 > dim 1024" in failure.step_failure_data.error.message
 
 
 def test_unknown_partition_key_is_rejected(artifacts_root, tmp_path):

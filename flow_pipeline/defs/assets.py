@@ -28,6 +28,7 @@ ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
 GPU_POOL = "gpu"  # limits concurrent trainings; its limit is the number of GPUs (1 on a CPU machine)
 # Run tag naming the host that trains: the fail_orphaned_runs sensor judges a run worker's pid only on that host.
 RUN_HOST_TAG = "flow_pipeline/host"
+DIM_NOT_YET_KNOWN = 2**31 - 1  # the probe's embedding dimension: no dimension-bounded field fails on it
 # Run tag read by dagster-k8s's K8sRunLauncher: extra Kubernetes config for the run's pod.
 K8S_CONFIG_TAG = "dagster-k8s/config"
 
@@ -117,7 +118,9 @@ def trained_checkpoint(
     context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
     try:
         device = compute.resolve_device(context.log)
-        probe = config.to_train_config(partition, 1, device)  # every field validated before any data is read
+        # Every field validated before any data is read; those bounded by the data's dimension (principal_dims)
+        # again below, once the statistics say what it is.
+        probe = config.to_train_config(partition, DIM_NOT_YET_KNOWN, device)
         try:
             load_run_splits(layout.splits_dir, probe.dataset)  # a subset the splits lack: names the ones they have
         except DataError as exc:
