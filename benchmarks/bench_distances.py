@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from common import command_line, finish_run, format_table, start_run, write_result
+from common import add_run_arguments, command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.baselines import fit_baseline
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.distances import TrainSpace, fd_infinity, kid
@@ -37,9 +37,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=5120)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--n-train", type=int, default=15_360)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--wait-load", type=float, default=0.0)
-    parser.add_argument("--wait-timeout", type=float, default=600.0)
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = start_run(args)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from common import command_line, finish_run, format_table, start_run, write_result
+from common import add_run_arguments, command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid, subsample
 from flow_pipeline.core.metrics import (
     copy_threshold, memorization_ratio, nn_cosine, norm_stats, prdc, train_copy_fraction,
@@ -61,9 +61,7 @@ def main() -> int:
     parser.add_argument("--path", choices=("both", "prepared", "one-shot"), default="both")
     parser.add_argument("--n", type=int, default=5120)
     parser.add_argument("--n-train", type=int, default=15_360)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--wait-load", type=float, default=0.0)
-    parser.add_argument("--wait-timeout", type=float, default=600.0)
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = start_run(args)

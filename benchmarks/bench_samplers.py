@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from common import command_line, finish_run, format_table, start_run, write_result
+from common import add_run_arguments, command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.distances import TrainSpace
 from flow_pipeline.core.real_side import RealSide
 from flow_pipeline.core.sampling import initial_noise, velocity_field
@@ -55,9 +55,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=5120)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[256, 1024, 5120])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--wait-load", type=float, default=0.0)
-    parser.add_argument("--wait-timeout", type=float, default=600.0)
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = start_run(args)

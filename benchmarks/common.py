@@ -105,6 +105,14 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--out", type=Path, default=None, help="result JSON path (default benchmarks/results/<name>.json)")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, threads: int = 1) -> None:
+    """The options every single-process benchmark shares: torch threads and the load gate read by start_run."""
+    parser.add_argument("--threads", type=int, default=threads, help="torch intra-op threads")
+    parser.add_argument("--wait-load", type=float, default=0.0, metavar="L",
+                        help="wait until the 1-min load average is below L before starting (0: do not wait)")
+    parser.add_argument("--wait-timeout", type=float, default=600.0, metavar="S")
+
+
 def start_run(args: argparse.Namespace) -> dict:
     """Wait for low load if asked, then describe the machine; returns the ``machine`` block of the result."""
     load, below = wait_for_low_load(args.wait_load, args.wait_timeout)
