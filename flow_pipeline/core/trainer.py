@@ -86,7 +86,7 @@ def train(config: TrainSettings, data: TrainData, run_dir: str | Path, tracker: 
     mine = dist.shard(batch_size)  # every rank draws whole global batches and trains on its block (see draw_path)
 
     # --- model, EMA, optimiser, schedule; then the resume point's state over them -------------------------------
-    run = set_up(config, data, run_dir, tracker or NullTracker(), dist, device, train_z.shape[0], batch_size, val_z)
+    run = set_up(config, data, run_dir, tracker or NullTracker(), dist, device, train_z, batch_size, val_z)
     if config.resume:
         resume(run)
     state, pieces, sampler, generator = run.state, run.pieces, run.pieces.sampler, run.pieces.noise_generator

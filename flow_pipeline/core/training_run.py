@@ -24,6 +24,7 @@ from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models import build_model
+from flow_pipeline.core.models.skip import LinearSkip
 from flow_pipeline.core.schedule import planned_steps, warmup_cosine_schedule
 from flow_pipeline.core.tracking import Tracker
 from flow_pipeline.core.train_config import TrainSettings
@@ -136,11 +137,14 @@ def global_batch_size(batch_size: int, n_train: int, world_size: int) -> int:
 
 
 def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Tracker, dist: DistInfo,
-            device: torch.device, n_train: int, batch_size: int, val_z: Tensor) -> TrainingRun:
-    """A fresh run's model, EMA, optimiser, schedule, early stopping, sampler and noise generator, all seeded."""
-    sampler = EpochBatchSampler(n_train, batch_size, config.seed)
+            device: torch.device, train_z: Tensor, batch_size: int, val_z: Tensor) -> TrainingRun:
+    """A fresh run's model, EMA, optimiser, schedule, early stopping, sampler and noise generator, all seeded.
+    train_z (n_train, dim): the normalised training rows; a linear skip path starts at their variances."""
+    sampler = EpochBatchSampler(train_z.shape[0], batch_size, config.seed)
     torch.manual_seed(config.seed)  # model init is the only user of the global RNG
     model = _build_model(config).to(device)
+    if isinstance(model, LinearSkip):
+        model.start_at(train_z.var(dim=0))
     ema = EMA(model, decay=config.ema_decay)  # after .to(device): the shadow lives where the weights live
     ema_model = _build_model(config).to(device).eval()
     train_model = dist.wrap(model)

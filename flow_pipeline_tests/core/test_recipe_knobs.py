@@ -133,3 +133,35 @@ def test_trainer_and_evaluation_build_the_principal_subspace_model(tmp_path, one
     loaded = load_ema_model(result.checkpoint_path)
     assert isinstance(loaded.model.net, PrincipalSubspace) and loaded.model.net.k == 6
     assert loaded.config.principal_dims == 6
+
+
+def test_linear_skip_starts_at_the_variances_of_the_normalised_training_rows(tmp_path, one_torch_thread):
+    """The skip path starts as the diagonal Gaussian fit of the normalised rows, so a direction with little variance
+    (here: z-scoring floors a near-constant column's std) is not left at variance 1 for Adam to crawl from."""
+    from dataclasses import replace
+
+    from flow_pipeline.core.checkpoint import load_checkpoint
+    from flow_pipeline.core.data.normalization import Normalizer
+    from flow_pipeline.core.sampling import sample
+    from flow_pipeline.core.trainer import train
+    from flow_pipeline_tests.core.mixture_data import mixture_train_data
+
+    data = mixture_train_data(512, 32, 32, seed=4)
+    train_rows = data.train.clone()
+    train_rows[:, 7] = train_rows[:, 7] * 1e-3 + 0.5  # std far below the floor: normalised variance ~1e-4
+    data = replace(data, train=train_rows, normalizer=Normalizer.fit(train_rows.numpy(), "zscore"))
+    expected_var = data.normalizer.normalize(train_rows).var(dim=0)
+    assert expected_var[7] < 1e-3 and expected_var.max() > 0.9
+    config = TrainConfig(model_size="tiny", dim=32, batch_size=32, max_steps=2, warmup_steps=1, lr=1e-8,
+                         device="cpu", linear_skip=True)
+    result = train(config, data, tmp_path / config.run_name)
+    log_var = load_checkpoint(result.checkpoint_path)["model_state_dict"]["log_var"]
+    torch.testing.assert_close(log_var, expected_var.log(), atol=1e-4, rtol=0)
+
+    model = build_model("mlp", dim=32, size="tiny", linear_skip=True)
+    model.load_state_dict(load_checkpoint(result.checkpoint_path)["model_state_dict"])
+    for p in model.net.parameters():
+        p.data.zero_()  # the skip path alone: x(1) = s * x(0) per coordinate
+    drawn = sample(model, get_flow("icfm"), n=4000, dim=32, solver="dopri5", seed=0).x
+    ratio = drawn.var(dim=0) / expected_var
+    assert (ratio - 1).abs().max() < 0.1, ratio
