@@ -219,11 +219,11 @@ class FaultInjector:
         elif kind == "worker":
             # The training process's parent is its run worker (Pipes starts training as a child of the step).
             worker = _parent(pid)
+            command = " ".join(_cmdline(worker))[:80] if worker else ""  # read before the kill empties it
             if worker and worker > 1 and _signal(worker):
                 self.killed_runs[live[pid]] += 1
                 r.worker_kills += 1
-                r.events.append(f"{now} SIGKILL run worker {worker} {' '.join(_cmdline(worker))[:80]!r} "
-                                f"(training {live[pid].name})")
+                r.events.append(f"{now} SIGKILL run worker {worker} {command!r} (training {live[pid].name})")
         elif _signal(pid):
             self.killed_runs[live[pid]] += 1
             r.training_kills += 1
