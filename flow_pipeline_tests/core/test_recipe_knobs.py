@@ -165,3 +165,5 @@ def test_linear_skip_starts_at_the_variances_of_the_normalised_training_rows(tmp
     drawn = sample(model, get_flow("icfm"), n=4000, dim=32, solver="dopri5", seed=0).x
     ratio = drawn.var(dim=0) / expected_var
     assert (ratio - 1).abs().max() < 0.1, ratio
+    with pytest.raises(ValueError, match=r"variance has shape \(31,\), expected \(32,\)"):
+        model.start_at(expected_var[:31])
