@@ -33,6 +33,7 @@ import dagster as dg
 from common import command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation, latest_metadata
+from flow_pipeline.defs.pipes_reader import WholeLineTempFileMessageReader
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.tracking import WandbResource
 
@@ -52,7 +53,7 @@ def resources(root: Path) -> dict:
         "artifacts": ArtifactsResource(root=str(root)),
         "compute": ComputeResource(device="cpu"),
         "wandb": WandbResource(mode="disabled"),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(message_reader=WholeLineTempFileMessageReader()),
     }
 
 

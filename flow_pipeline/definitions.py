@@ -9,6 +9,7 @@ from flow_pipeline.defs.checks import trained_checkpoint_checks
 from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource, default_root
 from flow_pipeline.defs.orphans import fail_orphaned_runs
+from flow_pipeline.defs.pipes_reader import WholeLineTempFileMessageReader
 from flow_pipeline.defs.retries import build_retry_schedule, retrain_job, retry_settings_from_env
 from flow_pipeline.defs.tracking import WandbResource
 
@@ -27,6 +28,7 @@ defs = dg.Definitions(
         "artifacts": ArtifactsResource(root=default_root()),
         "compute": ComputeResource(),
         "wandb": WandbResource(),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        # Dagster's own file reader can parse half a line and then drop every later message of the run.
+        "pipes_subprocess_client": dg.PipesSubprocessClient(message_reader=WholeLineTempFileMessageReader()),
     },
 )
