@@ -33,7 +33,9 @@ from flow_pipeline.evaluation_references import (
     ReferenceEvaluation,
     cached_references,
     read_cached,
+    read_side_statistics,
     references_key,
+    write_side_statistics,
 )
 from flow_pipeline.sentences import nearest_sentences
 
@@ -274,8 +276,12 @@ def evaluate_checkpoint(
     # A reference cache hit also carries the copy threshold of these inputs (the side's scan of the training rows).
     key = None if val is None or reference_cache is None else references_key(train_rows, test, val, n, seed, k)
     cached = None if key is None else read_cached(reference_cache, key)
+    statistics = None if key is None else read_side_statistics(reference_cache, key)
     side = RealSide.prepare(train_rows, test, n, k=k, seed=seed, train_space=TrainSpace.fit(train_rows),
-                            train_copy_threshold=None if cached is None else cached.copy_threshold)
+                            train_copy_threshold=None if cached is None else cached.copy_threshold,
+                            statistics=statistics)
+    if key is not None and statistics is None:
+        write_side_statistics(reference_cache, key, side)
     results, shown, primary_samples = [], [], None
     for spec in samplers:
         drawn = draw_samples(ema, spec, n, seed, batch_size)

@@ -4,7 +4,9 @@ baselines fitted to the run's training rows (the level to beat), with the same m
 They do not depend on the model, so :func:`cached_references` scores them once per inputs and keeps them as a JSON
 file named by the sha256 of everything they are computed from: the training, test and val rows, n, seed, k and
 the source of the code that computes them. Every partition evaluated on the same data reuses that file; changed
-rows or changed metric code give another name, so a stale file is never read.
+rows or changed metric code give another name, so a stale file is never read. Beside it, under the same key,
+``<key>.real-side.npz`` keeps the costly half of :meth:`RealSide.prepare` (FD's covariance roots, K_yy's reductions,
+the real k-NN radii), so a warm evaluation pays only for its own samples.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 from flow_pipeline import artifacts
 from flow_pipeline.core import baselines, distances, metrics, real_side, reference_stats
 from flow_pipeline.core.data import stats
+from flow_pipeline.core.atomic import write_atomic_with
 from flow_pipeline.core.baselines import BASELINES, fit_baseline
 from flow_pipeline.core.distances import subsample
 from flow_pipeline.core.real_side import RealSide
@@ -107,6 +111,27 @@ def read_cached(cache_dir: Path, key: str) -> CachedReferences | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return CachedReferences(rows, threshold) if [row.name for row in rows] == list(REFERENCES) else None
+
+
+def _statistics_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"{key}.real-side.npz"
+
+
+def read_side_statistics(cache_dir: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The :meth:`RealSide.statistics` an earlier evaluation on the same inputs kept in ``cache_dir``
+    (:func:`write_side_statistics`), or None when missing or damaged (every array is read, so a torn file fails its
+    zip checksum here, not later)."""
+    try:
+        with np.load(_statistics_path(cache_dir, key), allow_pickle=False) as stored:
+            return {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def write_side_statistics(cache_dir: Path, key: str, side: RealSide) -> None:
+    """Keep ``side.statistics()`` under ``key`` in ``cache_dir`` (atomically), for the next evaluation on the same
+    inputs to skip the costly half of :meth:`RealSide.prepare`."""
+    write_atomic_with(_statistics_path(cache_dir, key), lambda handle: np.savez(handle, **side.statistics()))
 
 
 def cached_references(side: RealSide, val, cache_dir: Path | None, key: str | None = None) -> list[ReferenceEvaluation]:

@@ -17,6 +17,7 @@ from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.data.splits import split_array
 from flow_pipeline.core.data.stats import streaming_mean_std
 from flow_pipeline.core.metrics import evaluate_samples
+from flow_pipeline.core.reference_stats import KidReference
 from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.evaluation import (SamplerSpec, draw_samples, evaluate_checkpoint, load_ema_model, run_training_rows,
                                       sample_count, sample_count_note)
@@ -220,13 +221,18 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
 
 
 @pytest.mark.slow
-def test_a_second_evaluation_reads_the_reference_rows_and_threshold_back(trained, tmp_path):
+def test_a_second_evaluation_reads_the_reference_rows_threshold_and_real_side_back(trained, tmp_path, monkeypatch):
     path, splits = trained
     args = (path, splits.train, splits.test, [SamplerSpec.parse("euler:4")])
     fresh = evaluate_checkpoint(*args, seed=2, val=splits.val)  # no cache: everything scored
     first = evaluate_checkpoint(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+
+    def refit(*_, **__):
+        raise AssertionError("the real side's K_yy was computed again")
+
+    monkeypatch.setattr(KidReference, "fit", refit)
     second = evaluate_checkpoint(*args, seed=2, val=splits.val, reference_cache=tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.real-side.npz"))) == 1
     assert not any(ref.cached for ref in first.references) and all(ref.cached for ref in second.references)
     for evaluation in (first, second):
         assert evaluation.primary.metrics == fresh.primary.metrics

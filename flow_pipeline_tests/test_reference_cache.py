@@ -14,7 +14,9 @@ from flow_pipeline.evaluation_references import (
     REFERENCES,
     cached_references,
     read_cached,
+    read_side_statistics,
     score_references,
+    write_side_statistics,
 )
 from flow_pipeline.evaluation_references import references_key as rows_key
 
@@ -71,3 +73,18 @@ def test_without_a_cache_directory_nothing_is_written(data, tmp_path, monkeypatc
     rows = cached_references(data["side"], data["val"], None)
     assert rows[0].name == HELD_OUT_REAL and list(tmp_path.iterdir()) == []
     assert [row.metrics for row in rows] == [row.metrics for row in score_references(data["side"], data["val"])]
+
+
+def test_the_real_sides_statistics_are_kept_and_a_damaged_file_reads_as_missing(data, tmp_path):
+    side, val = data["side"], data["val"]
+    key = references_key(side, val)
+    assert read_side_statistics(tmp_path, key) is None
+    write_side_statistics(tmp_path, key, side)
+    kept = read_side_statistics(tmp_path, key)
+    assert kept.keys() == side.statistics().keys()
+    assert all(np.array_equal(kept[name], value) for name, value in side.statistics().items())
+    reused = RealSide.prepare(data["train"], data["test"], 50, k=3, seed=1, statistics=kept)
+    assert reused.score(val[:50]) == side.score(val[:50])
+    path = next(tmp_path.glob("*.npz"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # torn
+    assert read_side_statistics(tmp_path, key) is None

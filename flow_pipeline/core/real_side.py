@@ -78,31 +78,55 @@ class RealSide:
 
     @classmethod
     def prepare(cls, train, test: np.ndarray, n: int, k: int = 5, seed: int = 0,
-                train_copy_threshold: float | None = None, train_space: TrainSpace | None = None) -> "RealSide":
+                train_copy_threshold: float | None = None, train_space: TrainSpace | None = None,
+                statistics: dict[str, np.ndarray] | None = None) -> "RealSide":
         """Prepare for sample sets of n rows against test (n_test, dim), with the run's training rows train
-        (n_train, dim). ``train_copy_threshold`` / ``train_space``: reuse values computed before for the same rows,
-        n and seed. The subsamples are drawn exactly as ``evaluate_samples`` draws them."""
+        (n_train, dim). ``train_copy_threshold`` / ``train_space`` / ``statistics`` (:meth:`statistics` of a side
+        prepared before): reuse values computed before for the same rows, n, k and seed. The subsamples are drawn
+        exactly as ``evaluate_samples`` draws them."""
         rng = np.random.default_rng(seed)
         test_n = _take(test, subsample_index(test.shape[0], n, rng))
         train_n_index = subsample_index(train.shape[0], n, rng)
-        train_n = _take(train, train_n_index)
         space = TrainSpace.fit(train) if train_space is None else train_space
-        frechet = FrechetReference.fit(test_n)
         z_test = space.transform(test_n)
+        kid_rows = z_test[: min(n, z_test.shape[0])]
+        if statistics is None:
+            frechet = FrechetReference.fit(test_n)
+            fd_floor = frechet.distance(_take(train, train_n_index))
+            fd_inf_subsets = _fd_inf_subsets(z_test, n, seed)
+            kid_reference = KidReference.fit(kid_rows, seed=seed)
+            real_radii = torch.from_numpy(kth_neighbour_distance(test_n, k))
+        else:
+            frechet = FrechetReference.from_arrays(statistics, "frechet")
+            fd_floor = float(statistics["fd_floor"])
+            fd_inf_subsets = _fd_inf_subsets(z_test, n, seed, statistics)
+            kid_reference = KidReference.from_reduced(kid_rows, statistics["kid.row_sums"],
+                                                      statistics["kid.quadratic"], seed=seed)
+            real_radii = torch.from_numpy(statistics["real_radii"])
         memorisation_rng = np.random.default_rng(seed)
-        size = min(train_n.shape[0], test_n.shape[0])
-        within_train_n = subsample_index(train_n.shape[0], size, memorisation_rng)
+        n_train_n = train.shape[0] if train_n_index is None else train_n_index.shape[0]
+        size = min(n_train_n, test_n.shape[0])
+        within_train_n = subsample_index(n_train_n, size, memorisation_rng)
         all_train_n = np.arange(train.shape[0]) if train_n_index is None else train_n_index
         return cls(
             n=n, k=k, seed=seed, train=train, test=test, test_n=test_n, train_n_index=train_n_index, space=space,
             threshold=copy_threshold(train, test_n) if train_copy_threshold is None else train_copy_threshold,
-            fd_floor=frechet.distance(train_n), frechet=frechet,
-            fd_inf_subsets=_fd_inf_subsets(z_test, n, seed),
-            kid_reference=KidReference.fit(z_test[: min(n, z_test.shape[0])], seed=seed),
-            real_radii=torch.from_numpy(kth_neighbour_distance(test_n, k)),
+            fd_floor=fd_floor, frechet=frechet, fd_inf_subsets=fd_inf_subsets, kid_reference=kid_reference,
+            real_radii=real_radii,
             memorisation_train_index=all_train_n if within_train_n is None else all_train_n[within_train_n],
             memorisation_test_index=subsample_index(test_n.shape[0], size, memorisation_rng),
         )
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """The costly part of :meth:`prepare` as named arrays (FD's covariance roots, K_yy's reductions, the real
+        k-NN radii; several seconds at n = 5,120), for ``prepare(..., statistics=...)`` on the same rows, n, k and
+        seed. The subsamples and indices are cheap and redrawn."""
+        arrays = {"fd_floor": np.array(self.fd_floor), "real_radii": self.real_radii.numpy(),
+                  "kid.row_sums": self.kid_reference.row_sums.numpy(),
+                  "kid.quadratic": self.kid_reference.quadratic.numpy(), **self.frechet.to_arrays("frechet")}
+        for i, (_, _, reference) in enumerate(self.fd_inf_subsets):
+            arrays.update(reference.to_arrays(f"fd_inf.{i}"))
+        return arrays
 
     def score(self, generated: np.ndarray) -> dict[str, float]:
         """Every metric of generated (n, dim), as :func:`~flow_pipeline.core.metrics.evaluate_samples` returns it."""
@@ -148,18 +172,22 @@ class RealSide:
         return {"fd_inf": float(intercept), "fd_inf_slope": float(slope)}
 
 
-def _fd_inf_subsets(z_test: np.ndarray, n: int, seed: int) -> list[tuple[int, np.ndarray | None, FrechetReference]]:
+def _fd_inf_subsets(z_test: np.ndarray, n: int, seed: int, statistics: dict[str, np.ndarray] | None = None,
+                    ) -> list[tuple[int, np.ndarray | None, FrechetReference]]:
     """The subsets :func:`~flow_pipeline.core.distances.fd_infinity` draws for n samples against z_test (the same
-    sizes and rng calls: per size, the samples' rows, then the test rows), with the test subsets fitted."""
+    sizes and rng calls: per size, the samples' rows, then the test rows), with the test subsets fitted, or read
+    from ``statistics`` (:meth:`RealSide.statistics`)."""
     m = min(n, z_test.shape[0])
     if m < 8:
         raise ValueError(f"FD∞ needs at least 8 rows per set, got m={m}")
     rng = np.random.default_rng(seed)
     subsets = []
-    for size in np.unique(np.linspace(m // 2, m, FD_INF_SIZES).astype(int)):
+    for i, size in enumerate(np.unique(np.linspace(m // 2, m, FD_INF_SIZES).astype(int))):
         sample_index = subsample_index(n, int(size), rng)
         test_index = subsample_index(z_test.shape[0], int(size), rng)
-        subsets.append((int(size), sample_index, FrechetReference.fit(_take(z_test, test_index))))
+        reference = (FrechetReference.fit(_take(z_test, test_index)) if statistics is None
+                     else FrechetReference.from_arrays(statistics, f"fd_inf.{i}"))
+        subsets.append((int(size), sample_index, reference))
     return subsets
 
 

@@ -54,6 +54,22 @@ class FrechetReference:
             reference.centred = None  # (m, dim) rows no longer needed: memory stays (dim, dim)
         return reference
 
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The statistics as named arrays (``prefix.mean``, ``prefix.trace``, ``prefix.centred`` or ``prefix.root``),
+        for :meth:`from_arrays`."""
+        arrays = {f"{prefix}.mean": self.mean, f"{prefix}.trace": np.array(self.trace)}
+        if self.centred is not None:
+            arrays[f"{prefix}.centred"] = self.centred
+        if self._root is not None:
+            arrays[f"{prefix}.root"] = self._root
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "FrechetReference":
+        """The reference :meth:`to_arrays` gave ``arrays`` under ``prefix``."""
+        return cls(mean=arrays[f"{prefix}.mean"], trace=float(arrays[f"{prefix}.trace"]),
+                   centred=arrays.get(f"{prefix}.centred"), _root=arrays.get(f"{prefix}.root"))
+
     @property
     def root(self) -> np.ndarray:
         """The covariance's square root (dim, dim)."""
@@ -112,8 +128,7 @@ class KidReference:
         if m < 4:
             raise ValueError(f"KID needs at least 4 rows in each set, got {m}")
         y = torch.from_numpy(np.ascontiguousarray(real))
-        weights = torch.from_numpy(np.random.default_rng(seed).multinomial(m, np.full(m, 1.0 / m), size=n_bootstrap)
-                                   .astype(np.float64))
+        weights = _bootstrap_weights(m, n_bootstrap, seed)
         row_sums, quadratic = torch.empty(m, dtype=torch.float64), torch.zeros(n_bootstrap, dtype=torch.float64)
         for rows, local, diagonal in _row_blocks(m, chunk):
             block = _cubic_kernel(y[rows], y)
@@ -121,6 +136,19 @@ class KidReference:
             row_sums[rows] = block.sum(dim=1)
             quadratic += ((weights[:, rows] @ block) * weights).sum(dim=1)
         return cls(real=y, weights=weights, row_sums=row_sums, quadratic=quadratic, chunk=chunk)
+
+    @classmethod
+    def from_reduced(cls, real: np.ndarray, row_sums: np.ndarray, quadratic: np.ndarray, seed: int = 0,
+                     chunk: int = KID_CHUNK) -> "KidReference":
+        """The reference :meth:`fit` gives for real (m, d) and ``seed``, from the ``row_sums`` (m,) and ``quadratic``
+        (B,) an earlier fit computed (K_yy is the costly part; the weights are redrawn from the seed)."""
+        real = _as_float64(real)
+        if row_sums.shape != (real.shape[0],):
+            raise ValueError(f"row_sums has shape {row_sums.shape}; {real.shape[0]} real rows need ({real.shape[0]},)")
+        return cls(real=torch.from_numpy(np.ascontiguousarray(real)),
+                   weights=_bootstrap_weights(real.shape[0], quadratic.shape[0], seed),
+                   row_sums=torch.as_tensor(row_sums, dtype=torch.float64),
+                   quadratic=torch.as_tensor(quadratic, dtype=torch.float64), chunk=chunk)
 
     def kid(self, x: np.ndarray) -> dict[str, float]:
         """``kid(x, real)`` for x (n, d) with n >= m rows (its first m rows are paired with the real ones):
@@ -146,6 +174,12 @@ class KidReference:
             quadratic += ((self.weights[:, rows] @ block) * self.weights).sum(dim=1)
         row_sums -= column_sums
         return _kid_summary(row_sums, quadratic, self.weights)
+
+
+def _bootstrap_weights(m: int, n_bootstrap: int, seed: int) -> torch.Tensor:
+    """The bootstrap's multinomial counts (n_bootstrap, m) float64, as ``kid`` draws them for ``seed``."""
+    counts = np.random.default_rng(seed).multinomial(m, np.full(m, 1.0 / m), size=n_bootstrap)
+    return torch.from_numpy(counts.astype(np.float64))
 
 
 def _kid_summary(row_sums: torch.Tensor, quadratic: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:

@@ -134,3 +134,15 @@ def test_score_rejects_a_set_of_another_size(rows):
     side = RealSide.prepare(rows["train"], rows["test"], 60)
     with pytest.raises(ValueError, match="prepared for 60 samples"):
         side.score(rows["fresh"][:50])
+
+
+@pytest.mark.parametrize("n", [60, 12])  # n > dim: FD keeps covariance roots; n <= dim: centred rows (Gram route)
+def test_a_side_prepared_from_kept_statistics_scores_exactly_as_a_fresh_one(rows, n):
+    fresh = RealSide.prepare(rows["train"], rows["test"], n, k=3, seed=5)
+    statistics = fresh.statistics()
+    assert all(isinstance(value, np.ndarray) for value in statistics.values())
+    reused = RealSide.prepare(rows["train"], rows["test"], n, k=3, seed=5, statistics=statistics)
+    generated = rows["fresh"][:n] * 0.8 + 0.05
+    assert reused.score(generated) == fresh.score(generated)
+    other_seed = RealSide.prepare(rows["train"], rows["test"], n, k=3, seed=6).statistics()
+    assert not np.array_equal(other_seed["real_radii"], statistics["real_radii"])
