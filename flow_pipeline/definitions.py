@@ -10,11 +10,13 @@ from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource, default_root
 from flow_pipeline.defs.orphans import fail_orphaned_runs
 from flow_pipeline.defs.pipes_reader import WholeLineTempFileMessageReader
+from flow_pipeline.defs.pool_claims import install as serialise_pool_claims
 from flow_pipeline.defs.pool_wait import install as sleep_while_waiting_for_a_pool_slot
 from flow_pipeline.defs.retries import build_retry_schedule, retrain_job, retry_settings_from_env
 from flow_pipeline.defs.tracking import WandbResource
 
 sleep_while_waiting_for_a_pool_slot()  # Dagster 1.13's run worker spins while it waits (see defs/pool_wait.py)
+serialise_pool_claims()  # Dagster 1.13 lets two simultaneous claims on SQLite share one slot (see defs/pool_claims.py)
 
 # FLOW_PIPELINE_RERUN_CRON / FLOW_PIPELINE_MAX_ATTEMPTS: when failed partitions are retried, and how often.
 retry_schedule = build_retry_schedule(retry_settings_from_env(os.environ))
