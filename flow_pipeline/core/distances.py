@@ -127,8 +127,12 @@ class TrainSpace:
 
 
 def _cubic_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """k(a_i, b_j) = (a_i . b_j / d + 1)^3 for a (c, d), b (m, d): (c, m) float64."""
-    return (a @ b.T / a.shape[1] + 1.0) ** 3
+    """k(a_i, b_j) = (a_i . b_j / d + 1)^3 for a (c, d), b (m, d): (c, m) float64.
+
+    The inner products are a float32 matrix product (half the time of float64 on these CPUs), the rest float64. On
+    z-scored rows a product's error is ~1e-7 of |a||b| / d ~ 1e-7 of a kernel value, with no preferred sign: over
+    the m² terms of KID it averages to ~1e-10 absolute, against KIDs of 1e-4 and more."""
+    return ((a.float() @ b.float().T).double() / a.shape[1] + 1.0) ** 3
 
 
 def kid(x: np.ndarray, y: np.ndarray, n_bootstrap: int = KID_BOOTSTRAP, seed: int = 0,

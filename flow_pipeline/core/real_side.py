@@ -192,10 +192,21 @@ def _fd_inf_subsets(z_test: np.ndarray, n: int, seed: int, statistics: dict[str,
 
 
 def _pairwise_distances(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor):
-    """(Euclidean distances (c, m), inner products (c, m)) of a (c, d) and b (m, d), given their squared row norms;
-    the matmul form cdist uses, negative round-off clamped to 0."""
-    inner = a @ b.T
+    """(Euclidean distances (c, m), inner products (c, m)) float64 of a (c, d) and b (m, d) float32, given their
+    squared row norms (float64, of the float64 rows); the matmul form cdist uses, negative round-off clamped to 0.
+
+    The product is float32 (half the time of float64 on these CPUs; it is most of scoring) and the rest float64. Its
+    error is ~1e-7 of |a||b|: on embeddings whose nearest neighbours lie at a fair fraction of their norm, distances
+    move by ~1e-7 relative, which decides a k-NN ball or a nearest neighbour only at a near-exact tie. A distance
+    near 0 (a copy) has an absolute error ~3e-4 |a| instead, so the nearest-neighbour distances the metrics report are
+    recomputed in float64 from the rows found (:func:`_exact_distances`)."""
+    inner = (a @ b.T).double()
     return (a_sq[:, None] + b_sq[None, :] - 2.0 * inner).clamp_min_(0.0).sqrt_(), inner
+
+
+def _exact_distances(x: torch.Tensor, neighbours: np.ndarray) -> torch.Tensor:
+    """Row-wise Euclidean distances (n,) float64 between x (n, d) float64 and neighbours (n, d)."""
+    return (x - torch.from_numpy(_as_float64(neighbours))).norm(dim=1)
 
 
 def _test_neighbours(generated: np.ndarray, test_n: np.ndarray, real_radii: torch.Tensor, k: int,
@@ -205,23 +216,26 @@ def _test_neighbours(generated: np.ndarray, test_n: np.ndarray, real_radii: torc
     g, t = torch.from_numpy(generated), torch.from_numpy(test_n)
     g_sq, t_sq = (g * g).sum(dim=1), (t * t).sum(dim=1)
     g_norm, t_norm = g_sq.sqrt().clamp_min(1e-12), t_sq.sqrt().clamp_min(1e-12)
+    g32, t32 = g.float(), t.float()  # the distance products' operands (see _pairwise_distances)
     fake_radii = torch.from_numpy(kth_neighbour_distance(generated, k))
     n = g.shape[0]
     in_some_real_ball, real_ball_count = torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.float64)
     real_ball_has_fake = torch.zeros(t.shape[0], dtype=torch.bool)
     real_in_some_fake_ball = torch.zeros(t.shape[0], dtype=torch.bool)
-    near_test, near_memorisation_test, cosine = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+    cosine = torch.empty(n, dtype=torch.float64)
+    nearest, nearest_memorisation = (torch.empty(n, dtype=torch.long) for _ in range(2))  # rows of test_n
+    memorisation_columns = None if memorisation_test_index is None else torch.from_numpy(memorisation_test_index)
     for start in range(0, n, SCORE_CHUNK):
         rows = slice(start, min(start + SCORE_CHUNK, n))
-        dist, inner = _pairwise_distances(g[rows], g_sq[rows], t, t_sq)  # (c, n_t)
+        dist, inner = _pairwise_distances(g32[rows], g_sq[rows], t32, t_sq)  # (c, n_t)
         inside_real_ball = dist < real_radii[None, :]
         in_some_real_ball[rows] = inside_real_ball.any(dim=1)
         real_ball_count[rows] = inside_real_ball.sum(dim=1)
         real_ball_has_fake |= inside_real_ball.any(dim=0)
         real_in_some_fake_ball |= (dist < fake_radii[rows, None]).any(dim=0)
-        near_test[rows] = dist.min(dim=1).values
-        near_memorisation_test[rows] = (near_test[rows] if memorisation_test_index is None
-                                        else dist[:, memorisation_test_index].min(dim=1).values)
+        nearest[rows] = dist.argmin(dim=1)
+        nearest_memorisation[rows] = (nearest[rows] if memorisation_columns is None
+                                      else memorisation_columns[dist[:, memorisation_columns].argmin(dim=1)])
         cosine[rows] = (inner / (g_norm[rows, None] * t_norm[None, :])).max(dim=1).values
     return {
         "precision": float(in_some_real_ball.double().mean()),
@@ -229,8 +243,8 @@ def _test_neighbours(generated: np.ndarray, test_n: np.ndarray, real_radii: torc
         "density": float(real_ball_count.mean()) / k,
         "coverage": float(real_ball_has_fake.double().mean()),
         "nn_cosine": float(cosine.mean()),
-        "near_test": near_test.numpy(),
-        "near_memorisation_test": near_memorisation_test.numpy(),
+        "near_test": _exact_distances(g, test_n[nearest.numpy()]).numpy(),
+        "near_memorisation_test": _exact_distances(g, test_n[nearest_memorisation.numpy()]).numpy(),
     }
 
 
@@ -239,20 +253,30 @@ def _train_neighbours(generated: np.ndarray, train, memorisation_index: np.ndarr
     resident): the nearest-train distance of every sample (n,), and the nearest among the rows
     ``memorisation_index`` (sorted indices into train) (n,)."""
     g = torch.from_numpy(generated)
-    g_sq = (g * g).sum(dim=1)
-    near_train = torch.full((g.shape[0],), float("inf"), dtype=torch.float64)
-    near_subset = near_train.clone()
+    g_sq, g32 = (g * g).sum(dim=1), g.float()
+    best, best_subset = (torch.full((g.shape[0],), float("inf"), dtype=torch.float64) for _ in range(2))
+    nearest, nearest_subset = (torch.zeros(g.shape[0], dtype=torch.long) for _ in range(2))  # rows of train
     start = 0
     for chunk in row_chunks(train, TRAIN_CHUNK_ROWS):
         t = torch.from_numpy(_as_float64(chunk))
-        t_sq = (t * t).sum(dim=1)
+        t_sq, t32 = (t * t).sum(dim=1), t.float()
         lo, hi = np.searchsorted(memorisation_index, [start, start + t.shape[0]])
         columns = torch.from_numpy(memorisation_index[lo:hi] - start)
         for rows in range(0, g.shape[0], SCORE_CHUNK):
             block = slice(rows, min(rows + SCORE_CHUNK, g.shape[0]))
-            dist, _ = _pairwise_distances(g[block], g_sq[block], t, t_sq)
-            near_train[block] = torch.minimum(near_train[block], dist.min(dim=1).values)
+            dist, _ = _pairwise_distances(g32[block], g_sq[block], t32, t_sq)
+            _keep_nearer(best, nearest, block, *dist.min(dim=1), start)
             if columns.numel():
-                near_subset[block] = torch.minimum(near_subset[block], dist[:, columns].min(dim=1).values)
+                value, column = dist[:, columns].min(dim=1)
+                _keep_nearer(best_subset, nearest_subset, block, value, columns[column], start)
         start += t.shape[0]
-    return near_train.numpy(), near_subset.numpy()
+    return _exact_distances(g, train[nearest.numpy()]).numpy(), _exact_distances(g, train[nearest_subset.numpy()]).numpy()
+
+
+def _keep_nearer(best: torch.Tensor, nearest: torch.Tensor, block: slice, value: torch.Tensor, row: torch.Tensor,
+                 offset: int) -> None:
+    """Where ``value`` (c,) beats ``best[block]``, take it and its row (``row + offset``) into ``nearest[block]``."""
+    nearer = value < best[block]
+    best[block] = torch.where(nearer, value, best[block])
+    nearest[block] = torch.where(nearer, row + offset, nearest[block])
+
