@@ -13,7 +13,7 @@ from flow_pipeline.config import zero_predictor_loss_of
 from flow_pipeline.defs.materializations import latest_metadata
 from flow_pipeline.replicates import replicates_from_metadata
 
-SHOWN = ("checkpoint_path", "best_val_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds", "device",
+SHOWN = ("checkpoint_path", "best_val_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds", "device", "precision",
          "sha256", "wandb_url", "wandb_run_dir", "wandb_sync_command")
 
 

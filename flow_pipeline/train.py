@@ -118,6 +118,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "global_step": typed(result.global_step, "int"),
         "train_seconds": typed(round(result.train_seconds, 2), "float"),
         "device": typed(result.device, "text"),
+        "precision": typed(result.precision, "text"),
         "world_size": typed(world_size, "int"),
         "threads": typed(torch.get_num_threads(), "int"),
         "num_params": typed(result.num_params, "int"),

@@ -8,6 +8,7 @@ import os
 import dagster as dg
 import pytest
 
+from flow_pipeline.core.precision import native_cpu_bf16_flags
 from flow_pipeline.defs.assets import GPU_POOL, gpu_pool_limit, trained_checkpoint
 from flow_pipeline.defs.resources import ComputeResource
 from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
@@ -44,3 +45,5 @@ def test_a_training_process_runs_with_the_threads_of_its_share(artifacts_root, t
                                 run_config=run_config(train={**TINY_TRAIN, "max_epochs": 1}))
         metadata = result.asset_materializations_for_node("trained_checkpoint")[0].metadata
         assert metadata["threads"].value == max(1, CORES // 2)
+        # precision: auto, resolved in the training process from this machine's CPU flags.
+        assert metadata["precision"].value == ("bf16" if native_cpu_bf16_flags() else "fp32")

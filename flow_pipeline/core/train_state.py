@@ -44,6 +44,7 @@ class TrainResult:
     train_seconds: float
     device: str
     num_params: int
+    precision: str  # what the forward passes ran in: "bf16" (autocast) or "fp32"
     history: list[dict[str, float]] = field(default_factory=list)
 
 

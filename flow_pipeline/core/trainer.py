@@ -261,5 +261,6 @@ def _finish(run: TrainingRun) -> TrainResult:
         train_seconds=state.train_seconds,
         device=str(run.device),
         num_params=count_parameters(run.pieces.model),
+        precision=run.precision,
         history=state.history,
     )

@@ -25,6 +25,7 @@ from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.models.skip import LinearSkip
+from flow_pipeline.core.precision import uses_bf16
 from flow_pipeline.core.schedule import planned_steps, warmup_cosine_schedule
 from flow_pipeline.core.tracking import Tracker
 from flow_pipeline.core.train_config import TrainSettings
@@ -59,6 +60,7 @@ class TrainingRun:
     ema_model: nn.Module  # scratch model the EMA weights are copied into for validation
     flow: Flow
     autocast: contextlib.AbstractContextManager
+    precision: str  # "bf16" when autocast is on (core/precision.py decides), else "fp32"
     val_z: Tensor
     batch_size: int
     total_steps: int
@@ -156,7 +158,7 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
     scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     stopper = EarlyStopping(patience=config.patience, min_delta=config.min_delta)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + NOISE_SEED_OFFSET)
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(config.precision, device.type)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -167,6 +169,7 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
                        state=state, pieces=pieces, train_model=train_model, ema_model=ema_model,
                        flow=get_flow(config.flow, **config.flow_params()),
                        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+                       precision="bf16" if use_bf16 else "fp32",
                        val_z=val_z, batch_size=batch_size, total_steps=total_steps)
 
 

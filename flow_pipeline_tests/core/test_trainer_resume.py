@@ -103,6 +103,8 @@ MID_EPOCH_CASES = {
     "otcfm-sigma": dict(flow="otcfm", sigma=0.1),
     "mixup+noise": dict(aug="mixup+noise"),
     "dit-fm": dict(arch="dit", flow="fm"),
+    # bf16 autocast (what precision: auto picks on a CPU with native bf16) resumes bit-exactly too.
+    "bf16": dict(precision="bf16"),
     # EMA updates at steps 5, 10, ... and at the saves (8, 16, 24) and epoch ends: the resume point is one of them.
     "ema-every-5": dict(ema_every=5, save_every_steps=8),
 }
