@@ -39,6 +39,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The /proc/cpuinfo flags that move these benchmarks' speed ratios (vector width, native bf16).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_speed_flags() -> list[str]:
+    """Which of SPEED_FLAGS the first CPU's /proc/cpuinfo ``flags`` line lists (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                listed = set(line.split(":", 1)[1].split())
+                return [flag for flag in SPEED_FLAGS if flag in listed]
+    except OSError:
+        pass
+    return []
+
+
 def mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -58,6 +74,7 @@ def machine_info() -> dict:
     info = {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_speed_flags(),
         "mem_total_gib": mem_total_gib(),
         "python": platform.python_version(),
         **{name: _version(name) for name in ("torch", "numpy", "scipy", "dagster")},

@@ -124,10 +124,10 @@ def sample_flow(model: nn.Module, n: int, dim: int, steps: int, seed: int) -> np
     return x.numpy()
 
 
-def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> np.ndarray:
+def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> tuple[np.ndarray, dict]:
     """Train with the project's own trainer (TrainConfig, EMA, best.pt) and sample its EMA model like the
     evaluation asset does (midpoint, ``--sample-steps``). Validation rows: the built-in val split; for ``real``,
-    64 of the fit rows (there are no others)."""
+    64 of the fit rows (there are no others). Returns (samples, {train_s, best_val_loss})."""
     import tempfile
 
     from flow_pipeline.config import TrainConfig
@@ -137,14 +137,16 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> n
     val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else fit[:64]
     config = TrainConfig(arch="mlp", flow=a.flow, model_size=a.size, normalization=a.norm, linear_skip=a.skip,
                          time_sampling=a.time, principal_dims=a.pca_dims, batch_size=a.batch, lr=a.lr, max_steps=a.steps,
-                         eval_every_steps=a.eval_every, warmup_steps=min(200, a.steps // 10), patience=10_000, seed=a.seed, device="cpu")
+                         eval_every_steps=a.eval_every, warmup_steps=min(200, a.steps // 10), patience=10_000, seed=a.seed, device="cpu",
+                         precision=a.precision)
     normalizer = Normalizer.fit(np.asarray(fit, np.float32), a.norm)
     data = TrainData(torch.from_numpy(np.asarray(fit, np.float32)), torch.from_numpy(np.asarray(val, np.float32)),
                      normalizer)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(config, data, tmp)
         ema = load_ema_model(result.checkpoint_path)
-        return draw_samples(ema, SamplerSpec.parse(f"midpoint:{a.sample_steps}"), n, seed=a.seed).x.numpy()
+        samples = draw_samples(ema, SamplerSpec.parse(f"midpoint:{a.sample_steps}"), n, seed=a.seed).x.numpy()
+    return samples, {"train_s": round(result.train_seconds, 1), "best_val_loss": round(result.best_loss, 5)}
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -158,7 +160,8 @@ def run(a: argparse.Namespace) -> dict:
         gen = fit[np.random.default_rng(a.seed).permutation(len(fit))[:n]] if a.data == "real" else \
             sonar_mixture(1024, 0).sample(n, np.random.default_rng(a.seed + 7))[0]
     elif a.trainer == "project":
-        gen = project_trainer_samples(fit, a, n)
+        gen, trained = project_trainer_samples(fit, a, n)
+        extra.update(trained, autocast=a.precision)
     else:
         norm = ProjectNormalizer(fit, a.norm)
         train_start = time.perf_counter()
@@ -249,6 +252,7 @@ def main(argv=None) -> None:
                    help="weight each normalised coordinate's loss by its raw variance ** power (mean 1); 1: raw-space MSE")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="project trainer: autocast dtype")
     p.add_argument("--split-seed", type=int, default=0)
     print(json.dumps(run(p.parse_args(argv))), flush=True)
 
