@@ -199,6 +199,10 @@ def exit_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     parent = os.getppid()
+    # The SIGTERM must kill: an ignored disposition survives exec, and Dagster maps SIGTERM to SIGINT's handler,
+    # which is SIG_IGN in a process started in the background, so a run worker can hand SIG_IGN down to us.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     # A parent that died before prctl took effect left us to init or a subreaper (tini, systemd): another parent.
     if os.getppid() != parent:

@@ -386,8 +386,11 @@ def test_a_training_process_dies_with_its_parent(tmp_path):
     pid_file = tmp_path / "child.pid"
     child = ("import os, pathlib, time; from flow_pipeline.train import exit_with_parent; exit_with_parent(); "
              f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)")
+    # The parent ignores SIGTERM, as a Dagster run worker started in the background does (Dagster maps SIGTERM to
+    # SIGINT's handler, SIG_IGN there): the child inherits that across exec and must still die.
     parent = subprocess.Popen([sys.executable, "-c",
-                               f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {child!r}]).wait()"],
+                               "import signal, subprocess, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}]).wait()"],
                               start_new_session=True)
     try:
         child_pid = wait_for(lambda: pid_file.exists() and pid_file.read_text() and int(pid_file.read_text()), 60,

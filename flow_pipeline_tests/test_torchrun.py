@@ -33,8 +33,10 @@ from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, alive, descend
 
 NPROC = 2
 # 512 training rows / 64 = 8 steps per epoch, 32 steps; last.pt after every step so a kill lands mid-epoch.
+# fp32: bf16 autocast (precision auto on a CPU with native bf16) rounds each rank's half batch on its own, so the
+# two-process and one-process histories would differ by more than the order of a float sum.
 CONFIG = TrainConfig(arch="mlp", flow="icfm", model_size="tiny", dim=TINY_DATASET["dim"], max_epochs=4, batch_size=64,
-                     warmup_steps=4, log_every=2, device="cpu", lr=0.002, save_every_steps=1)
+                     warmup_steps=4, log_every=2, device="cpu", lr=0.002, save_every_steps=1, precision="fp32")
 HISTORY_KEYS = ("epoch", "step", "train_loss", "val_loss", "ema_val_loss", "lr")
 RUN_TIMEOUT_S = 300
 
