@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -198,3 +199,84 @@ def test_runs_in_eval_and_inference_mode_and_restores_training_mode():
     model.eval()
     sample(model, IdentityFlow(), N, DIM, steps=3)
     assert not model.training
+
+
+def subspace_model(dim: int = 16, k: int = 5) -> nn.Module:
+    """LinearSkip(PrincipalSubspace(tiny MLP on k coordinates)) with random network weights and variances."""
+    from flow_pipeline.core.models import build_model
+
+    torch.manual_seed(7)
+    model = build_model("mlp", dim=dim, size="tiny", linear_skip=True, principal_dims=k)
+    with torch.no_grad():
+        for parameter in model.net.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        model.log_var.copy_(torch.randn(dim))  # variances from ~0.1 to ~10: a stiff skip path near t = 1
+    return model
+
+
+def euler_on_all_coordinates(model: nn.Module, x0: torch.Tensor, steps: int) -> torch.Tensor:
+    """Plain Euler on the whole model, written out independently of the sampler."""
+    x = x0.clone()
+    with torch.no_grad():
+        for i in range(steps):
+            x = x + model(x, torch.full((x.shape[0],), i / steps)) / steps
+    return x
+
+
+def test_a_principal_subspace_model_is_stepped_on_its_k_coordinates_and_solved_exactly_on_the_rest():
+    from flow_pipeline.core.flows import get_flow
+
+    model, k = subspace_model(), 5
+    x0 = reference_x0(N, 16, seed=4)
+    drawn = sample(model, get_flow("icfm"), N, 16, solver="euler", steps=20, seed=4).x
+    stepped = euler_on_all_coordinates(model, x0, steps=20)
+    # The network reads only the first k coordinates, so Euler on them alone is Euler on the whole model there.
+    torch.testing.assert_close(drawn[:, :k], stepped[:, :k], atol=1e-5, rtol=1e-5)
+    # The others: x(1) = s x(0) exactly, where whole-model Euler is off by its step error.
+    exact_rest = x0[:, k:] * model.log_var[k:].exp().sqrt().detach()
+    torch.testing.assert_close(drawn[:, k:], exact_rest, atol=1e-6, rtol=1e-6)
+    assert (stepped[:, k:] - exact_rest).abs().max() > 1e-2
+
+
+def test_a_principal_subspace_model_under_dopri5_is_as_accurate_as_integrating_every_coordinate():
+    from torchdiffeq import odeint
+
+    from flow_pipeline.core.flows import get_flow
+    from flow_pipeline.core.sampling import integrate_dopri5, velocity_field
+
+    model, flow = subspace_model(), get_flow("icfm")
+    x0 = reference_x0(N, 16, seed=9)
+    whole = copy.deepcopy(model).double()  # float64, so that its 1e-10 tolerance means something
+    with torch.no_grad():
+        reference = odeint(lambda t, x: whole(x, t.expand(x.shape[0])), x0.double(),
+                           torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-10, atol=1e-10,
+                           method="dopri5")[-1].float()
+    errors = []
+    for tolerance in (1e-4, 1e-6):
+        split = sample(model, flow, N, 16, solver="dopri5", seed=9, rtol=tolerance, atol=tolerance)
+        with torch.inference_mode():
+            every, calls = integrate_dopri5(velocity_field(model, flow), x0, tolerance, tolerance)
+        split_error, every_error = (float((x - reference).abs().max()) for x in (split.x, every))
+        assert split_error < 2 * every_error, (tolerance, split_error, every_error)
+        assert split.nfe < 1.5 * calls
+        errors.append(split_error)
+    assert errors[1] < errors[0] / 10 and errors[1] < 2e-3
+    # The step control counts all 16 coordinates: an RMS over the 5 integrated ones alone is stricter.
+    with torch.inference_mode():
+        _, calls_k_only = integrate_dopri5(velocity_field(model.subspace_velocity().velocity, flow), x0[:, :5],
+                                           1e-4, 1e-4)
+    assert sample(model, flow, N, 16, solver="dopri5", seed=9, rtol=1e-4, atol=1e-4).nfe < calls_k_only
+
+
+def test_a_flow_that_rescales_the_output_integrates_every_coordinate():
+    from flow_pipeline.core.flows import get_flow
+
+    model = subspace_model()
+    flow = get_flow("icfm", target_scale=1.0)
+    flow.target_scale = 2.0  # the skip path's closed form is the model's own velocity, not half of it
+    drawn = sample(model, flow, N, 16, solver="euler", steps=20, seed=4).x
+    x = reference_x0(N, 16, seed=4)
+    with torch.no_grad():
+        for i in range(20):
+            x = x + model(x, torch.full((N,), i / 20)) / 2.0 / 20
+    torch.testing.assert_close(drawn, x, atol=1e-5, rtol=1e-5)

@@ -13,8 +13,13 @@ represents it exactly, so the network only models what is not Gaussian.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from .subspace import PrincipalSubspace
 
 # Lower bound on the learned log-variance: keeps the denominator (1 - t)^2 + t^2 s^2 >= s^2 / (1 + s^2) away from 0.
 _MIN_LOG_VAR = -12.0
@@ -50,7 +55,39 @@ class LinearSkip(nn.Module):
             raise ValueError(f"variance has shape {tuple(variance.shape)}, expected {tuple(self.log_var.shape)}")
         self.log_var.copy_(variance.to(self.log_var).log().clamp_min(_MIN_LOG_VAR))
 
+    def variances(self) -> Tensor:
+        """The learned per-dimension variances s^2 (dim,), as the velocity uses them."""
+        return self.log_var.clamp_min(_MIN_LOG_VAR).exp()
+
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         t_col = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
-        var = self.log_var.clamp_min(_MIN_LOG_VAR).exp()
-        return self.net(x_t, t) + gaussian_velocity_gain(t_col, var) * x_t
+        return self.net(x_t, t) + gaussian_velocity_gain(t_col, self.variances()) * x_t
+
+    def subspace_velocity(self) -> "SubspaceVelocity | None":
+        """This velocity split by coordinates when the wrapped network moves only the first k
+        (:class:`PrincipalSubspace`); None for any other network."""
+        if not isinstance(self.net, PrincipalSubspace):
+            return None
+        k, var = self.net.k, self.variances()
+        network = self.net.net
+
+        def velocity(x_k: Tensor, t: Tensor) -> Tensor:
+            t_col = torch.as_tensor(t, dtype=x_k.dtype, device=x_k.device).reshape(-1, 1)
+            return network(x_k, t) + gaussian_velocity_gain(t_col, var[:k]) * x_k
+
+        return SubspaceVelocity(k=k, velocity=velocity, end_scale=var[k:].sqrt())
+
+
+@dataclass
+class SubspaceVelocity:
+    """A :class:`LinearSkip` velocity around a :class:`PrincipalSubspace` network, split by coordinates.
+
+    The first ``k`` coordinates follow ``velocity(x_k (batch, k), t (batch,)) -> (batch, k)``, which reads only
+    them. Each of the other dim - k follows dx/dt = g(t) x on its own; g is the time derivative of
+    log sqrt((1 - t)^2 + t^2 s^2), so the exact solution from t = 0 to t = 1 is x(1) = s x(0): ``end_scale`` (dim - k,)
+    holds those s. A sampler integrates the k coordinates and multiplies out the rest.
+    """
+
+    k: int
+    velocity: Callable[[Tensor, Tensor], Tensor]
+    end_scale: Tensor
