@@ -86,7 +86,7 @@ def train_flow(z: np.ndarray, a: argparse.Namespace, scales: np.ndarray | None =
     if a.skip:
         model = LinearSkip(model, z.shape[1])
     ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     warm = max(1, min(100, a.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps)))))
@@ -138,7 +138,7 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> t
     config = TrainConfig(arch="mlp", flow=a.flow, model_size=a.size, normalization=a.norm, linear_skip=a.skip,
                          time_sampling=a.time, principal_dims=a.pca_dims, batch_size=a.batch, lr=a.lr, max_steps=a.steps,
                          eval_every_steps=a.eval_every, warmup_steps=min(200, a.steps // 10), patience=10_000, seed=a.seed, device="cpu",
-                         precision=a.precision)
+                         precision=a.precision, weight_decay=a.weight_decay)
     normalizer = Normalizer.fit(np.asarray(fit, np.float32), a.norm)
     data = TrainData(torch.from_numpy(np.asarray(fit, np.float32)), torch.from_numpy(np.asarray(val, np.float32)),
                      normalizer)
@@ -246,6 +246,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     p.add_argument("--eval-every", type=int, default=0, help="project trainer: validate every N steps (0: epochs)")
     p.add_argument("--pca-dims", type=int, default=0, help="flow on the top-k whitened coordinates only (0: all)")
     p.add_argument("--loss-weight-power", type=float, default=0.0,
