@@ -24,9 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from flow_pipeline.core.models.skip import SubspaceVelocity
 
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 
@@ -218,7 +222,7 @@ def _integrate_batches(
     return torch.cat(outputs), nfe
 
 
-def _subspace_velocity(model: nn.Module, flow):
+def _subspace_velocity(model: nn.Module, flow) -> "SubspaceVelocity | None":
     """The model's split velocity (see the module docstring), or None to integrate all coordinates. Only for a flow
     whose velocity is the model's output (target_scale 1): the exact solution x(1) = s x(0) is the model's own."""
     subspace_velocity = getattr(model, "subspace_velocity", None)

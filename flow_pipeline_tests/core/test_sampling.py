@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchdiffeq import odeint
 
-from flow_pipeline.core.sampling import SOLVERS, SampleResult, sample
+from flow_pipeline.core.flows import get_flow
+from flow_pipeline.core.models import build_model
+from flow_pipeline.core.sampling import SOLVERS, SampleResult, integrate_dopri5, sample, velocity_field
 
 N, DIM = 48, 12
 
@@ -203,8 +206,6 @@ def test_runs_in_eval_and_inference_mode_and_restores_training_mode():
 
 def subspace_model(dim: int = 16, k: int = 5) -> nn.Module:
     """LinearSkip(PrincipalSubspace(tiny MLP on k coordinates)) with random network weights and variances."""
-    from flow_pipeline.core.models import build_model
-
     torch.manual_seed(7)
     model = build_model("mlp", dim=dim, size="tiny", linear_skip=True, principal_dims=k)
     with torch.no_grad():
@@ -224,8 +225,6 @@ def euler_on_all_coordinates(model: nn.Module, x0: torch.Tensor, steps: int) -> 
 
 
 def test_a_principal_subspace_model_is_stepped_on_its_k_coordinates_and_solved_exactly_on_the_rest():
-    from flow_pipeline.core.flows import get_flow
-
     model, k = subspace_model(), 5
     x0 = reference_x0(N, 16, seed=4)
     drawn = sample(model, get_flow("icfm"), N, 16, solver="euler", steps=20, seed=4).x
@@ -239,11 +238,6 @@ def test_a_principal_subspace_model_is_stepped_on_its_k_coordinates_and_solved_e
 
 
 def test_a_principal_subspace_model_under_dopri5_is_as_accurate_as_integrating_every_coordinate():
-    from torchdiffeq import odeint
-
-    from flow_pipeline.core.flows import get_flow
-    from flow_pipeline.core.sampling import integrate_dopri5, velocity_field
-
     model, flow = subspace_model(), get_flow("icfm")
     x0 = reference_x0(N, 16, seed=9)
     whole = copy.deepcopy(model).double()  # float64, so that its 1e-10 tolerance means something
@@ -269,14 +263,16 @@ def test_a_principal_subspace_model_under_dopri5_is_as_accurate_as_integrating_e
 
 
 def test_a_flow_that_rescales_the_output_integrates_every_coordinate():
-    from flow_pipeline.core.flows import get_flow
-
     model = subspace_model()
-    flow = get_flow("icfm", target_scale=1.0)
-    flow.target_scale = 2.0  # the skip path's closed form is the model's own velocity, not half of it
+    flow = get_flow("icfm", target_scale=2.0)  # velocity = output / 2: the skip path's closed form no longer holds
     drawn = sample(model, flow, N, 16, solver="euler", steps=20, seed=4).x
     x = reference_x0(N, 16, seed=4)
     with torch.no_grad():
         for i in range(20):
             x = x + model(x, torch.full((N,), i / 20)) / 2.0 / 20
     torch.testing.assert_close(drawn, x, atol=1e-5, rtol=1e-5)
+
+
+def test_dopri5_error_dims_below_the_integrated_coordinates_is_refused():
+    with pytest.raises(ValueError, match="error_dims must be >= the 12 integrated coordinates, got 5"):
+        integrate_dopri5(lambda x, t: -x, reference_x0(N, DIM, seed=0), 1e-4, 1e-4, error_dims=5)
