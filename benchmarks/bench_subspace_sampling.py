@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=5120)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-tol", type=float, default=1e-6)
+    parser.add_argument("--out", type=Path, default=None, help="result JSON path (default benchmarks/results/<name>.json)")
     add_run_arguments(parser, threads=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +89,7 @@ def main() -> int:
                "speedup": speedup, "rows": rows, "machine": finish_run(machine)}
     print(format_table(rows, list(rows[0])))
     print(f"split vs every coordinate: {speedup:.2f}x (median of {args.repeats} interleaved)")
-    print(f"result: {write_result(NAME, summary)}")
+    print(f"result: {write_result(NAME, summary, args.out)}")
     return 0
 
 
