@@ -16,7 +16,7 @@ A model that offers ``subspace_velocity()`` (:class:`~flow_pipeline.core.models.
 split: every solver steps only the k coordinates the network moves, and the other dim - k, whose velocity is the
 skip path's linear one, get their exact solution x(1) = s x(0). dopri5 still measures its error as the RMS over all
 dim coordinates (the exact ones counting zero), the criterion of integrating them all. At dim 1,024 and k = 64 that
-is 2-3x less sampling time for the same samples (BENCHMARKS.md).
+is 1.7-2.4x less sampling time, the metrics within a quarter of a standard error of a tight solve (BENCHMARKS.md).
 """
 
 from __future__ import annotations
