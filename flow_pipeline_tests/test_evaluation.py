@@ -19,8 +19,9 @@ from flow_pipeline.core.data.stats import streaming_mean_std
 from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.reference_stats import KidReference
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.evaluation import (SamplerSpec, draw_samples, evaluate_checkpoint, load_ema_model, run_training_rows,
-                                      sample_count, sample_count_note)
+from flow_pipeline.core.distances import TrainSpace, kid, subsample
+from flow_pipeline.evaluation import (GUIDANCE_CHECK_ROWS, SamplerSpec, draw_samples, evaluate_checkpoint,
+                                      load_ema_model, run_training_rows, sample_count, sample_count_note)
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
@@ -38,10 +39,14 @@ METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "
     (" midpoint:3 ", "midpoint", 3, "midpoint:3"),
     ("rk4:10", "rk4", 10, "rk4:10"),
     ("dopri5", "dopri5", 0, "dopri5"),
+    ("dopri5@auto", "dopri5", 0, "dopri5@auto"),
+    ("euler:8@1.25", "euler", 8, "euler:8@1.25"),
+    ("rk4:4@1", "rk4", 4, "rk4:4"),
 ])
 def test_sampler_spec_parses(text, solver, steps, label):
     spec = SamplerSpec.parse(text)
     assert (spec.solver, spec.steps, spec.label) == (solver, steps, label)
+    assert spec.guidance == {"dopri5@auto": None, "euler:8@1.25": 1.25}.get(text, 1.0)
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -50,6 +55,8 @@ def test_sampler_spec_parses(text, solver, steps, label):
     ("euler:ten", "'euler:STEPS'"),
     ("rk4:0", "steps must be >= 1"),
     ("dopri5:20", "adaptive"),
+    ("dopri5@much", "guidance must be 'auto' or a number"),
+    ("euler:4@-1", "guidance must be 'auto' or a number"),
 ])
 def test_sampler_spec_rejects_bad_text(text, fragment):
     with pytest.raises(ValueError, match=fragment) as info:
@@ -77,6 +84,48 @@ def trained(tmp_path_factory):
     data = TrainData(torch.from_numpy(splits.train), torch.from_numpy(splits.val), normalizer)
     result = train(TrainConfig(**TINY_TRAIN), data, tmp_path_factory.mktemp("run"))
     return result.checkpoint_path, splits
+
+
+@pytest.fixture(scope="module")
+def trained_skip(tmp_path_factory, trained):
+    """The same data and run, with a linear skip path around a network on the first 8 coordinates."""
+    _, splits = trained
+    normalizer = Normalizer.fit(torch.from_numpy(splits.train), "whiten")
+    data = TrainData(torch.from_numpy(splits.train), torch.from_numpy(splits.val), normalizer)
+    config = TrainConfig(**TINY_TRAIN, normalization="whiten", linear_skip=True, principal_dims=8)
+    return train(config, data, tmp_path_factory.mktemp("skip")).checkpoint_path
+
+
+@pytest.mark.slow
+def test_auto_guidance_is_fitted_on_training_rows_checked_on_val_and_reported(trained, trained_skip):
+    _, splits = trained
+    specs = [SamplerSpec.parse("euler:8@auto"), SamplerSpec.parse("euler:8")]
+    evaluation = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs, n_samples=100, val=splits.val)
+    guided, plain = evaluation.results
+    choice = guided.guidance_fit
+    assert plain.guidance == 1.0 and plain.guidance_fit is None and choice["coordinates"] == 8
+    assert choice["proposed_guidance"] > 1.0  # the tiny model is under-dispersed
+    # The proposal is kept exactly when its samples' KID to the val rows (recomputed here) is the lower one.
+    ema, space = load_ema_model(trained_skip), TrainSpace.fit(splits.train)
+    rows = subsample(splits.val, min(len(splits.val), GUIDANCE_CHECK_ROWS), np.random.default_rng(1))
+    kids = [kid(space.transform(draw_samples(ema, SamplerSpec("euler", 8, w), len(rows), seed=2).x.numpy()),
+                space.transform(rows), n_bootstrap=1)["kid"] for w in (1.0, choice["proposed_guidance"])]
+    assert [choice["val_kid_unguided"], choice["val_kid_guided"]] == pytest.approx(kids)
+    expected = choice["proposed_guidance"] if kids[1] < kids[0] else 1.0
+    assert guided.guidance == choice["guidance"] == expected
+    assert guided.sampler == f"euler:8@auto={expected:g}"
+    # The samples scored are the ones a fixed guidance of the chosen w draws.
+    fixed = draw_samples(ema, SamplerSpec("euler", 8, expected), evaluation.n, seed=0).x
+    assert guided.metrics == evaluate_samples(fixed.numpy(), np.asarray(splits.train), np.asarray(splits.test), seed=0)
+    # Other test rows: other metrics, the same choice (the test rows take no part in it).
+    other = evaluate_checkpoint(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=splits.val)
+    assert other.results[0].guidance_fit == choice
+    # Without val rows nothing can check the proposal: sampled as trained, and said so.
+    unchecked = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs[:1], n_samples=20).results[0]
+    assert unchecked.guidance == 1.0 and "no val rows" in unchecked.guidance_fit["note"]
+    # A model without a skip path is sampled as trained, under its plain label.
+    no_skip = evaluate_checkpoint(trained[0], splits.train, splits.test, specs[:1], n_samples=20).results[0]
+    assert (no_skip.sampler, no_skip.guidance, no_skip.guidance_fit["draws"]) == ("euler:8", 1.0, 0)
 
 
 @pytest.mark.slow

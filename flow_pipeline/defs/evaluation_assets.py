@@ -16,7 +16,7 @@ from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_ful
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.evaluation import (ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SAMPLES_PER_DIM, Evaluation,
-                                      SamplerSpec, evaluate_checkpoint)
+                                      SamplerSpec, evaluate_checkpoint, parse_guidance)
 from flow_pipeline.replicates import identity_key, replicates_from_metadata
 from flow_pipeline.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, REFERENCE_METRIC_KEYS, build_row, reference_rows,
                                   reference_table, sampler_table, sort_rows, write_report)
@@ -34,9 +34,13 @@ class EvaluationConfig(dg.Config):
     solver: str = Field(default="dopri5", description=f"ODE solver of the headline numbers: dopri5 (adaptive, rtol "
                         f"{DOPRI5_RTOL:g}, atol {DOPRI5_ATOL:g}), euler, midpoint, rk4")
     steps: int = Field(default=50, description="fixed steps of that solver (ignored by the adaptive dopri5)")
+    guidance: str = Field(default="auto", description="guidance of a linear_skip model's primary sampler: 'auto' "
+                          "(w >= 1 matching the training rows' variance over the network's coordinates; w = 1 for a "
+                          "model that is not under-dispersed or has no skip path), a number w (network part x w), "
+                          "or 1 for the model as trained")
     extra_samplers: list[str] = Field(
         default_factory=list, description="more settings to compare, each reported with its NFE, e.g. "
-        "['euler:50', 'rk4:10']"
+        "['euler:50', 'rk4:10', 'dopri5@1'] ('@W' / '@auto': that sampler's guidance; none: 1)"
     )
     n_samples: int = Field(default=SAMPLES_PER_DIM * 1024, description="cap on the number of samples: n = "
                            "min(test rows, n_samples); 5 x dim by default (FD and k-NN metrics are biased at n ~ dim)")
@@ -61,6 +65,10 @@ class EvaluationConfig(dg.Config):
                 specs.append(SamplerSpec.parse(text))
             except ValueError as exc:
                 raise ValueError(f"{field}: {exc}") from exc
+        try:
+            specs[0] = specs[0].resolved(parse_guidance(self.guidance))
+        except ValueError as exc:
+            raise ValueError(f"guidance: {exc}") from exc
         return specs
 
 
@@ -85,6 +93,8 @@ def evaluation_metadata(result: Evaluation, results_path) -> dict:
     metadata = {
         **{name: float(value) for name, value in primary.metrics.items() if name != "n"},
         "sampler": primary.sampler,
+        "guidance": primary.guidance,
+        **({"guidance_fit": dg.MetadataValue.json(primary.guidance_fit)} if primary.guidance_fit else {}),
         "dopri5_tolerance": f"rtol {DOPRI5_RTOL:g}, atol {DOPRI5_ATOL:g}",
         "nfe": primary.nfe,
         "seconds": round(primary.seconds, 3),

@@ -59,13 +59,18 @@ class LinearSkip(nn.Module):
         """The learned per-dimension variances s^2 (dim,), as the velocity uses them."""
         return self.log_var.clamp_min(_MIN_LOG_VAR).exp()
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        t_col = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
-        return self.net(x_t, t) + gaussian_velocity_gain(t_col, self.variances()) * x_t
+    def forward(self, x_t: Tensor, t: Tensor, guidance: float = 1.0) -> Tensor:
+        """The velocity; ``guidance`` w scales the network's part: g(t) x + w net(x, t) (1: the model as trained).
 
-    def subspace_velocity(self) -> "SubspaceVelocity | None":
-        """This velocity split by coordinates when the wrapped network moves only the first k
-        (:class:`PrincipalSubspace`); None for any other network."""
+        w > 1 extrapolates from the skip path's Gaussian (the model as training starts it) through the trained
+        model, the way guidance extrapolates from a weaker model: an under-fitted network's residual is shrunk
+        towards zero, and so are its samples (see :mod:`flow_pipeline.core.guidance`)."""
+        t_col = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
+        return guidance * self.net(x_t, t) + gaussian_velocity_gain(t_col, self.variances()) * x_t
+
+    def subspace_velocity(self, guidance: float = 1.0) -> "SubspaceVelocity | None":
+        """This velocity (with ``guidance`` as in :meth:`forward`) split by coordinates when the wrapped network
+        moves only the first k (:class:`PrincipalSubspace`); None for any other network."""
         if not isinstance(self.net, PrincipalSubspace):
             return None
         k, var = self.net.k, self.variances()
@@ -73,7 +78,7 @@ class LinearSkip(nn.Module):
 
         def velocity(x_k: Tensor, t: Tensor) -> Tensor:
             t_col = torch.as_tensor(t, dtype=x_k.dtype, device=x_k.device).reshape(-1, 1)
-            return network(x_k, t) + gaussian_velocity_gain(t_col, var[:k]) * x_k
+            return guidance * network(x_k, t) + gaussian_velocity_gain(t_col, var[:k]) * x_k
 
         return SubspaceVelocity(k=k, velocity=velocity, end_scale=var[k:].sqrt())
 
