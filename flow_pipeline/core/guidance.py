@@ -15,7 +15,7 @@ the model's own samples decide it: held-out and test rows, which score the sampl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,9 @@ class GuidanceFit:
     target_variance: the training rows' mean variance over the network's coordinates (normalised space).
     unguided_variance / guided_variance: the samples' at w = 1 and at the chosen w (NaN without a skip path).
     coordinates: how many coordinates the network moves (the variance is averaged over them).
-    draws: sample sets drawn. note: why w is what it is, in words."""
+    draws: sample sets drawn. note: why w is what it is, in words.
+    unguided_samples / guided_samples: the draws (n, dim) at w = 1 and at the chosen w, in the normalised space
+    (None without a skip path), for a caller that checks the choice on held-out rows without drawing again."""
 
     guidance: float
     target_variance: float
@@ -47,9 +49,12 @@ class GuidanceFit:
     coordinates: int
     draws: int
     note: str
+    unguided_samples: Tensor | None = field(default=None, repr=False, compare=False)
+    guided_samples: Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The numbers and the note (not the samples)."""
+        return {name: value for name, value in self.__dict__.items() if not name.endswith("_samples")}
 
 
 def network_coordinates(model: nn.Module, dim: int) -> int:
@@ -76,15 +81,18 @@ def fit_guidance(model: nn.Module, flow, normalized_train: Tensor, solver: str, 
         return GuidanceFit(1.0, target, nan, nan, k, 0, "no linear skip path: the model is sampled as trained")
     device = next(model.parameters()).device
 
+    drawn: dict[float, Tensor] = {}
+
     def variance(w: float) -> float:
-        x = sample(model, flow, n=n, dim=dim, solver=solver, steps=steps, seed=seed, device=device, rtol=rtol,
+        x = drawn[w] = sample(model, flow, n=n, dim=dim, solver=solver, steps=steps, seed=seed, device=device, rtol=rtol,
                    atol=atol, guidance=w).x
         value = float(x[:, :k].var(dim=0).mean())
         return value if math.isfinite(value) else math.inf  # diverged: far too dispersed
 
     tried = [(1.0, variance(1.0))]
     if tried[0][1] >= target:
-        return GuidanceFit(1.0, target, tried[0][1], tried[0][1], k, 1, "samples not under-dispersed: w = 1")
+        return GuidanceFit(1.0, target, tried[0][1], tried[0][1], k, 1, "samples not under-dispersed: w = 1",
+                           drawn[1.0], drawn[1.0])
     w = 1.25
     while len(tried) < MAX_DRAWS:
         tried.append((w, variance(w)))
@@ -103,4 +111,4 @@ def fit_guidance(model: nn.Module, flow, normalized_train: Tensor, solver: str, 
         note = f"variance over the network's {k} coordinates matched to the training rows' (within 1%)"
     else:
         note = f"closest variance {best_v:.3f} for a target of {target:.3f} after {len(tried)} draws"
-    return GuidanceFit(round(best_w, 4), target, tried[0][1], best_v, k, len(tried), note)
+    return GuidanceFit(round(best_w, 4), target, tried[0][1], best_v, k, len(tried), note, drawn[1.0], drawn[best_w])
