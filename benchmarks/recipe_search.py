@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,17 +125,21 @@ def sample_flow(model: nn.Module, n: int, dim: int, steps: int, seed: int) -> np
     return x.numpy()
 
 
-def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> tuple[np.ndarray, dict]:
+def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int,
+                            held_val: np.ndarray | None = None) -> list[tuple[np.ndarray, dict]]:
     """Train with the project's own trainer (TrainConfig, EMA, best.pt) and sample its EMA model like the
-    evaluation asset does (midpoint, ``--sample-steps``). Validation rows: the built-in val split; for ``real``,
-    64 of the fit rows (there are no others). Returns (samples, {train_s, best_val_loss})."""
+    evaluation asset does (midpoint, ``--sample-steps``), once per ``--guidance`` setting (an "auto" one fitted on
+    the fit rows, checked on the val rows). Validation rows: the built-in val split; for ``real``, ``held_val``
+    (``--real-val``), else 64 of the fit rows (there are no others).
+    Returns [(samples, {train_s, best_val_loss, guidance})] in the order of ``--guidance``."""
     import tempfile
 
     from flow_pipeline.config import TrainConfig
     from flow_pipeline.core.trainer import TrainData, train
-    from flow_pipeline.evaluation import SamplerSpec, draw_samples, load_ema_model
+    from flow_pipeline.core.distances import TrainSpace
+    from flow_pipeline.evaluation import SamplerSpec, choose_sampler_guidance, draw_samples, load_ema_model
 
-    val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else fit[:64]
+    val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else held_val if held_val is not None else fit[:64]
     config = TrainConfig(arch="mlp", flow=a.flow, model_size=a.size, normalization=a.norm, linear_skip=a.skip,
                          time_sampling=a.time, principal_dims=a.pca_dims, batch_size=a.batch, lr=a.lr, max_steps=a.steps,
                          eval_every_steps=a.eval_every, warmup_steps=min(200, a.steps // 10), patience=10_000, seed=a.seed, device="cpu",
@@ -144,13 +149,31 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int) -> t
                      normalizer)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(config, data, tmp)
+        if a.keep:  # the trained best.pt, for sampler experiments after this run
+            Path(a.keep).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result.checkpoint_path, a.keep)
         ema = load_ema_model(result.checkpoint_path)
-        samples = draw_samples(ema, SamplerSpec.parse(f"midpoint:{a.sample_steps}"), n, seed=a.seed).x.numpy()
-    return samples, {"train_s": round(result.train_seconds, 1), "best_val_loss": round(result.best_loss, 5)}
+        trained = {"train_s": round(result.train_seconds, 1), "best_val_loss": round(result.best_loss, 5)}
+        sets = []
+        for guidance in a.guidance.split(","):
+            spec = SamplerSpec.parse(f"midpoint:{a.sample_steps}@{guidance}")
+            chosen = {}
+            if spec.guidance is None:  # as the evaluation asset chooses it (val rows: see above)
+                chosen = choose_sampler_guidance(ema, spec, fit, val, TrainSpace.fit(fit), seed=a.seed + 1)
+                spec = spec.resolved(chosen["guidance"])
+            samples = draw_samples(ema, spec, n, seed=a.seed).x.numpy()
+            sets.append((samples, {**trained, "guidance": f"{guidance}={spec.guidance:g}",
+                                   **({"proposed": chosen["proposed_guidance"], "val_kid_w1": chosen["val_kid_unguided"],
+                                       "val_kid_w": chosen["val_kid_guided"]} if chosen else {})}))
+    return sets
 
 
-def run(a: argparse.Namespace) -> dict:
+def run(a: argparse.Namespace) -> list[dict]:
+    """One row per sample set: one, or one per ``--guidance`` setting of a project-trainer model."""
     fit, held, n = load(a.data, a.split_seed)
+    held_val = None
+    if a.data == "real" and a.real_val:  # held out of the fit rows: a val set the model never trains on
+        fit, held_val = fit[: -a.real_val], fit[-a.real_val:]
     start, extra = time.perf_counter(), {"load": round(os.getloadavg()[0], 1)}
     if a.model == "gaussian-full":
         mean, cov = ledoit_wolf_gaussian(fit)
@@ -160,8 +183,10 @@ def run(a: argparse.Namespace) -> dict:
         gen = fit[np.random.default_rng(a.seed).permutation(len(fit))[:n]] if a.data == "real" else \
             sonar_mixture(1024, 0).sample(n, np.random.default_rng(a.seed + 7))[0]
     elif a.trainer == "project":
-        gen, trained = project_trainer_samples(fit, a, n)
-        extra.update(trained, autocast=a.precision)
+        extra["autocast"] = a.precision
+        sets = project_trainer_samples(fit, a, n, held_val)
+        wall = time.perf_counter() - start  # training and every set's sampling
+        return [score_row(a, gen, fit, held, n, wall, {**extra, **trained}) for gen, trained in sets]
     else:
         norm = ProjectNormalizer(fit, a.norm)
         train_start = time.perf_counter()
@@ -171,12 +196,17 @@ def run(a: argparse.Namespace) -> dict:
         z = sample_flow(model.eval(), n, k, a.sample_steps, a.seed)
         rest = np.random.default_rng(a.seed + 2000).standard_normal((n, fit.shape[1] - k)).astype(np.float32)
         gen = norm.denormalize(np.concatenate([z, rest], axis=1))
-    wall = time.perf_counter() - start
+    return [score_row(a, gen, fit, held, n, time.perf_counter() - start, extra)]
+
+
+def score_row(a: argparse.Namespace, gen: np.ndarray, fit: np.ndarray, held: np.ndarray, n: int, wall: float,
+              extra: dict) -> dict:
+    """The results row of one generated set (n, dim): metrics against the held-out rows, the run's settings."""
     m = evaluate_samples(gen, fit, held, k=5, seed=0)
     nn_gen, nn_held = nearest_distance(gen, fit), nearest_distance(held[:n], fit)
     keys = ("ranking_kid", "fd_ratio", "precision", "recall", "density", "coverage", "train_copy_fraction")
     row = {"data": a.data, "model": a.model if a.model != "flow" else f"{a.flow}/{a.trainer}", "norm": a.norm, "time": a.time, "skip": a.skip, "size": f"w{a.width}d{a.depth}" if a.width else a.size,
-           "steps": a.steps, "batch": a.batch, "lr": a.lr, "ema": a.ema, "lw": a.loss_weight_power, "pca_dims": a.pca_dims, "seed": a.seed, "split_seed": a.split_seed,
+           "steps": a.steps, "batch": a.batch, "lr": a.lr, "ema": a.ema, "lw": a.loss_weight_power, "pca_dims": a.pca_dims, "seed": a.seed, "split_seed": a.split_seed, "fit_rows": fit.shape[0],
            "wall_s": round(wall, 1), **{k: float(f"{m[k]:.4g}") for k in keys},
            "nn_train_ratio": round(float(np.median(nn_gen) / np.median(nn_held)), 3), **extra}
     if a.data == "builtin":  # known truth: FD to the generator's true mean and covariance, over held-out rows' FD
@@ -255,7 +285,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="project trainer: autocast dtype")
     p.add_argument("--split-seed", type=int, default=0)
-    print(json.dumps(run(p.parse_args(argv))), flush=True)
+    p.add_argument("--keep", default="", help="project trainer: copy the run's best.pt to this path")
+    p.add_argument("--real-val", type=int, default=0, help="real data: hold this many of the 600 fit rows out "
+                   "as val rows (validation loss, the guidance check); the model and baselines fit the rest")
+    p.add_argument("--guidance", default="1", help="project trainer: comma-separated guidance settings, each a "
+                   "number or 'auto' (one row each), e.g. '1,auto'")
+    for row in run(p.parse_args(argv)):
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha2
 from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.data.split_store import first_training_rows
 from flow_pipeline.core.data.splits import DATASET_SIZES
-from flow_pipeline.core.distances import TrainSpace, kid, subsample
+from flow_pipeline.core.distances import TrainSpace, paired_kid, subsample
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.guidance import GuidanceFit, fit_guidance
 from flow_pipeline.core.models import build_model
@@ -192,6 +192,10 @@ def draw_samples(ema: EMAModel, spec: SamplerSpec, n: int, seed: int, batch_size
 GUIDANCE_TARGET_ROWS = 8_192
 
 
+# Standard errors by which the guided draw's val KID must beat the unguided one's for the guidance to be kept.
+GUIDANCE_CHECK_SES = 2.0
+
+
 def fit_sampler_guidance(ema: EMAModel, spec: SamplerSpec, train_rows: np.ndarray, seed: int) -> GuidanceFit:
     """Fit an "auto" guidance for this model and sampler on the run's training rows (raw space; the first
     GUIDANCE_TARGET_ROWS), drawing from noise seeded with ``seed`` (see :func:`fit_guidance`)."""
@@ -203,28 +207,34 @@ def fit_sampler_guidance(ema: EMAModel, spec: SamplerSpec, train_rows: np.ndarra
 def choose_sampler_guidance(ema: EMAModel, spec: SamplerSpec, train_rows: np.ndarray, val: np.ndarray | None,
                             space: TrainSpace, seed: int) -> dict:
     """The guidance of an "auto" setting: the variance-matched w (:func:`fit_sampler_guidance`), kept only when
-    the fit's own draw at that w is closer to held-out val rows than its draw at w = 1 (KID in the train-normalised
-    space, on as many val rows as the fit drew samples, 1,024); else 1. Where the network is under-fitted and
+    the fit's own draw at that w is closer to held-out val rows than its draw at w = 1 by more than
+    GUIDANCE_CHECK_SES standard errors of the paired difference (KID in the train-normalised space, on as many val
+    rows as the fit drew samples, 1,024); else 1. Where the network is under-fitted and
     shrinks its samples the guided draw wins; where it over-fits a small training set, spreading its samples moves
     them further from new rows, and w = 1 wins (RESULTS.md, section 7). Without val rows w = 1. The test rows take
     no part. Returns the fit's numbers with ``guidance`` the choice, ``proposed_guidance`` the fitted w and the two
     KIDs on val (None when not checked)."""
     fit = fit_sampler_guidance(ema, spec, train_rows, seed)
-    choice = {**fit.as_dict(), "proposed_guidance": fit.guidance, "val_kid_unguided": None, "val_kid_guided": None}
+    choice = {**fit.as_dict(), "proposed_guidance": fit.guidance, "val_kid_unguided": None, "val_kid_guided": None,
+              "val_kid_difference_se": None}
     if fit.guidance == 1.0:
         return choice
     if val is None or val.shape[0] < 4:
         return {**choice, "guidance": 1.0, "note": f"{fit.note}; no val rows to check w = {fit.guidance:g} on: "
                                                    "sampled as trained"}
     rows = subsample(val, min(val.shape[0], fit.guided_samples.shape[0]), np.random.default_rng(seed))
-    held_out = space.transform(rows)
-    kids = [kid(space.transform(ema.normalizer.denormalize(drawn).numpy()), held_out, n_bootstrap=1)["kid"]
-            for drawn in (fit.unguided_samples, fit.guided_samples)]
-    kept = kids[1] < kids[0]
-    verdict = (f"kept: KID on {rows.shape[0]} val rows {kids[1]:.3g} vs {kids[0]:.3g} as trained" if kept else
-               f"not kept (w = 1): KID on {rows.shape[0]} val rows {kids[1]:.3g} vs {kids[0]:.3g} as trained")
-    return {**choice, "guidance": fit.guidance if kept else 1.0, "val_kid_unguided": kids[0],
-            "val_kid_guided": kids[1], "note": f"{fit.note}; {verdict}"}
+    guided, unguided = (space.transform(ema.normalizer.denormalize(drawn).numpy())
+                        for drawn in (fit.guided_samples, fit.unguided_samples))
+    paired = paired_kid(guided, unguided, space.transform(rows))
+    # Kept only when the guided draw is closer by more than two standard errors of the paired difference: with a
+    # few hundred val rows a KID difference is mostly noise, and keeping a w on noise can cost more than it gains.
+    kept = paired["difference"] + GUIDANCE_CHECK_SES * paired["difference_se"] < 0
+    evidence = (f"KID on {rows.shape[0]} val rows {paired['kid_a']:.3g} vs {paired['kid_b']:.3g} as trained, "
+                f"difference {paired['difference']:.2g} ± {paired['difference_se']:.2g}")
+    verdict = f"kept: {evidence}" if kept else f"not kept (w = 1): {evidence}"
+    return {**choice, "guidance": fit.guidance if kept else 1.0, "val_kid_unguided": paired["kid_b"],
+            "val_kid_guided": paired["kid_a"], "val_kid_difference_se": paired["difference_se"],
+            "note": f"{fit.note}; {verdict}"}
 
 
 @dataclass

@@ -19,7 +19,7 @@ from flow_pipeline.core.data.stats import streaming_mean_std
 from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.reference_stats import KidReference
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.core.distances import TrainSpace, kid, subsample
+from flow_pipeline.core.distances import TrainSpace, paired_kid, subsample
 from flow_pipeline.core.guidance import FIT_SAMPLES
 from flow_pipeline.evaluation import (SamplerSpec, draw_samples, evaluate_checkpoint,
                                       load_ema_model, run_training_rows, sample_count, sample_count_note)
@@ -106,15 +106,20 @@ def test_auto_guidance_is_fitted_on_training_rows_checked_on_val_and_reported(tr
     choice = guided.guidance_fit
     assert plain.guidance == 1.0 and plain.guidance_fit is None and choice["coordinates"] == 8
     assert choice["proposed_guidance"] > 1.0  # the tiny model is under-dispersed
-    # The proposal is kept exactly when its samples' KID to the val rows (recomputed here: the fit's draws are
-    # FIT_SAMPLES samples from seed + 1) is the lower one.
+    # The proposal is kept exactly when its samples' KID to the val rows (recomputed here from fresh draws like the
+    # fit's: FIT_SAMPLES samples from seed + 1) beats the model's as trained by two standard errors of the difference.
     ema, space = load_ema_model(trained_skip), TrainSpace.fit(splits.train)
     rows = subsample(splits.val, min(len(splits.val), FIT_SAMPLES), np.random.default_rng(1))
-    kids = [kid(space.transform(draw_samples(ema, SamplerSpec("euler", 8, w), FIT_SAMPLES, seed=1).x.numpy()),
-                space.transform(rows), n_bootstrap=1)["kid"] for w in (1.0, choice["proposed_guidance"])]
-    assert [choice["val_kid_unguided"], choice["val_kid_guided"]] == pytest.approx(kids, rel=1e-3)  # w: 4 decimals
-    expected = choice["proposed_guidance"] if kids[1] < kids[0] else 1.0
+    guided_x, plain_x = (space.transform(draw_samples(ema, SamplerSpec("euler", 8, w), FIT_SAMPLES, seed=1).x.numpy())
+                         for w in (choice["proposed_guidance"], 1.0))
+    paired = paired_kid(guided_x, plain_x, space.transform(rows))
+    assert choice["val_kid_guided"] == pytest.approx(paired["kid_a"], rel=1e-3)  # w is reported to 4 decimals
+    assert choice["val_kid_unguided"] == pytest.approx(paired["kid_b"], rel=1e-9)
+    assert choice["val_kid_difference_se"] == pytest.approx(paired["difference_se"], rel=1e-2)
+    kept = paired["difference"] + 2 * paired["difference_se"] < 0
+    expected = choice["proposed_guidance"] if kept else 1.0
     assert guided.guidance == choice["guidance"] == expected
+    assert ("kept: KID" if kept else "not kept (w = 1)") in choice["note"]
     assert guided.sampler == f"euler:8@auto={expected:g}"
     # The samples scored are the ones a fixed guidance of the chosen w draws.
     fixed = draw_samples(ema, SamplerSpec("euler", 8, expected), evaluation.n, seed=0).x
