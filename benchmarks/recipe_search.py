@@ -128,16 +128,15 @@ def sample_flow(model: nn.Module, n: int, dim: int, steps: int, seed: int) -> np
 def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int,
                             held_val: np.ndarray | None = None) -> list[tuple[np.ndarray, dict]]:
     """Train with the project's own trainer (TrainConfig, EMA, best.pt) and sample its EMA model like the
-    evaluation asset does (midpoint, ``--sample-steps``), once per ``--guidance`` setting (an "auto" one fitted on
-    the fit rows, checked on the val rows). Validation rows: the built-in val split; for ``real``, ``held_val``
+    evaluation asset does (midpoint, ``--sample-steps``), once per ``--guidance`` setting (an "auto" one fitted to
+    the val rows' variance). Validation rows: the built-in val split; for ``real``, ``held_val``
     (``--real-val``), else 64 of the fit rows (there are no others).
     Returns [(samples, {train_s, best_val_loss, guidance})] in the order of ``--guidance``."""
     import tempfile
 
     from flow_pipeline.config import TrainConfig
     from flow_pipeline.core.trainer import TrainData, train
-    from flow_pipeline.core.distances import TrainSpace
-    from flow_pipeline.evaluation import SamplerSpec, choose_sampler_guidance, draw_samples, load_ema_model
+    from flow_pipeline.evaluation import SamplerSpec, draw_samples, fit_sampler_guidance, load_ema_model
 
     val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else held_val if held_val is not None else fit[:64]
     config = TrainConfig(arch="mlp", flow=a.flow, model_size=a.size, normalization=a.norm, linear_skip=a.skip,
@@ -157,14 +156,15 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int,
         sets = []
         for guidance in a.guidance.split(","):
             spec = SamplerSpec.parse(f"midpoint:{a.sample_steps}@{guidance}")
-            chosen = {}
-            if spec.guidance is None:  # as the evaluation asset chooses it (val rows: see above)
-                chosen = choose_sampler_guidance(ema, spec, fit, val, TrainSpace.fit(fit), seed=a.seed + 1)
-                spec = spec.resolved(chosen["guidance"])
+            fitted = {}
+            if spec.guidance is None:  # as the evaluation asset fits it (val rows: see above)
+                fitted = fit_sampler_guidance(ema, spec, fit, val, seed=a.seed + 1).as_dict()
+                spec = spec.resolved(fitted["guidance"])
             samples = draw_samples(ema, spec, n, seed=a.seed).x.numpy()
             sets.append((samples, {**trained, "guidance": f"{guidance}={spec.guidance:g}",
-                                   **({"proposed": chosen["proposed_guidance"], "val_kid_w1": chosen["val_kid_unguided"],
-                                       "val_kid_w": chosen["val_kid_guided"]} if chosen else {})}))
+                                   **({"target_variance": round(fitted["target_variance"], 4),
+                                       "unguided_variance": round(fitted["unguided_variance"], 4),
+                                       "guidance_note": fitted["note"]} if fitted else {})}))
     return sets
 
 
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--keep", default="", help="project trainer: copy the run's best.pt to this path")
     p.add_argument("--real-val", type=int, default=0, help="real data: hold this many of the 600 fit rows out "
-                   "as val rows (validation loss, the guidance check); the model and baselines fit the rest")
+                   "as val rows (validation loss, the guidance target); the model and baselines fit the rest")
     p.add_argument("--guidance", default="1", help="project trainer: comma-separated guidance settings, each a "
                    "number or 'auto' (one row each), e.g. '1,auto'")
     for row in run(p.parse_args(argv)):

@@ -19,9 +19,7 @@ from flow_pipeline.core.data.stats import streaming_mean_std
 from flow_pipeline.core.metrics import evaluate_samples
 from flow_pipeline.core.reference_stats import KidReference
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.core.distances import TrainSpace, paired_kid, subsample
-from flow_pipeline.core.guidance import FIT_SAMPLES
-from flow_pipeline.evaluation import (SamplerSpec, draw_samples, evaluate_checkpoint,
+from flow_pipeline.evaluation import (GUIDANCE_MIN_VAL_ROWS, SamplerSpec, draw_samples, evaluate_checkpoint,
                                       load_ema_model, run_training_rows, sample_count, sample_count_note)
 from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
 
@@ -98,38 +96,33 @@ def trained_skip(tmp_path_factory, trained):
 
 
 @pytest.mark.slow
-def test_auto_guidance_is_fitted_on_training_rows_checked_on_val_and_reported(trained, trained_skip):
+def test_auto_guidance_matches_the_val_rows_variance_and_is_reported(trained, trained_skip):
     _, splits = trained
+    val = np.concatenate([splits.val, splits.val[::-1] * 1.1])  # 128 held-out-like rows: the tiny val split has 64
     specs = [SamplerSpec.parse("euler:8@auto"), SamplerSpec.parse("euler:8")]
-    evaluation = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs, n_samples=100, val=splits.val)
+    evaluation = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs, n_samples=100, val=val)
     guided, plain = evaluation.results
-    choice = guided.guidance_fit
-    assert plain.guidance == 1.0 and plain.guidance_fit is None and choice["coordinates"] == 8
-    assert choice["proposed_guidance"] > 1.0  # the tiny model is under-dispersed
-    # The proposal is kept exactly when its samples' KID to the val rows (recomputed here from fresh draws like the
-    # fit's: FIT_SAMPLES samples from seed + 1) beats the model's as trained by two standard errors of the difference.
-    ema, space = load_ema_model(trained_skip), TrainSpace.fit(splits.train)
-    rows = subsample(splits.val, min(len(splits.val), FIT_SAMPLES), np.random.default_rng(1))
-    guided_x, plain_x = (space.transform(draw_samples(ema, SamplerSpec("euler", 8, w), FIT_SAMPLES, seed=1).x.numpy())
-                         for w in (choice["proposed_guidance"], 1.0))
-    paired = paired_kid(guided_x, plain_x, space.transform(rows))
-    assert choice["val_kid_guided"] == pytest.approx(paired["kid_a"], rel=1e-3)  # w is reported to 4 decimals
-    assert choice["val_kid_unguided"] == pytest.approx(paired["kid_b"], rel=1e-9)
-    assert choice["val_kid_difference_se"] == pytest.approx(paired["difference_se"], rel=1e-2)
-    kept = paired["difference"] + 2 * paired["difference_se"] < 0
-    expected = choice["proposed_guidance"] if kept else 1.0
-    assert guided.guidance == choice["guidance"] == expected
-    assert ("kept: KID" if kept else "not kept (w = 1)") in choice["note"]
-    assert guided.sampler == f"euler:8@auto={expected:g}"
-    # The samples scored are the ones a fixed guidance of the chosen w draws.
-    fixed = draw_samples(ema, SamplerSpec("euler", 8, expected), evaluation.n, seed=0).x
+    fit = guided.guidance_fit
+    assert plain.guidance == 1.0 and plain.guidance_fit is None and fit["coordinates"] == 8
+    # The target: the val rows' mean variance over the network's 8 coordinates, in the model's normalised space.
+    ema = load_ema_model(trained_skip)
+    assert len(val) >= GUIDANCE_MIN_VAL_ROWS
+    val_z = ema.normalizer.normalize(torch.from_numpy(val))[:, :8].double()
+    assert fit["target_variance"] == pytest.approx(float(val_z.var(dim=0).mean()), rel=1e-6)
+    assert "val rows" in fit["note"] and fit["guidance"] > 1.0  # the tiny model is under-dispersed
+    assert guided.guidance == fit["guidance"] and guided.sampler == f"euler:8@auto={fit['guidance']:g}"
+    # The samples scored are the ones a fixed guidance of the fitted w draws.
+    fixed = draw_samples(ema, SamplerSpec("euler", 8, fit["guidance"]), evaluation.n, seed=0).x
     assert guided.metrics == evaluate_samples(fixed.numpy(), np.asarray(splits.train), np.asarray(splits.test), seed=0)
-    # Other test rows: other metrics, the same choice (the test rows take no part in it).
-    other = evaluate_checkpoint(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=splits.val)
-    assert other.results[0].guidance_fit == choice
-    # Without val rows nothing can check the proposal: sampled as trained, and said so.
-    unchecked = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs[:1], n_samples=20).results[0]
-    assert unchecked.guidance == 1.0 and "no val rows" in unchecked.guidance_fit["note"]
+    # Other test rows: other metrics, the same w (the test rows take no part in it).
+    other = evaluate_checkpoint(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=val)
+    assert other.results[0].guidance_fit == fit
+    # Too few val rows: the training rows' variance is the target, and the note says so.
+    few = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs[:1], n_samples=20,
+                              val=val[: GUIDANCE_MIN_VAL_ROWS - 1]).results[0].guidance_fit
+    train_z = ema.normalizer.normalize(torch.from_numpy(np.array(splits.train)))[:, :8].double()
+    assert few["target_variance"] == pytest.approx(float(train_z.var(dim=0).mean()), rel=1e-6)
+    assert "training rows (fewer than" in few["note"]
     # A model without a skip path is sampled as trained, under its plain label.
     no_skip = evaluate_checkpoint(trained[0], splits.train, splits.test, specs[:1], n_samples=20).results[0]
     assert (no_skip.sampler, no_skip.guidance, no_skip.guidance_fit["draws"]) == ("euler:8", 1.0, 0)

@@ -180,39 +180,6 @@ def kid(x: np.ndarray, y: np.ndarray, n_bootstrap: int = KID_BOOTSTRAP, seed: in
     return {"kid": estimate, "kid_se": se, "kid_ci_low": float(low), "kid_ci_high": float(high)}
 
 
-def paired_kid(x_a: np.ndarray, x_b: np.ndarray, y: np.ndarray, chunk: int = KID_CHUNK) -> dict[str, float]:
-    """KID of two sample sets against the same rows y, and their difference with its standard error.
-
-    x_a, x_b, y: (m, d) with row i of x_a and x_b paired (drawn from the same noise, say) and both paired with y_i,
-    as :func:`kid` pairs rows. The difference KID(x_a) - KID(x_b) is the U-statistic of h_a(i, j) - h_b(i, j), in
-    which the k(y_i, y_j) terms cancel; its jackknife standard error comes from that statistic's row sums, so the
-    shared y rows and the pairing do not count as independent noise. Returns kid_a, kid_b, difference,
-    difference_se."""
-    m = min(x_a.shape[0], x_b.shape[0], y.shape[0])
-    if m < 4:
-        raise ValueError(f"paired KID needs at least 4 rows in each set, got {m}")
-    ta, tb, ty = (torch.from_numpy(np.ascontiguousarray(v[:m], dtype=np.float64)) for v in (x_a, x_b, y))
-    sums = {"a": torch.empty(m, dtype=torch.float64), "b": torch.empty(m, dtype=torch.float64)}
-    yy_total = 0.0
-    for start in range(0, m, chunk):
-        rows = slice(start, min(start + chunk, m))
-        local = torch.arange(rows.stop - rows.start)
-        yy = _cubic_kernel(ty[rows], ty)
-        yy[local, local + start] = 0.0
-        yy_total += float(yy.sum())
-        for name, tx in (("a", ta), ("b", tb)):
-            h = _cubic_kernel(tx[rows], tx) - _cubic_kernel(tx[rows], ty) - _cubic_kernel(ty[rows], tx)  # (c, m)
-            h[local, local + start] = 0.0  # i == j is not a pair
-            sums[name][rows] = h.sum(dim=1)
-    pairs = m * (m - 1)
-    difference_sums = (sums["a"] - sums["b"]).numpy()
-    total = float(difference_sums.sum())
-    leave_one_out = (total - 2.0 * difference_sums) / ((m - 1) * (m - 2))
-    se = float(np.sqrt((m - 1) / m * np.sum((leave_one_out - leave_one_out.mean()) ** 2)))
-    return {"kid_a": (float(sums["a"].sum()) + yy_total) / pairs, "kid_b": (float(sums["b"].sum()) + yy_total) / pairs,
-            "difference": total / pairs, "difference_se": se}
-
-
 def fd_infinity(x: np.ndarray, y: np.ndarray, n_sizes: int = FD_INF_SIZES, seed: int = 0) -> dict[str, float]:
     """FD∞ of x (n_x, d) against y (n_y, d): FD at ``n_sizes`` sample sizes evenly spaced in [m/2, m]
     (m = min(n_x, n_y), each a seeded subsample of both sets), a least-squares line FD(n) = FD∞ + slope / n, and its

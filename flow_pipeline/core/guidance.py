@@ -1,4 +1,4 @@
-"""Guidance of a skip-path model, set by the training rows' variance.
+"""Guidance of a skip-path model, set by the data's variance.
 
 A :class:`~flow_pipeline.core.models.skip.LinearSkip` model is the exact velocity of a Gaussian fit plus a
 network's residual. Fitted short of convergence, that residual is shrunk towards zero, and so are the samples:
@@ -8,14 +8,15 @@ part by w > 1 (``model(x, t, guidance=w)``) extrapolates from the Gaussian the m
 model, the way guidance extrapolates from a weaker model to a stronger one.
 
 :func:`fit_guidance` picks the w >= 1 at which the samples' variance over the network's coordinates (the model's
-normalised space, averaged over those coordinates) equals the training rows' there. Only the training rows and
-the model's own samples decide it: held-out and test rows, which score the samples, take no part.
+normalised space, averaged over those coordinates) equals that of given rows: the evaluation passes held-out val
+rows (the leading principal directions of a small training set overstate its variance along them), never the
+test rows that score the samples.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,19 +29,17 @@ MAX_GUIDANCE = 3.0
 # Samples per draw: the variance averaged over k = 64 coordinates of 1,024 samples has a relative standard error
 # near 0.6%, well inside the tolerance below.
 FIT_SAMPLES = 1024
-FIT_TOLERANCE = 0.01  # stop when the samples' variance is within 1% of the training rows'
+FIT_TOLERANCE = 0.01  # stop when the samples' variance is within 1% of the rows'
 MAX_DRAWS = 8
 
 
 @dataclass(frozen=True)
 class GuidanceFit:
     """guidance: the chosen w (1 when the model is not under-dispersed or has no skip path).
-    target_variance: the training rows' mean variance over the network's coordinates (normalised space).
+    target_variance: the target rows' mean variance over the network's coordinates (normalised space).
     unguided_variance / guided_variance: the samples' at w = 1 and at the chosen w (NaN without a skip path).
     coordinates: how many coordinates the network moves (the variance is averaged over them).
-    draws: sample sets drawn. note: why w is what it is, in words.
-    unguided_samples / guided_samples: the draws (n, dim) at w = 1 and at the chosen w, in the normalised space
-    (None without a skip path), for a caller that checks the choice on held-out rows without drawing again."""
+    draws: sample sets drawn. note: why w is what it is, in words."""
 
     guidance: float
     target_variance: float
@@ -49,12 +48,9 @@ class GuidanceFit:
     coordinates: int
     draws: int
     note: str
-    unguided_samples: Tensor | None = field(default=None, repr=False, compare=False)
-    guided_samples: Tensor | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        """The numbers and the note (not the samples)."""
-        return {name: value for name, value in self.__dict__.items() if not name.endswith("_samples")}
+        return dict(self.__dict__)
 
 
 def network_coordinates(model: nn.Module, dim: int) -> int:
@@ -63,36 +59,33 @@ def network_coordinates(model: nn.Module, dim: int) -> int:
     return net.k if isinstance(net, PrincipalSubspace) else dim
 
 
-def fit_guidance(model: nn.Module, flow, normalized_train: Tensor, solver: str, steps: int = 0, seed: int = 1,
+def fit_guidance(model: nn.Module, flow, normalized_rows: Tensor, solver: str, steps: int = 0, seed: int = 1,
                  n: int = FIT_SAMPLES, rtol: float = 1e-5, atol: float = 1e-5) -> GuidanceFit:
-    """The w in [1, MAX_GUIDANCE] whose samples match the training rows' variance over the network's coordinates.
+    """The w in [1, MAX_GUIDANCE] whose samples match the rows' variance over the network's coordinates.
 
-    normalized_train: (rows, dim) the run's training rows in the model's normalised space. The draws use the
-    sampler that will be scored (``solver``, ``steps``, ``rtol``, ``atol``: a coarser one misjudges the variance by
-    a few percent) and all start from the same noise (``seed``), so the variance is a smooth, here increasing,
+    normalized_rows: (rows, dim) data rows (held-out ones, or the run's training rows) in the model's normalised
+    space. The draws use the sampler that will be scored (``solver``, ``steps``, ``rtol``, ``atol``: a coarser one
+    misjudges the variance by a few percent) and all start from the same noise (``seed``), so the variance is a smooth, here increasing,
     function of w: secant steps from w = 1 reach it in a few draws. A model without a skip path gets w = 1 (nothing
     to guide), and so does one whose samples are not under-dispersed (guidance only undoes shrinkage); otherwise
     the w whose variance came closest, with ``note`` saying when the tolerance or the cap was not reached."""
-    dim = normalized_train.shape[1]
+    dim = normalized_rows.shape[1]
     k = network_coordinates(model, dim)
-    target = float(normalized_train[:, :k].double().var(dim=0).mean())
+    target = float(normalized_rows[:, :k].double().var(dim=0).mean())
     if not isinstance(model, LinearSkip):
         nan = float("nan")
         return GuidanceFit(1.0, target, nan, nan, k, 0, "no linear skip path: the model is sampled as trained")
     device = next(model.parameters()).device
 
-    drawn: dict[float, Tensor] = {}
-
     def variance(w: float) -> float:
-        x = drawn[w] = sample(model, flow, n=n, dim=dim, solver=solver, steps=steps, seed=seed, device=device, rtol=rtol,
+        x = sample(model, flow, n=n, dim=dim, solver=solver, steps=steps, seed=seed, device=device, rtol=rtol,
                    atol=atol, guidance=w).x
         value = float(x[:, :k].var(dim=0).mean())
         return value if math.isfinite(value) else math.inf  # diverged: far too dispersed
 
     tried = [(1.0, variance(1.0))]
     if tried[0][1] >= target:
-        return GuidanceFit(1.0, target, tried[0][1], tried[0][1], k, 1, "samples not under-dispersed: w = 1",
-                           drawn[1.0], drawn[1.0])
+        return GuidanceFit(1.0, target, tried[0][1], tried[0][1], k, 1, "samples not under-dispersed: w = 1")
     w = 1.25
     while len(tried) < MAX_DRAWS:
         tried.append((w, variance(w)))
@@ -108,7 +101,7 @@ def fit_guidance(model: nn.Module, flow, normalized_train: Tensor, solver: str, 
             break
     best_w, best_v = min(tried, key=lambda wv: abs(wv[1] - target))
     if abs(best_v - target) <= FIT_TOLERANCE * target:
-        note = f"variance over the network's {k} coordinates matched to the training rows' (within 1%)"
+        note = f"variance over the network's {k} coordinates matched to the rows' (within 1%)"
     else:
         note = f"closest variance {best_v:.3f} for a target of {target:.3f} after {len(tried)} draws"
-    return GuidanceFit(round(best_w, 4), target, tried[0][1], best_v, k, len(tried), note, drawn[1.0], drawn[best_w])
+    return GuidanceFit(round(best_w, 4), target, tried[0][1], best_v, k, len(tried), note)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flow_pipeline.core.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid, paired_kid
+from flow_pipeline.core.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid
 
 
 # The kernel's inner products are float32 matrix products (distances._cubic_kernel): each kernel value is off by
@@ -38,25 +38,6 @@ def test_kid_standard_error_is_the_jackknife_over_pairs():
     leave_one_out = np.array([brute_force_kid(np.delete(x, i, 0), np.delete(y, i, 0)) for i in range(15)])
     expected = np.sqrt(14 / 15 * np.sum((leave_one_out - leave_one_out.mean()) ** 2))
     assert kid(x, y, chunk=4, n_bootstrap=20)["kid_se"] == pytest.approx(expected, rel=1e-8)
-
-
-@pytest.mark.parametrize("chunk", [4, 100])
-def test_paired_kid_is_two_kids_and_the_jackknife_of_their_difference(chunk):
-    rng = np.random.default_rng(5 + chunk)
-    noise = rng.normal(size=(14, 4))
-    x_a, x_b, y = noise * 1.1 + 0.1, noise * 0.7, rng.normal(size=(14, 4))  # x_a, x_b paired by their noise
-    result = paired_kid(x_a, x_b, y, chunk=chunk)
-    assert result["kid_a"] == pytest.approx(brute_force_kid(x_a, y), abs=KID_ABS)
-    assert result["kid_b"] == pytest.approx(brute_force_kid(x_b, y), abs=KID_ABS)
-    assert result["difference"] == pytest.approx(result["kid_a"] - result["kid_b"], abs=KID_ABS)
-    # Leave pair i out of all three sets at once: the paired jackknife, written out.
-    leave_one_out = np.array([brute_force_kid(np.delete(x_a, i, 0), np.delete(y, i, 0))
-                              - brute_force_kid(np.delete(x_b, i, 0), np.delete(y, i, 0)) for i in range(14)])
-    expected = np.sqrt(13 / 14 * np.sum((leave_one_out - leave_one_out.mean()) ** 2))
-    assert result["difference_se"] == pytest.approx(expected, rel=1e-6)
-    # Pairing matters: the difference's error is well below what two independent KID errors would add up to.
-    separate = np.hypot(kid(x_a, y, n_bootstrap=1)["kid_se"], kid(x_b, y, n_bootstrap=1)["kid_se"])
-    assert result["difference_se"] < separate
 
 
 def test_kid_uses_the_first_rows_of_the_longer_set():
