@@ -55,7 +55,8 @@ SAMPLES_PER_DIM = 5
 class SamplerSpec:
     """One sampler setting: a fixed-step solver with its number of steps, or an adaptive one (steps 0), and the
     guidance of a skip-path model (:mod:`flow_pipeline.core.guidance`): a number w, 1 for the model as trained, or
-    None for "auto" (the w that matches the training rows' variance, fitted per checkpoint)."""
+    None for "auto" (the w that matches held-out rows' variance, fitted per checkpoint by
+    :func:`fit_sampler_guidance`)."""
 
     solver: str
     steps: int = 0
@@ -310,7 +311,8 @@ def evaluate_checkpoint(
     The run's own training rows (:func:`run_training_rows`) are what memorisation, the train-normalised space and
     the Gaussian baselines use. ``n = min(n_test, n_samples)`` samples per sampler, all starting from the same noise
     (``seed``); the metrics compare them with test, subsampled to n rows with ``seed``. With ``val`` given, the
-    references (held-out real val rows, gaussian-full, gaussian-diag) are scored with the same n, seed and k.
+    references (held-out real val rows, gaussian-full, gaussian-diag) are scored with the same n, seed and k, and
+    they are the target of an "auto" guidance (:func:`fit_sampler_guidance`).
     Raises CheckpointError for a bad file, ValueError for a dimension mismatch, an empty sampler list or too few
     rows. ``expected_sha256``: see :func:`load_ema_model`. ``sentences``: (train split's, test split's) row-aligned
     sentences; when given, the first ``n_sentences`` samples of the primary sampler are shown with their nearest

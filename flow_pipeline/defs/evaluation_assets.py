@@ -35,9 +35,9 @@ class EvaluationConfig(dg.Config):
                         f"{DOPRI5_RTOL:g}, atol {DOPRI5_ATOL:g}), euler, midpoint, rk4")
     steps: int = Field(default=50, description="fixed steps of that solver (ignored by the adaptive dopri5)")
     guidance: str = Field(default="auto", description="guidance of a linear_skip model's primary sampler: 'auto' "
-                          "(w >= 1 matching the training rows' variance over the network's coordinates; w = 1 for a "
-                          "model that is not under-dispersed or has no skip path), a number w (network part x w), "
-                          "or 1 for the model as trained")
+                          "(w >= 1 matching the val rows' variance over the network's coordinates, the training "
+                          "rows' below 100 val rows; w = 1 for a model that is not under-dispersed or has no skip "
+                          "path), a number w (network part x w), or 1 for the model as trained")
     extra_samplers: list[str] = Field(
         default_factory=list, description="more settings to compare, each reported with its NFE, e.g. "
         "['euler:50', 'rk4:10', 'dopri5@1'] ('@W' / '@auto': that sampler's guidance; none: 1)"
