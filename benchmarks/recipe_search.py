@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flow_pipeline.core.atomic import write_bytes_atomic
 from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.data.splits import split_array
 from flow_pipeline.core.data.synthetic import (frechet_to_gaussian, ledoit_wolf_gaussian, sonar_mixture,
@@ -148,9 +148,9 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int,
                      normalizer)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(config, data, tmp)
-        if a.keep:  # the trained best.pt, for sampler experiments after this run
+        if a.keep:  # the trained best.pt, for sampler experiments after this run (never half-written)
             Path(a.keep).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(result.checkpoint_path, a.keep)
+            write_bytes_atomic(a.keep, Path(result.checkpoint_path).read_bytes())
         ema = load_ema_model(result.checkpoint_path)
         trained = {"train_s": round(result.train_seconds, 1), "best_val_loss": round(result.best_loss, 5)}
         sets = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -126,6 +127,10 @@ def test_auto_guidance_matches_the_val_rows_variance_and_is_reported(trained, tr
     # A model without a skip path is sampled as trained, under its plain label.
     no_skip = evaluate_checkpoint(trained[0], splits.train, splits.test, specs[:1], n_samples=20).results[0]
     assert (no_skip.sampler, no_skip.guidance, no_skip.guidance_fit["draws"]) == ("euler:8", 1.0, 0)
+    assert json.dumps(no_skip.guidance_fit, allow_nan=False)  # evaluation.json stays strict JSON
+    # A fixed w on it is refused, naming what is missing.
+    with pytest.raises(ValueError, match="linear skip path"):
+        evaluate_checkpoint(trained[0], splits.train, splits.test, [SamplerSpec.parse("euler:8@1.5")], n_samples=20)
 
 
 @pytest.mark.slow

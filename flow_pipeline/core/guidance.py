@@ -37,14 +37,15 @@ MAX_DRAWS = 8
 class GuidanceFit:
     """guidance: the chosen w (1 when the model is not under-dispersed or has no skip path).
     target_variance: the target rows' mean variance over the network's coordinates (normalised space).
-    unguided_variance / guided_variance: the samples' at w = 1 and at the chosen w (NaN without a skip path).
+    unguided_variance / guided_variance: the samples' at w = 1 and at the chosen w (None without a skip path: no
+    draw, and no NaN in the evaluation's JSON).
     coordinates: how many coordinates the network moves (the variance is averaged over them).
     draws: sample sets drawn. note: why w is what it is, in words."""
 
     guidance: float
     target_variance: float
-    unguided_variance: float
-    guided_variance: float
+    unguided_variance: float | None
+    guided_variance: float | None
     coordinates: int
     draws: int
     note: str
@@ -65,16 +66,16 @@ def fit_guidance(model: nn.Module, flow, normalized_rows: Tensor, solver: str, s
 
     normalized_rows: (rows, dim) data rows (held-out ones, or the run's training rows) in the model's normalised
     space. The draws use the sampler that will be scored (``solver``, ``steps``, ``rtol``, ``atol``: a coarser one
-    misjudges the variance by a few percent) and all start from the same noise (``seed``), so the variance is a smooth, here increasing,
-    function of w: secant steps from w = 1 reach it in a few draws. A model without a skip path gets w = 1 (nothing
-    to guide), and so does one whose samples are not under-dispersed (guidance only undoes shrinkage); otherwise
-    the w whose variance came closest, with ``note`` saying when the tolerance or the cap was not reached."""
+    misjudges the variance by a few percent) and all start from the same noise (``seed``), so the variance is a
+    smooth function of w: secant steps from w = 1 reach the target in a few draws. A model without a skip path gets
+    w = 1 (nothing to guide), and so does one whose samples are not under-dispersed (guidance only undoes
+    shrinkage); otherwise the w whose variance came closest, with ``note`` saying why when the tolerance was not
+    reached (the cap, or a variance that does not grow with w)."""
     dim = normalized_rows.shape[1]
     k = network_coordinates(model, dim)
     target = float(normalized_rows[:, :k].double().var(dim=0).mean())
     if not isinstance(model, LinearSkip):
-        nan = float("nan")
-        return GuidanceFit(1.0, target, nan, nan, k, 0, "no linear skip path: the model is sampled as trained")
+        return GuidanceFit(1.0, target, None, None, k, 0, "no linear skip path: the model is sampled as trained")
     device = next(model.parameters()).device
 
     def variance(w: float) -> float:
@@ -86,22 +87,27 @@ def fit_guidance(model: nn.Module, flow, normalized_rows: Tensor, solver: str, s
     tried = [(1.0, variance(1.0))]
     if tried[0][1] >= target:
         return GuidanceFit(1.0, target, tried[0][1], tried[0][1], k, 1, "samples not under-dispersed: w = 1")
-    w = 1.25
+    w, stalled = 1.25, False
     while len(tried) < MAX_DRAWS:
         tried.append((w, variance(w)))
-        if abs(tried[-1][1] - target) <= FIT_TOLERANCE * target:
+        w_b, v_b = tried[-1]
+        w_a, v_a = [wv for wv in tried[:-1] if math.isfinite(wv[1])][-1]  # the draw at w = 1 always is
+        if abs(v_b - target) <= FIT_TOLERANCE * target:
             break
-        (w_a, v_a), (w_b, v_b) = tried[-2], tried[-1]
-        slope = (v_b - v_a) / (w_b - w_a) if math.isfinite(v_b) else 0.0
-        # A secant step; where the variance did not grow with w, halve towards the last point below the target.
-        below = max(wv[0] for wv in tried if wv[1] < target)
-        w_next = w_b + (target - v_b) / slope if slope > 0 else (below + w_b) / 2
+        if not math.isfinite(v_b):  # diverged: halfway back to the largest w still below the target
+            w_next = (max(seen for seen, v in tried if v < target) + w_b) / 2
+        elif v_b <= v_a:  # more guidance does not spread the samples: nothing to gain
+            stalled = True
+            break
+        else:  # a secant step
+            w_next = w_b + (target - v_b) * (w_b - w_a) / (v_b - v_a)
         w = min(MAX_GUIDANCE, max(1.0, w_next))
-        if any(abs(w - seen) < 1e-4 for seen, _ in tried):
+        if any(abs(w - seen) < 1e-4 for seen, _ in tried):  # at the cap (or the floor) again
             break
     best_w, best_v = min(tried, key=lambda wv: abs(wv[1] - target))
     if abs(best_v - target) <= FIT_TOLERANCE * target:
         note = f"variance over the network's {k} coordinates matched to the rows' (within 1%)"
     else:
-        note = f"closest variance {best_v:.3f} for a target of {target:.3f} after {len(tried)} draws"
+        why = "the variance does not grow with w" if stalled else f"the cap w = {MAX_GUIDANCE:g} or {MAX_DRAWS} draws"
+        note = f"closest variance {best_v:.3f} for a target of {target:.3f} after {len(tried)} draws ({why})"
     return GuidanceFit(round(best_w, 4), target, tried[0][1], best_v, k, len(tried), note)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -97,11 +98,43 @@ def test_fit_guidance_leaves_a_dispersed_model_and_a_plain_model_at_one():
     assert (wide.guidance, wide.draws) == (1.0, 1) and "not under-dispersed" in wide.note
     plain = fit_guidance(build_model("mlp", dim=DIM, size="tiny"), get_flow("icfm"), rows, "euler", steps=20, n=N)
     assert plain.guidance == 1.0 and plain.draws == 0 and "no linear skip" in plain.note
+    # No draw, no variance: None, so the evaluation's JSON stays strict JSON (no NaN).
+    assert plain.unguided_variance is None and json.dumps(plain.as_dict(), allow_nan=False)
 
 
 def test_fit_guidance_stops_at_the_cap_and_says_so():
-    # A network that shrinks (c < 0): more guidance only shrinks more, so no w in [1, cap] reaches the target.
+    # c = 0.02: the variance grows with w, but at w = 3 it is still 0.5 exp(0.12) v0 ~ 0.56 of the target.
+    fit = fit_guidance(gain_model(0.02, 0.5), get_flow("icfm"), training_rows(1.0), "dopri5", n=N)
+    assert fit.guidance == MAX_GUIDANCE and fit.guided_variance < 0.6 * fit.target_variance
+    assert f"the cap w = {MAX_GUIDANCE:g}" in fit.note
+
+
+def test_fit_guidance_gives_up_when_guidance_does_not_spread_the_samples():
+    # A network that shrinks (c < 0): more guidance only shrinks more, so w = 1 stays the closest.
     fit = fit_guidance(gain_model(-0.2, 0.5), get_flow("icfm"), training_rows(1.0), "euler", steps=20, n=N)
-    assert 1.0 <= fit.guidance <= MAX_GUIDANCE
-    assert fit.guided_variance < 0.9 * fit.target_variance
-    assert "closest variance" in fit.note
+    assert (fit.guidance, fit.draws) == (1.0, 2)
+    assert "does not grow with w" in fit.note
+
+
+def test_fit_guidance_steps_back_from_a_diverged_draw(monkeypatch):
+    import flow_pipeline.core.guidance as guidance
+
+    real_sample = guidance.sample
+    tried = []
+
+    def sample_diverging_at_the_first_step(*args, guidance: float = 1.0, **kwargs):
+        tried.append(guidance)
+        result = real_sample(*args, guidance=guidance, **kwargs)
+        if guidance == 1.25:  # the fit's first step out from w = 1 blows up
+            result.x = torch.full_like(result.x, float("inf"))
+        return result
+
+    monkeypatch.setattr(guidance, "sample", sample_diverging_at_the_first_step)
+    c, s2 = 0.2, 0.5
+    rows = training_rows(1.0)
+    fit = fit_guidance(gain_model(c, s2), get_flow("icfm"), rows, "dopri5", n=N, seed=5, rtol=1e-7, atol=1e-7)
+    assert tried[:3] == [1.0, 1.25, 1.125]  # halfway back to w = 1, the last draw below the target
+    target = float(rows[:, :K].double().var(0).mean())
+    noise_variance = float(initial_noise(N, DIM, seed=5)[:, :K].var(0).mean())
+    assert fit.guidance == pytest.approx(math.log(target / (s2 * noise_variance)) / (2 * c), abs=0.03)
+    assert fit.guided_variance == pytest.approx(target, rel=0.01)
