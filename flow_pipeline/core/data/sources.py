@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from flow_pipeline.core.data import DataError
@@ -9,6 +10,7 @@ from flow_pipeline.core.data.files import load_embeddings
 from flow_pipeline.core.data.split_files import SplitsRoot, is_splits_root, load_split_dir, load_splits_root
 from flow_pipeline.core.data.splits import Splits, split_array, validate_embeddings
 from flow_pipeline.core.data.synthetic import synthetic_sonar_mixture
+from flow_pipeline.core.data.truth import truth_record
 
 SYNTHETIC = "synthetic"
 # A split with fewer rows than this cannot train, validate or be evaluated meaningfully.
@@ -26,6 +28,7 @@ def build_splits(source: str, dim: int, n_synthetic: int, seed: int,
     if source == SYNTHETIC:
         embeddings = synthetic_sonar_mixture(n_synthetic, dim=dim, seed=seed)
         splits = split_array(embeddings, fractions, seed, source=f"synthetic SONAR-like mixture (n={n_synthetic}, seed={seed})")
+        splits = replace(splits, truth=truth_record(dim, seed))
     else:
         path = Path(source).expanduser().resolve()
         if path.is_dir() and is_splits_root(path):

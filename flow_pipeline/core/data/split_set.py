@@ -92,6 +92,7 @@ def load_saved_splits(directory: str | os.PathLike) -> Splits:
         seed=manifest.get("seed"),
         fractions=tuple(fractions) if fractions is not None else None,
         size=manifest.get("size"),
+        truth=manifest.get("truth"),
     )
 
 
@@ -124,6 +125,7 @@ def _manifest(splits: Splits, file_bytes: dict[str, int]) -> dict:
         "seed": splits.seed,
         "fractions": list(splits.fractions) if splits.fractions is not None else None,
         "size": splits.size,
+        "truth": splits.truth,
         "sentences": splits.sentences is not None,
         "file_bytes": file_bytes,
     }

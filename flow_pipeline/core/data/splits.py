@@ -29,6 +29,9 @@ class Splits:
     seed, fractions: how the split was drawn, when it was drawn here (``None`` for splits given as files).
     sentences: split name -> the sentence of each row (row-aligned), or ``None`` for sources without text.
     size: the subset label of split files given per size (1k, 5k, 10k, full), else ``None``.
+    truth: for rows drawn from a known distribution (the built-in generator), what rebuilds it:
+        ``{"generator": "sonar_mixture", "dim": ..., "seed": ...}`` (:func:`flow_pipeline.core.data.truth.truth_of`);
+        ``None`` for real data, whose density nobody knows.
     """
 
     train: np.ndarray
@@ -42,6 +45,7 @@ class Splits:
     fractions: tuple[float, float, float] | None = None
     sentences: dict[str, list[str]] | None = None
     size: str | None = None
+    truth: dict | None = None
 
     @property
     def dim(self) -> int:
