@@ -1,0 +1,68 @@
+"""``python -m flow_pipeline.study``: knobs from a run config file and flags, and a real study that ends in a report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flow_pipeline.study import PRESET_KNOBS, parse_args, study_run_config, training_knobs
+from flow_pipeline_tests.conftest import REPO_ROOT, cli_env
+
+
+def test_knobs_come_from_the_preset_then_the_file_then_flags_then_set(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"ops": {"trained_checkpoint": {"config": {"lr": 0.005, "max_steps": 900,
+                                                                              "normalization": "zscore"}}}}))
+    args = parse_args(["--config", str(config), "--max-steps", "120", "--set", "normalization=whiten",
+                       "--set", "linear_skip=false", "--set", "time_sampling=logit_normal"])
+    knobs = training_knobs(args)
+    assert knobs["lr"] == 0.005  # the file over the preset
+    assert knobs["max_steps"] == 120  # a flag over the file
+    assert knobs["normalization"] == "whiten" and knobs["linear_skip"] is False  # --set over everything, JSON-typed
+    assert knobs["time_sampling"] == "logit_normal"  # not JSON: kept as text
+    assert knobs["principal_dims"] == PRESET_KNOBS["principal_dims"]  # untouched preset knobs stay
+    train = study_run_config(args)["ops"]["trained_checkpoint"]["config"]
+    assert train["replicates"] == 3 and train["resume"] is True
+
+
+def test_a_flat_knob_file_is_read_too(tmp_path):
+    config = tmp_path / "flat.json"
+    config.write_text(json.dumps({"model_size": "tiny"}))
+    assert training_knobs(parse_args(["--config", str(config)]))["model_size"] == "tiny"
+
+
+@pytest.mark.parametrize("content, words", [("{not json", "cannot read it as JSON"),
+                                            ('{"ops": {"evaluation": {}}}', "no ops.trained_checkpoint.config"),
+                                            ("[1, 2]", "expected a JSON object")])
+def test_a_bad_config_file_is_named(tmp_path, content, words):
+    config = tmp_path / "bad.json"
+    config.write_text(content)
+    with pytest.raises(SystemExit, match=words) as raised:
+        training_knobs(parse_args(["--config", str(config)]))
+    assert str(config) in str(raised.value)
+
+
+def test_a_set_without_equals_is_refused():
+    with pytest.raises(SystemExit, match="expected KNOB=VALUE"):
+        training_knobs(parse_args(["--set", "normalization"]))
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_shipped_recipe_studied_with_replicates_ends_in_a_report(tmp_path):
+    """The README's study command on the shipped recipe, with fewer built-in rows and samples to stay quick."""
+    env = cli_env(DAGSTER_HOME=str(tmp_path / "home"), FLOW_PIPELINE_ROOT=str(tmp_path / "artifacts"))
+    (tmp_path / "home").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "flow_pipeline.study", "--config", "configs/quickstart.json", "--archs", "mlp",
+         "--flows", "icfm", "vp", "--replicates", "2", "--max-steps", "200", "--n-synthetic", "1600",
+         "--n-samples", "256"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = next((tmp_path / "artifacts" / "reports").glob("*.md")).read_text()
+    for partition in ("mlp-icfm", "mlp-vp"):
+        assert partition in report
+    assert "whiten" in report or "pd64" in report  # the recipe's identity, not the tiny default
+    assert "study: 2 partitions x 2 replicates" in done.stdout
