@@ -18,7 +18,7 @@ from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.study_report import (VAL_LOSS_RATIO, add_comparisons, evaluation_study_metadata, pick_baseline,
+from flow_pipeline.evaluation.study_report import (VAL_LOSS_RATIO, add_comparisons, evaluation_study_metadata, pick_baseline,
                                         statistics_markdown, study_rows)
 
 

@@ -20,6 +20,18 @@ from pathlib import Path
 from flow_pipeline.core.atomic import write_bytes_atomic
 
 
+# File names inside a run directory (``ArtifactLayout.run_dir``; best.pt and last.pt: flow_pipeline.core.checkpoint).
+JOB_NAME = "job.json"  # what the training process is asked to do
+RESULT_NAME = "result.json"  # a finished training's metadata
+FAILURE_NAME = "failure.json"  # why a training process failed
+LOSS_CURVE_NAME = "loss_curve.png"
+# Inside an evaluation directory (``ArtifactLayout.evaluation_dir``).
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_PNG = "samples.png"
+# Inside ``ArtifactLayout.reports_dir``.
+REPORT_MARKDOWN, REPORT_CSV, REPORT_PNG = "ablation_report.md", "ablation_report.csv", "ablation_report.png"
+
+
 @dataclass(frozen=True)
 class ArtifactLayout:
     root: Path
@@ -53,7 +65,7 @@ class ArtifactLayout:
     @property
     def reference_cache_dir(self) -> Path:
         """Scored reference rows, one JSON per set of inputs
-        (:func:`flow_pipeline.evaluation_references.cached_references`)."""
+        (:func:`flow_pipeline.evaluation.references.cached_references`)."""
         return self.root / "evaluation" / "references"
 
     @property

@@ -101,7 +101,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
                     world_size: int = 1, data_identity: dict | None = None, loss_curve_image: str = "") -> dict:
     """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run;
     ``loss_curve_image``: the curve as a Markdown image, shown above its table)."""
-    from flow_pipeline.plots import loss_curve_markdown
+    from flow_pipeline.evaluation.plots import loss_curve_markdown
 
     def typed(value, kind):
         return {"raw_value": value, "type": kind}
@@ -173,7 +173,7 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         if dist.active:
             torch_dist.destroy_process_group()
     if dist.is_main:
-        from flow_pipeline.plots import plot_loss_curve  # matplotlib costs seconds: import it only when needed
+        from flow_pipeline.evaluation.plots import plot_loss_curve  # matplotlib costs seconds: import it when needed
 
         load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
         figure = plot_loss_curve(result.history, config.run_name, result.best_loss, config.zero_predictor_loss())

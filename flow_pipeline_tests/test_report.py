@@ -15,7 +15,7 @@ import pytest
 
 from flow_pipeline.defs.assets import trained_checkpoint
 from flow_pipeline.defs.evaluation_assets import EVALUATION_JSON, EvaluationConfig, ablation_report, evaluation
-from flow_pipeline.report import (
+from flow_pipeline.evaluation.report import (
     COLUMN_KEYS,
     COLUMNS,
     LOSES_TO_BASELINE,
@@ -26,9 +26,9 @@ from flow_pipeline.report import (
     markdown_report,
     reference_rows,
     sort_rows,
-    write_report,
 )
-from flow_pipeline.plots import plot_report
+from flow_pipeline.evaluation.ablation_report import write_report
+from flow_pipeline.evaluation.plots import plot_report
 from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
 from flow_pipeline_tests.test_plots import embedded_png
 from flow_pipeline_tests.test_pipeline import latest_metadata, materialize_data, resources

@@ -13,7 +13,7 @@ from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, WORSE
 from flow_pipeline.core.trainer import train
 from flow_pipeline.replicates import identity_key
-from flow_pipeline.study_report import (
+from flow_pipeline.evaluation.study_report import (
     VAL_LOSS_RATIO,
     add_comparisons,
     evaluation_study_metadata,

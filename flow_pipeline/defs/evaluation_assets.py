@@ -1,5 +1,5 @@
 """Evaluation of every trained partition and the cross-partition ablation report (thin wrappers over
-:mod:`flow_pipeline.evaluation` and :mod:`flow_pipeline.report`)."""
+:mod:`flow_pipeline.evaluation` and :mod:`flow_pipeline.evaluation.report`)."""
 
 import dagster as dg
 from pydantic import Field
@@ -10,19 +10,20 @@ from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
 from flow_pipeline.core.data import DataError
 from flow_pipeline.core.data.split_set import load_saved_splits
 from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
-from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
+from flow_pipeline.core.metrics.ranking import METRIC_SPACES, RANKING_RULE
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
-from flow_pipeline.evaluation import (ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SAMPLES_PER_DIM, Evaluation,
-                                      SamplerSpec, evaluate_checkpoint, parse_guidance)
+from flow_pipeline.evaluation.evaluate import EvaluationData, EvaluationSettings, evaluate_checkpoint
+from flow_pipeline.evaluation.results import SAMPLES_PER_DIM, Evaluation
+from flow_pipeline.evaluation.samplers import ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SamplerSpec, parse_guidance
+from flow_pipeline.evaluation.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, REFERENCE_METRIC_KEYS, build_row,
+                                             reference_rows, reference_table, sampler_table, sort_rows)
+from flow_pipeline.evaluation.sentences import read_split_sentences, sentences_markdown
+from flow_pipeline.evaluation.study_report import (DEFAULT_BASELINE, add_comparisons, evaluation_study_metadata,
+                                                   pick_baseline, statistics_markdown, study_rows)
 from flow_pipeline.replicates import identity_key, replicates_from_metadata
-from flow_pipeline.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, REFERENCE_METRIC_KEYS, build_row, reference_rows,
-                                  reference_table, sampler_table, sort_rows, write_report)
-from flow_pipeline.sentences import read_split_sentences, sentences_markdown
-from flow_pipeline.study_report import (DEFAULT_BASELINE, add_comparisons, evaluation_study_metadata, pick_baseline,
-                                        statistics_markdown, study_rows)
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "samples.png"
@@ -154,12 +155,13 @@ def evaluation(
         run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
         splits = run.splits
         for entry in replicates_from_metadata(training):
+            data = EvaluationData(splits.train, splits.test, val=splits.val if config.references else None,
+                                  sentences=_sentences(run, config.n_sentences))
+            settings = EvaluationSettings(samplers, n_samples=config.n_samples, seed=config.seed, k=config.k,
+                                          batch_size=config.batch_size, n_sentences=config.n_sentences)
             result = evaluate_checkpoint(
-                entry["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,
-                seed=config.seed, k=config.k, device=compute.resolve_device(context.log),
-                batch_size=config.batch_size, expected_sha256=entry.get("sha256"),
-                val=splits.val if config.references else None,
-                sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
+                entry["checkpoint_path"], data, settings, device=compute.resolve_device(context.log),
+                expected_sha256=entry.get("sha256"),
                 reference_cache=layout.reference_cache_dir if config.reuse_references else None,
             )
             results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
@@ -171,7 +173,7 @@ def evaluation(
     _, result, results_path = evaluated[0]
     study = evaluation_study_metadata(training["config"], [
         (entry, {key: value for key, value in r.primary.metrics.items() if key != "n"}) for entry, r, _ in evaluated])
-    from flow_pipeline.plots import plot_evaluation  # matplotlib costs ~0.7 s: only in the process that draws
+    from flow_pipeline.evaluation.plots import plot_evaluation  # matplotlib costs ~0.7 s: only in the process that draws
 
     figure = plot_evaluation(result.primary_samples, splits.test, result.primary.metrics,
                              f"{partition} ({result.primary.sampler})", config.seed)
@@ -259,6 +261,8 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     baseline = pick_baseline(rows, config.baseline)
     add_comparisons(rows, baseline, PRIMARY_METRIC)
     statistics = statistics_markdown(sort_rows(rows), baseline, PRIMARY_METRIC)
+    from flow_pipeline.evaluation.ablation_report import write_report  # matplotlib: only where a report is drawn
+
     files = write_report(rows + reference_rows(newest), curves, artifacts.layout.reports_dir, statistics=statistics)
     context.log.info(f"ablation report over {len(rows)} run identities in {artifacts.layout.reports_dir}")
     return dg.MaterializeResult(metadata={
