@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flow_pipeline.core.atomic import write_bytes_atomic
@@ -80,3 +81,26 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
+
+
+@dataclass
+class TrainJob:
+    """Everything one training process needs, written by the orchestrator as ``job.json`` in the run directory."""
+
+    config: dict
+    splits_dir: str
+    stats_path: str
+    run_dir: str
+    partition_key: str | None = None
+    tracking: dict = field(default_factory=lambda: {"mode": "disabled"})
+    # Which training rows and statistics (subset, stats file and its sha256): in the metadata and the checkpoint.
+    data_identity: dict = field(default_factory=dict)
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / JOB_NAME
+        write_json(path, asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))
