@@ -25,7 +25,7 @@ from flow_pipeline.evaluation.evaluate import (EvaluationData, EvaluationSetting
 from flow_pipeline.evaluation.guidance import GUIDANCE_MIN_VAL_ROWS
 from flow_pipeline.evaluation.results import sample_count, sample_count_note
 from flow_pipeline.evaluation.samplers import SamplerSpec, draw_samples
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
+from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
                "train_copy_fraction", "copy_threshold",

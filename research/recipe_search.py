@@ -9,9 +9,9 @@ than unseen real rows are, the sign of memorisation). Reference rows: ``--model 
 covariance of the fit rows) and ``--model heldout`` (real held-out rows, or for ``builtin`` fresh rows of the true
 distribution).
 
-    python benchmarks/recipe_search.py --data real --norm whiten --time logit_normal --skip --steps 1500
-    python benchmarks/recipe_search.py --trainer project --size matched --skip --pca-dims 64 --steps 3000 --batch 256
-    python benchmarks/recipe_search.py calibrate   # the generator's calibration against the real vectors
+    python research/recipe_search.py --data real --norm whiten --time logit_normal --skip --steps 1500
+    python research/recipe_search.py --trainer project --size matched --skip --pca-dims 64 --steps 3000 --batch 256
+    python research/recipe_search.py calibrate   # the generator's calibration against the real vectors
 
 Single-threaded (torch.set_num_threads(1)) so a shared 2-core machine keeps a core for others.
 """

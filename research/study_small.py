@@ -2,7 +2,7 @@
 (core trainer, study_report rows, baseline comparison), on validation loss / zero-predictor loss, for a machine
 where the full preset does not fit. Prints the statistics table and the wall time.
 
-    python benchmarks/study_small.py --archs mlp unet --flows icfm vp --seeds 3 --max-steps 60
+    python research/study_small.py --archs mlp unet --flows icfm vp --seeds 3 --max-steps 60
 """
 
 from __future__ import annotations
