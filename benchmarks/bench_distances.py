@@ -20,8 +20,8 @@ import torch
 from common import add_run_arguments, command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.baselines import fit_baseline
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
-from flow_pipeline.core.distances import TrainSpace, fd_infinity, kid
-from flow_pipeline.core.metrics import evaluate_samples
+from flow_pipeline.core.metrics.distances import TrainSpace, fd_infinity, kid
+from flow_pipeline.core.metrics.real_side import evaluate_samples
 
 NAME = "bench_distances"
 

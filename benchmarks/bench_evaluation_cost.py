@@ -5,7 +5,7 @@
     python benchmarks/bench_evaluation_cost.py --path one-shot
 
 Built-in SONAR-like rows: 15,360 training rows, 5,120 test rows, and 5,120 held-out rows scored as the "samples".
-``one-shot`` is the composition of the metric functions an evaluation ran before :mod:`flow_pipeline.core.real_side`
+``one-shot`` is the composition of the metric functions an evaluation ran before :mod:`flow_pipeline.core.metrics.real_side`
 (every metric on its own subsamples and distance passes; the copy threshold, computed once per evaluation, timed
 apart). ``prepared`` is :meth:`RealSide.prepare` once, then :meth:`RealSide.score` per sample set. Both print their
 metrics, so that agreement can be read off; peak RSS is the process's (``resource.getrusage``).
@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from common import add_run_arguments, command_line, finish_run, format_table, start_run, write_result
-from flow_pipeline.core.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid, subsample
-from flow_pipeline.core.metrics import (
-    copy_threshold, memorization_ratio, nn_cosine, norm_stats, prdc, train_copy_fraction,
-)
-from flow_pipeline.core.real_side import RealSide
+from flow_pipeline.core.metrics.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid, subsample
+from flow_pipeline.core.metrics.copies import copy_threshold, memorization_ratio, train_copy_fraction
+from flow_pipeline.core.metrics.prdc import nn_cosine, norm_stats, prdc
+from flow_pipeline.core.metrics.real_side import RealSide
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 
 NAME = "bench_evaluation_cost"

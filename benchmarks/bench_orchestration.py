@@ -165,7 +165,8 @@ def main() -> None:
         run(materialize_command("trained_checkpoint", config, args.partition), env, work)
         from flow_pipeline.config import TrainConfig
         from flow_pipeline.core.trainer import train
-        from flow_pipeline.train import TrainJob, load_train_data, run_job
+        from flow_pipeline.artifacts import TrainJob
+        from flow_pipeline.train import load_train_data, run_job
 
         dagster_run_dir = next((root / "checkpoints").iterdir())
         job = TrainJob.load(dagster_run_dir / "job.json")

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from common import add_run_arguments, command_line, finish_run, format_table, start_run, write_result
-from flow_pipeline.core.distances import TrainSpace
-from flow_pipeline.core.real_side import RealSide
+from flow_pipeline.core.metrics.distances import TrainSpace
+from flow_pipeline.core.metrics.real_side import RealSide
 from flow_pipeline.core.sampling import initial_noise, velocity_field
 from flow_pipeline.core.data.split_set import load_saved_splits
-from flow_pipeline.evaluation import SamplerSpec, draw_samples, load_ema_model, run_training_rows
+from flow_pipeline.core.checkpoint import load_ema_model
+from flow_pipeline.evaluation.evaluate import run_training_rows, saved_train_config
+from flow_pipeline.evaluation.samplers import SamplerSpec, draw_samples
 
 NAME = "bench_samplers"
 SHOWN = ("ranking_kid", "kid_se", "kid_ci_low", "kid_ci_high", "precision", "recall", "coverage", "fd_inf")
@@ -59,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = start_run(args)
-    ema = load_ema_model(args.checkpoint)
+    ema = load_ema_model(args.checkpoint, saved_train_config)
     splits = load_saved_splits(args.splits)
     train = run_training_rows(splits.train, ema.config)
     summary = {"command": command_line(), "checkpoint": args.checkpoint, "n": args.n, "threads": args.threads,

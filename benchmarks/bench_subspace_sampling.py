@@ -22,10 +22,12 @@ from torch import nn
 
 from common import add_run_arguments, command_line, finish_run, format_table, median, spread, start_run, write_result
 from flow_pipeline.core.data.split_set import load_saved_splits
-from flow_pipeline.core.distances import TrainSpace
-from flow_pipeline.core.real_side import RealSide
+from flow_pipeline.core.metrics.distances import TrainSpace
+from flow_pipeline.core.metrics.real_side import RealSide
 from flow_pipeline.core.sampling import sample
-from flow_pipeline.evaluation import DOPRI5_ATOL, DOPRI5_RTOL, load_ema_model, run_training_rows
+from flow_pipeline.core.checkpoint import load_ema_model
+from flow_pipeline.evaluation.evaluate import run_training_rows, saved_train_config
+from flow_pipeline.evaluation.samplers import DOPRI5_ATOL, DOPRI5_RTOL
 
 NAME = "bench_subspace_sampling"
 
@@ -53,7 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     machine = start_run(args)
-    ema = load_ema_model(args.checkpoint)
+    ema = load_ema_model(args.checkpoint, saved_train_config)
     if not hasattr(ema.model, "subspace_velocity") or ema.model.subspace_velocity() is None:
         print(f"{args.checkpoint}: not a linear_skip + principal_dims model; nothing to compare", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """Soak a whole study: every partition as one backfill on PostgreSQL + daemon (gpu pool 2) while training processes
 and run workers are SIGKILLed at random moments and PostgreSQL restarts; prints and saves the figures.
 
-    python benchmarks/soak.py                                  # 12 partitions, replicates 2, 10 + 1 kills, 1 restart
-    python benchmarks/soak.py --partitions mlp-icfm dit-fm --training-kills 2   # a short one
+    python -m benchmarks.soak                                  # 12 partitions, replicates 2, 10 + 1 kills, 1 restart
+    python -m benchmarks.soak --partitions mlp-icfm dit-fm --training-kills 2   # a short one
 
 Needs root-free PostgreSQL binaries (Debian package postgresql; scripts/install.sh test installs it as root). Results:
 benchmarks/results/soak.json; see RELIABILITY.md.
@@ -16,11 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # flow_pipeline_tests is not an installed package
-
-from common import command_line, machine_info, write_result  # noqa: E402
-
-from flow_pipeline_tests.soak import SoakSettings, run_soak  # noqa: E402
+from benchmarks.common import command_line, machine_info, write_result
+from flow_pipeline_tests.soak import SoakSettings, run_soak
 
 
 def main() -> None:

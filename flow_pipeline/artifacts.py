@@ -14,10 +14,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flow_pipeline.core.atomic import write_bytes_atomic
+
+
+# File names inside a run directory (``ArtifactLayout.run_dir``; best.pt and last.pt: flow_pipeline.core.checkpoint).
+JOB_NAME = "job.json"  # what the training process is asked to do
+RESULT_NAME = "result.json"  # a finished training's metadata
+FAILURE_NAME = "failure.json"  # why a training process failed
+LOSS_CURVE_NAME = "loss_curve.png"
+# Inside an evaluation directory (``ArtifactLayout.evaluation_dir``).
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_PNG = "samples.png"
+# Inside ``ArtifactLayout.reports_dir``.
+REPORT_MARKDOWN, REPORT_CSV, REPORT_PNG = "ablation_report.md", "ablation_report.csv", "ablation_report.png"
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,7 @@ class ArtifactLayout:
     @property
     def reference_cache_dir(self) -> Path:
         """Scored reference rows, one JSON per set of inputs
-        (:func:`flow_pipeline.evaluation_references.cached_references`)."""
+        (:func:`flow_pipeline.evaluation.references.cached_references`)."""
         return self.root / "evaluation" / "references"
 
     @property
@@ -68,3 +81,26 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=True).encode())
+
+
+@dataclass
+class TrainJob:
+    """Everything one training process needs, written by the orchestrator as ``job.json`` in the run directory."""
+
+    config: dict
+    splits_dir: str
+    stats_path: str
+    run_dir: str
+    partition_key: str | None = None
+    tracking: dict = field(default_factory=lambda: {"mode": "disabled"})
+    # Which training rows and statistics (subset, stats file and its sha256): in the metadata and the checkpoint.
+    data_identity: dict = field(default_factory=dict)
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / JOB_NAME
+        write_json(path, asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from flow_pipeline.core.checkpoint import BEST_NAME, LAST_NAME, CheckpointError, load_checkpoint, sha256_file
+from flow_pipeline.artifacts import RESULT_NAME
+from flow_pipeline.core.checkpoint import BEST_NAME, LAST_NAME, CheckpointError, verify
 from flow_pipeline.core.study_stats import t_interval
-from flow_pipeline.train import RESULT_NAME
 
 NOT_IDENTITY = ("seed", "resume")
 # The identity's fields a reader sees first (the rest is in the hash).
@@ -50,9 +53,9 @@ def completed_result(run_dir: Path, config: dict) -> dict | None:
     try:
         result = json.loads(result_path.read_text())
         if (identity_of(result["config"]) != identity_of(config) or result["config"]["seed"] != config["seed"]
-                or Path(result["checkpoint_path"]) != best_path or sha256_file(best_path) != result.get("sha256")):
+                or Path(result["checkpoint_path"]) != best_path or not result.get("sha256")):
             return None
-        load_checkpoint(best_path)
+        verify(best_path, result["sha256"])
     except (OSError, ValueError, KeyError, CheckpointError):
         return None
     return result
@@ -85,3 +88,36 @@ def replicates_from_metadata(metadata: dict) -> list[dict]:
              "sha256": metadata.get("sha256"),
              "best_val_loss": metadata.get("best_val_loss"), "global_step": metadata.get("global_step"),
              "stopped_early": metadata.get("stopped_early"), "train_seconds": metadata.get("train_seconds")}]
+
+
+@dataclass
+class ReplicatesResult:
+    """The replicates of one training: each one's materialization metadata as reported (the first one's values are
+    the partition's headline ones), and the plain summary over all of them (:func:`summary_metadata`)."""
+
+    first: dict
+    summary: dict
+
+
+def train_replicates(config: Any, replicates: int, run_dir_of: Callable[[str], Path],
+                     train_one: Callable[[Any], dict], log: Callable[[str], None]) -> ReplicatesResult:
+    """Train ``replicates`` runs of ``config`` (a validated TrainConfig) with seeds ``seed, seed + 1, ...``:
+    ``train_one(replicate_config)`` trains one and returns its metadata. A replicate whose run directory
+    (``run_dir_of(run_name)``) holds a complete, intact run of it is not trained again when ``resume`` is set."""
+    entries, first = [], None
+    for seed in replicate_seeds(config.seed, replicates):
+        replicate = config.model_copy(update={"seed": seed})
+        run_dir = run_dir_of(replicate.run_name)
+        done = completed_result(run_dir, replicate.model_dump()) if replicate.resume else None
+        if done is not None:
+            log(f"replicate seed={seed}: {run_dir / BEST_NAME} is complete and intact, skipped")
+            metadata = {key: value for key, value in done.items() if key != "process"}
+        else:
+            metadata = train_one(replicate)
+        entries.append(replicate_entry({key: getattr(value, "value", value) for key, value in metadata.items()}))
+        first = first or metadata
+    summary = summary_metadata(entries)
+    if len(entries) > 1:
+        log(f"{len(entries)} replicates, best val loss {summary['best_val_loss_mean']:.4f} "
+            f"(95% CI {summary['best_val_loss_ci95_low']:.4f} .. {summary['best_val_loss_ci95_high']:.4f})")
+    return ReplicatesResult(first, summary)

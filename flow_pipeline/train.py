@@ -14,51 +14,23 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from flow_pipeline.artifacts import write_json
+from flow_pipeline.artifacts import FAILURE_NAME, LOSS_CURVE_NAME, RESULT_NAME, TrainJob, write_json
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.checkpoint import load_checkpoint
+from flow_pipeline.core.checkpoint import verify
 from flow_pipeline.core.data.normalization import load_normalizer
 from flow_pipeline.core.data.split_store import load_run_splits
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.tracking import NullTracker
 from flow_pipeline.core.trainer import TrainData, TrainResult, train
 
-JOB_NAME = "job.json"
-RESULT_NAME = "result.json"
-FAILURE_NAME = "failure.json"
-LOSS_CURVE_NAME = "loss_curve.png"
 
 logger = logging.getLogger("flow_pipeline")
-
-
-@dataclass
-class TrainJob:
-    """Everything one training process needs, written by the orchestrator as ``job.json`` in the run directory."""
-
-    config: dict
-    splits_dir: str
-    stats_path: str
-    run_dir: str
-    partition_key: str | None = None
-    tracking: dict = field(default_factory=lambda: {"mode": "disabled"})
-    # Which training rows and statistics (subset, stats file and its sha256): in the metadata and the checkpoint.
-    data_identity: dict = field(default_factory=dict)
-
-    def save(self) -> Path:
-        path = Path(self.run_dir) / JOB_NAME
-        write_json(path, asdict(self))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainJob":
-        return cls(**json.loads(Path(path).read_text()))
 
 
 def init_distributed(device: str) -> DistInfo:
@@ -101,7 +73,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
                     world_size: int = 1, data_identity: dict | None = None, loss_curve_image: str = "") -> dict:
     """Materialization metadata in Dagster Pipes' typed form (``world_size``: training processes of the run;
     ``loss_curve_image``: the curve as a Markdown image, shown above its table)."""
-    from flow_pipeline.plots import loss_curve_markdown
+    from flow_pipeline.evaluation.plots import loss_curve_markdown
 
     def typed(value, kind):
         return {"raw_value": value, "type": kind}
@@ -173,9 +145,9 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
         if dist.active:
             torch_dist.destroy_process_group()
     if dist.is_main:
-        from flow_pipeline.plots import plot_loss_curve  # matplotlib costs seconds: import it only when needed
+        from flow_pipeline.evaluation.plots import plot_loss_curve  # matplotlib costs seconds: import it when needed
 
-        load_checkpoint(result.checkpoint_path)  # proves best.pt reads back with weights_only=True
+        verify(result.checkpoint_path, result.sha256)  # best.pt is the file reported, and reads back
         figure = plot_loss_curve(result.history, config.run_name, result.best_loss, config.zero_predictor_loss())
         loss_curve = figure.save(run_dir / LOSS_CURVE_NAME)
         metadata = result_metadata(result, config, tracking_info, loss_curve, dist.world_size,

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flow_pipeline_tests.conftest import free_port
+from flow_pipeline_tests.helpers import free_port
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"

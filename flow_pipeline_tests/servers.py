@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from dagster_graphql import DagsterGraphQLClient
 
-from flow_pipeline_tests.conftest import free_port
+from flow_pipeline_tests.helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE = REPO_ROOT / "workspace.yaml"

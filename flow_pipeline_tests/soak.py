@@ -33,7 +33,8 @@ from flow_pipeline.defs.failures import FAILURE_KIND_TAG
 from flow_pipeline.defs.retries import ATTEMPT_TAG
 from flow_pipeline.defs.run_config import TrainRunConfig
 from flow_pipeline.replicates import replicates_from_metadata
-from flow_pipeline.train import JOB_NAME, TrainJob, run_job
+from flow_pipeline.artifacts import JOB_NAME, TrainJob
+from flow_pipeline.train import run_job
 from flow_pipeline_tests.postgres_server import PostgresServer, _run as run_as_server_user, start_postgres
 from flow_pipeline_tests.servers import BIN, REPO_ROOT, DagsterServers, dagster_servers
 

@@ -21,7 +21,7 @@ from flow_pipeline.defs.assets import TrainRunConfig, dataset_splits, normalizat
 from flow_pipeline.defs.checks import (BEATS_ZERO_PREDICTOR, FILE_INTACT, WEIGHTS_FINITE, combine_replicates,
                                        verify_checkpoint, verify_trained_checkpoint)
 from flow_pipeline.defs.resources import ArtifactsResource
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
+from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN, run_config
 
 PARTITION = "unet-icfm"  # the fastest tiny model; it beats the zero predictor in 2 epochs (best loss ~1.92)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flow_pipeline.core.checkpoint import load_checkpoint, sha256_file
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
+from flow_pipeline_tests.helpers import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

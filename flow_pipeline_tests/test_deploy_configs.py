@@ -23,7 +23,7 @@ from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 
 from flow_pipeline.defs.assets import K8S_CONFIG_TAG, k8s_gpu_run_tags, training_command
-from flow_pipeline_tests.conftest import REPO_ROOT
+from flow_pipeline_tests.helpers import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 PG_ENV = {"DAGSTER_PG_HOST": "db.internal", "DAGSTER_PG_PORT": "6543", "DAGSTER_PG_USERNAME": "flow",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flow_pipeline_tests.conftest import REPO_ROOT, cli_env
+from flow_pipeline_tests.helpers import REPO_ROOT, cli_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.failures import DISK_FULL, FAILURE_KIND_TAG
 from flow_pipeline.defs.retries import RetrySettings, build_retry_schedule
 from flow_pipeline.definitions import defs
-from flow_pipeline_tests.conftest import TINY_TRAIN, fill, run_config, small_disk
+from flow_pipeline_tests.helpers import TINY_TRAIN, fill, run_config, small_disk
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

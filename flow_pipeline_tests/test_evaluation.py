@@ -12,23 +12,33 @@ import torch
 
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.baselines import fit_baseline
-from flow_pipeline.core.checkpoint import CheckpointError, sha256_file
+from flow_pipeline.core.checkpoint import CheckpointError, load_ema_model, sha256_file
 from flow_pipeline.core.data.normalization import Normalizer, floor_std
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.data.splits import split_array
 from flow_pipeline.core.data.stats import streaming_mean_std
-from flow_pipeline.core.metrics import evaluate_samples
-from flow_pipeline.core.reference_stats import KidReference
+from flow_pipeline.core.metrics.real_side import evaluate_samples
+from flow_pipeline.core.metrics.reference_stats import KidReference
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.evaluation import (GUIDANCE_MIN_VAL_ROWS, SamplerSpec, draw_samples, evaluate_checkpoint,
-                                      load_ema_model, run_training_rows, sample_count, sample_count_note)
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN
+from flow_pipeline.evaluation.evaluate import (EvaluationData, EvaluationSettings, evaluate_checkpoint, run_training_rows,
+                                               saved_train_config)
+from flow_pipeline.evaluation.guidance import GUIDANCE_MIN_VAL_ROWS
+from flow_pipeline.evaluation.results import sample_count, sample_count_note
+from flow_pipeline.evaluation.samplers import SamplerSpec, draw_samples
+from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN
 
 METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
                "train_copy_fraction", "copy_threshold",
                "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n", "kid", "kid_se",
                "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope", "variance_ratio", "norm_ratio",
                "memorising"}
+
+
+def evaluate(path, train, test, samplers, val=None, sentences=None, expected_sha256=None, reference_cache=None,
+             **settings):
+    """:func:`evaluate_checkpoint` with the data and the settings as keyword arguments."""
+    return evaluate_checkpoint(path, EvaluationData(train, test, val, sentences), EvaluationSettings(samplers, **settings),
+                               expected_sha256=expected_sha256, reference_cache=reference_cache)
 
 
 # --------------------------------------------------------------------------------------------- sampler specs
@@ -101,12 +111,12 @@ def test_auto_guidance_matches_the_val_rows_variance_and_is_reported(trained, tr
     _, splits = trained
     val = np.concatenate([splits.val, splits.val[::-1] * 1.1])  # 128 held-out-like rows: the tiny val split has 64
     specs = [SamplerSpec.parse("euler:8@auto"), SamplerSpec.parse("euler:8")]
-    evaluation = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs, n_samples=100, val=val)
+    evaluation = evaluate(trained_skip, splits.train, splits.test, specs, n_samples=100, val=val)
     guided, plain = evaluation.results
     fit = guided.guidance_fit
     assert plain.guidance == 1.0 and plain.guidance_fit is None and fit["coordinates"] == 8
     # The target: the val rows' mean variance over the network's 8 coordinates, in the model's normalised space.
-    ema = load_ema_model(trained_skip)
+    ema = load_ema_model(trained_skip, saved_train_config)
     assert len(val) >= GUIDANCE_MIN_VAL_ROWS
     val_z = ema.normalizer.normalize(torch.from_numpy(val))[:, :8].double()
     assert fit["target_variance"] == pytest.approx(float(val_z.var(dim=0).mean()), rel=1e-6)
@@ -116,28 +126,28 @@ def test_auto_guidance_matches_the_val_rows_variance_and_is_reported(trained, tr
     fixed = draw_samples(ema, SamplerSpec("euler", 8, fit["guidance"]), evaluation.n, seed=0).x
     assert guided.metrics == evaluate_samples(fixed.numpy(), np.asarray(splits.train), np.asarray(splits.test), seed=0)
     # Other test rows: other metrics, the same w (the test rows take no part in it).
-    other = evaluate_checkpoint(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=val)
+    other = evaluate(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=val)
     assert other.results[0].guidance_fit == fit
     # Too few val rows: the training rows' variance is the target, and the note says so.
-    few = evaluate_checkpoint(trained_skip, splits.train, splits.test, specs[:1], n_samples=20,
+    few = evaluate(trained_skip, splits.train, splits.test, specs[:1], n_samples=20,
                               val=val[: GUIDANCE_MIN_VAL_ROWS - 1]).results[0].guidance_fit
     train_z = ema.normalizer.normalize(torch.from_numpy(np.array(splits.train)))[:, :8].double()
     assert few["target_variance"] == pytest.approx(float(train_z.var(dim=0).mean()), rel=1e-6)
     assert "training rows (fewer than" in few["note"]
     # A model without a skip path is sampled as trained, under its plain label.
-    no_skip = evaluate_checkpoint(trained[0], splits.train, splits.test, specs[:1], n_samples=20).results[0]
+    no_skip = evaluate(trained[0], splits.train, splits.test, specs[:1], n_samples=20).results[0]
     assert (no_skip.sampler, no_skip.guidance, no_skip.guidance_fit["draws"]) == ("euler:8", 1.0, 0)
     assert json.dumps(no_skip.guidance_fit, allow_nan=False)  # evaluation.json stays strict JSON
     # A fixed w on it is refused, naming what is missing.
     with pytest.raises(ValueError, match="linear skip path"):
-        evaluate_checkpoint(trained[0], splits.train, splits.test, [SamplerSpec.parse("euler:8@1.5")], n_samples=20)
+        evaluate(trained[0], splits.train, splits.test, [SamplerSpec.parse("euler:8@1.5")], n_samples=20)
 
 
 @pytest.mark.slow
 def test_loaded_model_holds_the_ema_weights(trained):
     path, _ = trained
     state = torch.load(path, weights_only=True)
-    model = load_ema_model(path).model
+    model = load_ema_model(path, saved_train_config).model
     params = dict(model.named_parameters())
     assert set(params) == set(state["ema_shadow"])
     for name, tensor in state["ema_shadow"].items():
@@ -150,7 +160,7 @@ def test_loaded_model_holds_the_ema_weights(trained):
 @pytest.mark.slow
 def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
     path, splits = trained
-    evaluation = evaluate_checkpoint(path, splits.train, splits.test, [SamplerSpec.parse("euler:8")], n_samples=1000)
+    evaluation = evaluate(path, splits.train, splits.test, [SamplerSpec.parse("euler:8")], n_samples=1000)
     n_test = splits.test.shape[0]
     assert evaluation.n == n_test == 64  # the whole test split: fewer rows than the cap
     metrics = evaluation.primary.metrics
@@ -161,7 +171,7 @@ def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
     assert (evaluation.arch, evaluation.flow, evaluation.run_name) == ("mlp", "icfm", "mlp-icfm-full-none-tiny")
 
     # Raw space: z-scored 1024-d samples would have norms near sqrt(1024) = 32; raw SONAR-like ones are ~0.2.
-    x = draw_samples(load_ema_model(path), SamplerSpec.parse("euler:8"), n_test, seed=0).x.numpy().astype(np.float64)
+    x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("euler:8"), n_test, seed=0).x.numpy().astype(np.float64)
     norms = np.linalg.norm(x, axis=1)
     real_norm = np.linalg.norm(np.asarray(splits.test, dtype=np.float64), axis=1).mean()
     assert 0.5 * real_norm < norms.mean() < 2.0 * real_norm
@@ -176,12 +186,12 @@ def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
 def test_evaluation_is_deterministic_for_a_seed(trained):
     path, splits = trained
     samplers = [SamplerSpec.parse("euler:4")]
-    first = evaluate_checkpoint(path, splits.train, splits.test, samplers, seed=3)
-    again = evaluate_checkpoint(path, splits.train, splits.test, samplers, seed=3)
-    other = evaluate_checkpoint(path, splits.train, splits.test, samplers, seed=4)
+    first = evaluate(path, splits.train, splits.test, samplers, seed=3)
+    again = evaluate(path, splits.train, splits.test, samplers, seed=3)
+    other = evaluate(path, splits.train, splits.test, samplers, seed=4)
     assert first.primary.metrics == again.primary.metrics
     assert first.primary.metrics["fd"] != other.primary.metrics["fd"]
-    ema = load_ema_model(path)
+    ema = load_ema_model(path, saved_train_config)
     torch.testing.assert_close(draw_samples(ema, samplers[0], 16, seed=3).x,
                                draw_samples(ema, samplers[0], 16, seed=3).x, rtol=0, atol=0)
 
@@ -190,7 +200,7 @@ def test_evaluation_is_deterministic_for_a_seed(trained):
 def test_several_samplers_report_their_function_evaluations(trained):
     path, splits = trained
     texts = ["euler:3", "midpoint:3", "rk4:2", "dopri5"]
-    evaluation = evaluate_checkpoint(path, splits.train, splits.test, [SamplerSpec.parse(t) for t in texts],
+    evaluation = evaluate(path, splits.train, splits.test, [SamplerSpec.parse(t) for t in texts],
                                      n_samples=20)
     assert [r.sampler for r in evaluation.results] == texts
     assert [r.nfe for r in evaluation.results[:3]] == [3, 6, 8]
@@ -200,12 +210,12 @@ def test_several_samplers_report_their_function_evaluations(trained):
         assert set(result.metrics) == METRIC_KEYS and result.metrics["n"] == 20
         assert result.seconds > 0
     # The copy threshold (a scan of the whole train split) is computed once and is what a fresh computation gives.
-    dopri_x = draw_samples(load_ema_model(path), SamplerSpec.parse("dopri5"), 20, seed=0).x.numpy()
+    dopri_x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("dopri5"), 20, seed=0).x.numpy()
     fresh = evaluate_samples(dopri_x, np.asarray(splits.train), np.asarray(splits.test), seed=0)
     assert {r.metrics["copy_threshold"] for r in evaluation.results} == {fresh["copy_threshold"]}
     assert evaluation.results[3].metrics == fresh
     # Same noise, same field: the ODE solutions of the different solvers agree closely in raw space.
-    ema = load_ema_model(path)
+    ema = load_ema_model(path, saved_train_config)
     rk4 = draw_samples(ema, SamplerSpec.parse("rk4:8"), 20, seed=0).x
     dopri = draw_samples(ema, SamplerSpec.parse("dopri5"), 20, seed=0).x
     euler = draw_samples(ema, SamplerSpec.parse("euler:1"), 20, seed=0).x
@@ -217,18 +227,18 @@ def test_bad_inputs_raise_clear_errors(trained, tmp_path):
     path, splits = trained
     euler = [SamplerSpec.parse("euler:2")]
     with pytest.raises(CheckpointError, match="not found"):
-        evaluate_checkpoint(tmp_path / "missing" / "best.pt", splits.train, splits.test, euler)
+        evaluate(tmp_path / "missing" / "best.pt", splits.train, splits.test, euler)
     with pytest.raises(CheckpointError, match="changed since it was recorded"):
-        evaluate_checkpoint(path, splits.train, splits.test, euler, expected_sha256="0" * 64)
+        evaluate(path, splits.train, splits.test, euler, expected_sha256="0" * 64)
     with pytest.raises(ValueError, match=r"test split has shape \(64, 512\).*dim=1024"):
-        evaluate_checkpoint(path, splits.train, splits.test[:, :512], euler)
+        evaluate(path, splits.train, splits.test[:, :512], euler)
     with pytest.raises(ValueError, match="at least one sampler"):
-        evaluate_checkpoint(path, splits.train, splits.test, [])
+        evaluate(path, splits.train, splits.test, [])
     truncated = tmp_path / "best.pt"
     shutil.copyfile(path, truncated)
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=str(truncated)):
-        evaluate_checkpoint(truncated, splits.train, splits.test, euler)
+        evaluate(truncated, splits.train, splits.test, euler)
 
 
 # --------------------------------------------------------------------------------------------- references, rows, notes
@@ -252,7 +262,7 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
     path, splits = trained
     train_sentences = [f"train {i}" for i in range(splits.train.shape[0])]
     test_sentences = [f"test {i}" for i in range(splits.test.shape[0])]
-    evaluation = evaluate_checkpoint(path, splits.train, splits.test, [SamplerSpec.parse("euler:4")], seed=1,
+    evaluation = evaluate(path, splits.train, splits.test, [SamplerSpec.parse("euler:4")], seed=1,
                                      val=splits.val, sentences=(train_sentences, test_sentences), n_sentences=3)
     references = {ref.name: ref for ref in evaluation.references}
     assert list(references) == ["held-out real (val)", "gaussian-full", "gaussian-diag"]
@@ -265,7 +275,7 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
     assert references["gaussian-full"].metrics == pytest.approx(expected, rel=1e-9)
     assert "Ledoit–Wolf shrinkage" in references["gaussian-full"].note
     # Nearest sentences of the first 3 samples, checked by brute force.
-    x = draw_samples(load_ema_model(path), SamplerSpec.parse("euler:4"), 64, seed=1).x.numpy().astype(np.float64)
+    x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("euler:4"), 64, seed=1).x.numpy().astype(np.float64)
     assert len(evaluation.nearest_sentences) == 3
     for shown, sample_row in zip(evaluation.nearest_sentences, x[:3]):
         nearest = np.linalg.norm(np.asarray(splits.train, dtype=np.float64) - sample_row, axis=1).argmin()
@@ -278,14 +288,14 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
 def test_a_second_evaluation_reads_the_reference_rows_threshold_and_real_side_back(trained, tmp_path, monkeypatch):
     path, splits = trained
     args = (path, splits.train, splits.test, [SamplerSpec.parse("euler:4")])
-    fresh = evaluate_checkpoint(*args, seed=2, val=splits.val)  # no cache: everything scored
-    first = evaluate_checkpoint(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+    fresh = evaluate(*args, seed=2, val=splits.val)  # no cache: everything scored
+    first = evaluate(*args, seed=2, val=splits.val, reference_cache=tmp_path)
 
     def refit(*_, **__):
         raise AssertionError("the real side's K_yy was computed again")
 
     monkeypatch.setattr(KidReference, "fit", refit)
-    second = evaluate_checkpoint(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+    second = evaluate(*args, seed=2, val=splits.val, reference_cache=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.real-side.npz"))) == 1
     assert not any(ref.cached for ref in first.references) and all(ref.cached for ref in second.references)
     for evaluation in (first, second):

@@ -16,7 +16,7 @@ import torch
 from flow_pipeline.core.data.normalization import load_normalizer
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
-from flow_pipeline_tests.conftest import (SHARED_DATA, TINY_TRAIN, cli_env, dagster_cli, resources, run_config,
+from flow_pipeline_tests.helpers import (SHARED_DATA, TINY_TRAIN, cli_env, dagster_cli, resources, run_config,
                                          sha256_of)
 from flow_pipeline_tests.phase1_files import MALFORMED, sentence, write_malformed, write_splits_root
 

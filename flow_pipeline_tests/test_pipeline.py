@@ -12,7 +12,7 @@ import torch
 
 from flow_pipeline.core.checkpoint import REQUIRED_KEYS, sha256_file
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, resources, run_config
+from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN, resources, run_config
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from flow_pipeline import plots
+from flow_pipeline.evaluation import plots
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
-from flow_pipeline.report import sort_rows
+from flow_pipeline.evaluation.report import sort_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI_IMAGE = re.compile(r"!\[((?:\\.|[^\]\\])*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")

@@ -23,7 +23,7 @@ from flow_pipeline.defs.assets import dataset_splits, normalization_stats
 from flow_pipeline.defs.resources import ArtifactsResource, default_root
 from flow_pipeline.defs.retries import RETRAIN_JOB_NAME
 from flow_pipeline.definitions import defs
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
+from flow_pipeline_tests.helpers import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
 from flow_pipeline_tests.postgres_server import PostgresUnavailable, start_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -42,9 +42,10 @@ from flow_pipeline.defs.failures import DIVERGED, FAILURE_KIND_TAG, KILLED
 from flow_pipeline.defs.orphans import ORPHAN_CHECK_INTERVAL_S, RunWorker, fail_orphaned_runs, process_alive
 from flow_pipeline.defs.retries import RERUN_CRON_ENV, RETRAIN_JOB_NAME, RetrySettings, build_retry_schedule
 from flow_pipeline.definitions import defs
-from flow_pipeline.train import RESULT_NAME, TrainJob, load_train_data
+from flow_pipeline.artifacts import RESULT_NAME, TrainJob
+from flow_pipeline.train import load_train_data
 from flow_pipeline.train import main as train_main
-from flow_pipeline_tests.conftest import (REPO_ROOT, TINY_DATASET, TINY_TRAIN, alive, cli_env, dagster_cli, descendants,
+from flow_pipeline_tests.helpers import (REPO_ROOT, TINY_DATASET, TINY_TRAIN, alive, cli_env, dagster_cli, descendants,
                                          resources, run_config)
 
 PARTITION = "unet-icfm"  # the fastest tiny model

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from flow_pipeline.core.metrics import evaluate_samples
-from flow_pipeline.core.real_side import RealSide
-from flow_pipeline.evaluation_references import (
+from flow_pipeline.core.metrics.real_side import evaluate_samples
+from flow_pipeline.core.metrics.real_side import RealSide
+from flow_pipeline.evaluation.references import (
     HELD_OUT_REAL,
     REFERENCES,
     cached_references,
@@ -18,7 +18,7 @@ from flow_pipeline.evaluation_references import (
     score_references,
     write_side_statistics,
 )
-from flow_pipeline.evaluation_references import references_key as rows_key
+from flow_pipeline.evaluation.references import references_key as rows_key
 
 
 def references_key(side, val):

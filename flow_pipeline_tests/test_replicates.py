@@ -19,7 +19,7 @@ from flow_pipeline.replicates import (
     replicate_seeds,
     replicates_from_metadata,
 )
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, run_config
+from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN, run_config
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
 
 PARTITION = "unet-icfm"  # the fastest tiny model

@@ -14,8 +14,9 @@ import matplotlib.image
 import pytest
 
 from flow_pipeline.defs.assets import trained_checkpoint
-from flow_pipeline.defs.evaluation_assets import EVALUATION_JSON, EvaluationConfig, ablation_report, evaluation
-from flow_pipeline.report import (
+from flow_pipeline.artifacts import EVALUATION_JSON
+from flow_pipeline.defs.evaluation_assets import EvaluationConfig, ablation_report, evaluation
+from flow_pipeline.evaluation.report import (
     COLUMN_KEYS,
     COLUMNS,
     LOSES_TO_BASELINE,
@@ -26,10 +27,10 @@ from flow_pipeline.report import (
     markdown_report,
     reference_rows,
     sort_rows,
-    write_report,
 )
-from flow_pipeline.plots import plot_report
-from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline.evaluation.ablation_report import write_report
+from flow_pipeline.evaluation.plots import plot_report
+from flow_pipeline_tests.helpers import TINY_TRAIN, run_config
 from flow_pipeline_tests.test_plots import embedded_png
 from flow_pipeline_tests.test_pipeline import latest_metadata, materialize_data, resources
 
@@ -137,7 +138,7 @@ def test_write_report_writes_three_consistent_files(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the assets
 
-# Two architectures and three flows; the slower DiT is exercised by benchmarks/evaluate_small.py.
+# Two architectures and three flows; the slower DiT is exercised by research/evaluate_small.py.
 PARTITIONS = ("mlp-icfm", "mlp-vp", "unet-fm")
 EVAL_CONFIG = {"solver": "euler", "steps": 4, "extra_samplers": ["rk4:2"], "n_samples": 1000}
 METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",

@@ -18,7 +18,7 @@ from flow_pipeline.defs.failures import (CONFIG, DATA, DISK_FULL, DIVERGED, ERRO
 from flow_pipeline.defs.retries import (ATTEMPT_TAG, DEFAULT_MAX_ATTEMPTS, DEFAULT_RERUN_CRON, MAX_ATTEMPTS_ENV,
                                         RERUN_CRON_ENV, RETRAIN_JOB_NAME, Retry, RetrySettings, build_retry_schedule,
                                         plan_retries, retry_settings_from_env)
-from flow_pipeline_tests.conftest import TINY_TRAIN, resources, run_config
+from flow_pipeline_tests.helpers import TINY_TRAIN, resources, run_config
 
 FAILED, IN_PROGRESS, MATERIALIZED = (dg.AssetPartitionStatus.FAILED, dg.AssetPartitionStatus.IN_PROGRESS,
                                      dg.AssetPartitionStatus.MATERIALIZED)
@@ -206,3 +206,20 @@ def test_a_config_failure_is_tagged_and_never_retried_while_a_missing_input_is(a
         tick = evaluate(instance, max_attempts=1)  # nothing requested: the tick explains every partition
         assert any(line.startswith("failed, not retried (bad config") and line.endswith(": unet-fm")
                    for line in tick.skip_message.splitlines()), tick.skip_message
+
+
+def test_the_kind_of_a_data_problem_comes_from_its_exception_type(tmp_path):
+    from flow_pipeline.core.data import DataError, DatasetChoiceError, MissingDataError
+    from flow_pipeline.core.data.split_store import load_run_splits
+    from flow_pipeline.defs.failures import data_failure_kind
+
+    # The errors the data code raises for each case, not hand-built ones.
+    with pytest.raises(MissingDataError) as missing:
+        load_run_splits(tmp_path / "never_written", "full")
+    with pytest.raises(DatasetChoiceError) as choice:
+        load_run_splits(tmp_path, "2k")
+    assert data_failure_kind(missing.value) == MISSING_INPUT
+    assert data_failure_kind(choice.value) == CONFIG
+    assert data_failure_kind(DataError("x.npy: cannot read .npy file (truncated or corrupt)")) == DATA
+    # The same kinds in a training process's failure.json keep meaning bad data there (not retried).
+    assert {classify_training_failure({"error": name}) for name in ("MissingDataError", "DatasetChoiceError")} == {DATA}

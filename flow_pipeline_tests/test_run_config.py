@@ -10,7 +10,7 @@ from flow_pipeline.config import TrainConfig
 from flow_pipeline.defs.assets import trained_checkpoint
 from flow_pipeline.defs.run_config import FROM_PARTITION_AND_DATA, TrainRunConfig
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
-from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline_tests.helpers import TINY_TRAIN, run_config
 
 # The knobs a hand-kept copy of the run config once left out.
 ONCE_MISSING = {"sigma": 0.05, "sigma_min": 0.001, "noise_std": 0.2, "mixup_max": 0.3, "dropout_p": 0.2,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from flow_pipeline.sentences import nearest_rows, nearest_sentences, read_split_sentences, sentences_markdown
+from flow_pipeline.evaluation.sentences import nearest_rows, nearest_sentences, read_split_sentences, sentences_markdown
 
 
 def write_lines(path, values):

@@ -1,7 +1,7 @@
 """The short soak: two partitions with two replicates each on PostgreSQL + daemon (gpu pool 2), while two training
 processes and one run worker are SIGKILLed and PostgreSQL restarts. Everything must end materialized, no checkpoint
 corrupt, the pool never exceeded, and a killed-and-resumed replicate equal to an uninterrupted run bit for bit.
-The full soak (12 partitions, >= 10 kills) is ``python benchmarks/soak.py``; its figures are in RELIABILITY.md."""
+The full soak (12 partitions, >= 10 kills) is ``python -m benchmarks.soak``; its figures are in RELIABILITY.md."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, WORSE
 from flow_pipeline.core.trainer import train
 from flow_pipeline.replicates import identity_key
-from flow_pipeline.study_report import (
+from flow_pipeline.evaluation.study_report import (
     VAL_LOSS_RATIO,
     add_comparisons,
     evaluation_study_metadata,
@@ -104,3 +105,22 @@ def test_one_replicate_rows_say_no_significance_can_be_claimed():
     assert rows[0]["zero_predictor_loss"] == pytest.approx(math.pi**2 / 4)
     assert rows[0][VAL_LOSS_RATIO] == pytest.approx(2.0 / (math.pi**2 / 4))
     assert "2.4674" in markdown
+
+
+def test_a_row_is_stale_when_its_partition_was_trained_again_under_the_same_identity():
+    from flow_pipeline.evaluation.ablation_report import scaled_curve, staleness_notes
+    from flow_pipeline.replicates import identity_key
+
+    rng = np.random.default_rng(5)
+    config = {"arch": "mlp", "flow": "icfm", "dataset": "full", "aug": "none", "model_size": "small", "seed": 0}
+    study = {"identity": identity_key(config), "replicates": [{"sha256": "a" * 64}]}
+    same = {"config": config, "replicates": [{"sha256": "a" * 64}]}
+    again = {"config": {**config, "seed": 1}, "replicates": [{"sha256": "b" * 64}]}
+    other = {"config": {**config, "model_size": "tiny"}, "replicates": [{"sha256": "c" * 64}]}
+    assert staleness_notes(study, same) == [] and staleness_notes(study, other) == []
+    assert staleness_notes(study, again) == ["trained again since this evaluation: re-materialize evaluation"]
+    assert staleness_notes(study, None) == ["no trained_checkpoint materialization"]
+    history = [{"epoch": i, "val_loss": float(v), "ema_val_loss": float(e)} for i, (v, e) in enumerate(rng.random((4, 2)))]
+    scaled = scaled_curve(history, 2.0)
+    assert [row["val_loss"] * 2.0 for row in scaled] == pytest.approx([row["val_loss"] for row in history])
+    assert [row["ema_val_loss"] * 2.0 for row in scaled] == pytest.approx([row["ema_val_loss"] for row in history])

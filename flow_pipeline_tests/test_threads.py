@@ -11,7 +11,7 @@ import pytest
 from flow_pipeline.core.precision import native_cpu_bf16_flags
 from flow_pipeline.defs.assets import GPU_POOL, gpu_pool_limit, trained_checkpoint
 from flow_pipeline.defs.resources import ComputeResource
-from flow_pipeline_tests.conftest import TINY_TRAIN, run_config
+from flow_pipeline_tests.helpers import TINY_TRAIN, run_config
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
 
 CORES = len(os.sched_getaffinity(0))

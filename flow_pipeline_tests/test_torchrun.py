@@ -28,8 +28,9 @@ from flow_pipeline.core.data.split_set import save_splits
 from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.train import LOSS_CURVE_NAME, RESULT_NAME, TrainJob, load_train_data
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_DATASET, alive, descendants
+from flow_pipeline.artifacts import LOSS_CURVE_NAME, RESULT_NAME, TrainJob
+from flow_pipeline.train import load_train_data
+from flow_pipeline_tests.helpers import REPO_ROOT, TINY_DATASET, alive, descendants
 
 NPROC = 2
 # 512 training rows / 64 = 8 steps per epoch, 32 steps; last.pt after every step so a kill lands mid-epoch.

@@ -29,8 +29,9 @@ from flow_pipeline.definitions import defs
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.resources import ArtifactsResource
 from flow_pipeline.defs.tracking import WandbResource
-from flow_pipeline.train import FAILURE_NAME, JOB_NAME, RESULT_NAME, TrainJob, run_job
-from flow_pipeline_tests.conftest import TINY_DATASET, TINY_TRAIN, free_port, run_config
+from flow_pipeline.artifacts import FAILURE_NAME, JOB_NAME, RESULT_NAME, TrainJob
+from flow_pipeline.train import run_job
+from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN, free_port, run_config
 from flow_pipeline_tests.wandb_records import OfflineRun, read_offline_run
 
 BOGUS_KEY = "bogus-key-123" + "0123456789abcdef" * 3  # 40+ characters: passes Wandb's format check, so init dials

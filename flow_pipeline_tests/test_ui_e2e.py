@@ -31,7 +31,7 @@ import yaml
 
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.definitions import defs
-from flow_pipeline_tests.conftest import REPO_ROOT, TINY_TRAIN, cli_env, run_config, sha256_of
+from flow_pipeline_tests.helpers import REPO_ROOT, TINY_TRAIN, cli_env, run_config, sha256_of
 from flow_pipeline_tests.servers import DagsterServers, dagster_servers, prepare_dagster_home
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

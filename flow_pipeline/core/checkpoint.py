@@ -1,5 +1,6 @@
-"""Checkpoint files: atomic writes, sha256, safe loads with clear errors; what a run's checkpoint holds and how a
-resume finds and restores it.
+"""Checkpoint files: atomic writes, sha256, safe loads with clear errors (:func:`verify`: hashed and loaded); the
+model a saved config describes and a finished run's EMA model; what a run's checkpoint holds and how a resume finds
+and restores it.
 
 ``TEMP_PREFIX`` and ``remove_stale_temp_files`` are re-exported from :mod:`flow_pipeline.core.atomic`.
 
@@ -14,7 +15,8 @@ import hashlib
 import logging
 import os
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +25,10 @@ import torch
 from torch import nn
 
 from flow_pipeline.core.atomic import TEMP_PREFIX, remove_stale_temp_files, write_atomic_with  # noqa: F401 (re-exported)
-from flow_pipeline.core.models import count_parameters
+from flow_pipeline.core.data.normalization import Normalizer
+from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.models import build_model, count_parameters
+from flow_pipeline.core.train_config import TrainSettings, flow_params
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,96 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if version is not None and version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format {version} is newer than this code's {FORMAT_VERSION}: {path}")
     return state
+
+
+def verify(path: str | os.PathLike, expected_sha256: str | None = None,
+           map_location: str | torch.device = "cpu") -> VerifiedCheckpoint:
+    """The checkpoint at ``path``, hashed and loaded: it matches its recorded ``expected_sha256`` (None: any) and
+    loads with ``weights_only=True``. Raises :class:`CheckpointError` naming the file when it is missing, has
+    changed since it was recorded, or does not load."""
+    path = Path(path)
+    sha256 = sha256_file(path) if path.is_file() else ""
+    if expected_sha256 is not None and sha256 and sha256 != expected_sha256:
+        raise CheckpointError(f"{path} has changed since it was recorded (sha256 {sha256[:12]}..., expected "
+                              f"{expected_sha256[:12]}...): re-materialize trained_checkpoint or wait for its run")
+    return VerifiedCheckpoint(path, sha256, load_checkpoint(path, map_location=map_location))
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint file as :func:`verify` read it: its path, its sha256 and its state dict."""
+
+    path: Path
+    sha256: str
+    state: dict
+
+
+def model_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """The untrained model of a run's saved config (``state["config"]``, or ``TrainSettings.to_dict()``): arch, dim,
+    model_size, and the linear skip path and principal subspace of runs that have them."""
+    # A config saved before the skip path existed describes a model without one.
+    return build_model(config["arch"], dim=config["dim"], size=config["model_size"],
+                       linear_skip=config.get("linear_skip", False), principal_dims=config.get("principal_dims", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The EMA model of a finished run, for sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EMAModel:
+    """Everything needed to sample from one checkpoint.
+
+    model: the architecture with the checkpoint's EMA weights, in eval mode on the requested device.
+    flow: the flow method of the run (its ``to_velocity`` turns model output into dx/dt).
+    normalizer: the run's normalisation, whose ``denormalize`` maps samples back to raw embedding space.
+    config: the saved config as ``read_config`` returned it (:func:`load_ema_model`).
+    history: per-epoch dicts (epoch, train_loss, val_loss, ema_val_loss, ...) of the run.
+    """
+
+    model: nn.Module
+    flow: Flow
+    normalizer: Normalizer
+    config: Any
+    checkpoint_path: Path
+    sha256: str
+    best_loss: float
+    history: list[dict] = field(default_factory=list)
+
+
+def load_ema_weights(model: nn.Module, state: dict, path: Path) -> None:
+    """Raw weights first (they carry any buffers), then every trainable parameter from the EMA shadow."""
+    model.load_state_dict(state["model_state_dict"])
+    shadow = state["ema_shadow"]
+    params = dict(model.named_parameters())
+    missing = sorted(name for name, p in params.items() if p.requires_grad and name not in shadow)
+    unknown = sorted(set(shadow) - set(params))
+    if missing or unknown:
+        raise CheckpointError(f"{path}: ema_shadow does not match the {type(model).__name__} model "
+                              f"(missing {missing[:5]}, unexpected {unknown[:5]})")
+    with torch.no_grad():
+        for name, tensor in shadow.items():
+            params[name].copy_(tensor)
+
+
+def load_ema_model(checkpoint_path: str | os.PathLike, read_config: Callable[[dict, Path], Any],
+                   device: str | torch.device = "cpu", expected_sha256: str | None = None) -> EMAModel:
+    """Rebuild the run's model from ``best.pt`` with the EMA weights (:func:`verify`: CheckpointError naming the
+    file, also when its sha256 differs from ``expected_sha256``). ``read_config(saved_config, path)`` validates the
+    saved config first (the caller's rules; it raises CheckpointError) and its result is ``EMAModel.config``."""
+    checkpoint = verify(checkpoint_path, expected_sha256)
+    state, path = checkpoint.state, checkpoint.path
+    config = read_config(state["config"], path)
+    saved = state["config"]
+    model = model_from_config(saved)
+    load_ema_weights(model, state, path)
+    defaults = TrainSettings()
+    params = flow_params(saved["flow"], saved.get("sigma", defaults.sigma), saved.get("sigma_min", defaults.sigma_min))
+    return EMAModel(model=model.to(device).eval(), flow=get_flow(saved["flow"], **params),
+                    normalizer=Normalizer.from_state_dict(state["normalization_stats"]), config=config,
+                    checkpoint_path=path, sha256=checkpoint.sha256, best_loss=float(state["best_loss"]),
+                    history=list(state.get("history", [])))
 
 
 # ---------------------------------------------------------------------------------------------------------------

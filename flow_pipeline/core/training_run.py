@@ -23,7 +23,6 @@ from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import Flow, get_flow
-from flow_pipeline.core.models import build_model
 from flow_pipeline.core.models.skip import LinearSkip
 from flow_pipeline.core.precision import uses_bf16
 from flow_pipeline.core.schedule import planned_steps, warmup_cosine_schedule
@@ -36,11 +35,6 @@ logger = logging.getLogger(__name__)
 # Seeds of the dedicated generators derive from the run seed with fixed offsets so the streams never coincide.
 NOISE_SEED_OFFSET = 1
 VAL_SEED_OFFSET = 2
-
-
-def _build_model(config: TrainSettings) -> nn.Module:
-    return build_model(config.arch, dim=config.dim, size=config.model_size, linear_skip=config.linear_skip,
-                       principal_dims=config.principal_dims)
 
 
 @dataclass
@@ -144,11 +138,11 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
     train_z (n_train, dim): the normalised training rows; a linear skip path starts at their variances."""
     sampler = EpochBatchSampler(train_z.shape[0], batch_size, config.seed)
     torch.manual_seed(config.seed)  # model init is the only user of the global RNG
-    model = _build_model(config).to(device)
+    model = ckpt.model_from_config(config.to_dict()).to(device)
     if isinstance(model, LinearSkip):
         model.start_at(train_z.var(dim=0))
     ema = EMA(model, decay=config.ema_decay)  # after .to(device): the shadow lives where the weights live
-    ema_model = _build_model(config).to(device).eval()
+    ema_model = ckpt.model_from_config(config.to_dict()).to(device).eval()
     train_model = dist.wrap(model)
     if config.compile:
         train_model = torch.compile(train_model)

@@ -17,12 +17,13 @@ from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.data import DataError
 from flow_pipeline.core.data.split_store import load_run_splits
 from flow_pipeline.defs.data_assets import OWNERS, DatasetConfig, dataset_splits, normalization_stats  # noqa: F401
-from flow_pipeline.defs.failures import CONFIG, DATA, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure
-from flow_pipeline.replicates import completed_result, replicate_entry, replicate_seeds, summary_metadata
+from flow_pipeline.defs.failures import (CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure,
+                                         data_failure_kind)
+from flow_pipeline.replicates import train_replicates
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
 from flow_pipeline.defs.tracking import WandbResource
-from flow_pipeline.train import FAILURE_NAME, TrainJob
+from flow_pipeline.artifacts import FAILURE_NAME, TrainJob
 
 ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
 GPU_POOL = "gpu"  # limits concurrent trainings; its limit is the number of GPUs (1 on a CPU machine)
@@ -114,8 +115,23 @@ def trained_checkpoint(
     """Flow-matching model of one ablation partition ({arch}-{flow}), trained in its own process via Dagster Pipes;
     best.pt (EMA selected on validation loss) with its sha256, training metadata and the tracking link."""
     layout = artifacts.layout
-    partition = context.partition_key
     context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
+    train_config, stats_path = _resolve_training(context, config, layout, compute)
+    result = train_replicates(
+        train_config, config.replicates, layout.run_dir,
+        lambda replicate: _train_one(context, config, replicate, stats_path, layout, compute, wandb,
+                                     pipes_subprocess_client),
+        lambda message: context.log.info(f"{context.partition_key}: {message}"))
+    # The first replicate's values stay at the top level (one-replicate readers keep working); the list has all.
+    return dg.MaterializeResult(metadata={**_typed(result.first),
+                                          **{key: _typed_value(value) for key, value in result.summary.items()}})
+
+
+def _resolve_training(context: dg.AssetExecutionContext, config: TrainRunConfig, layout,
+                      compute: ComputeResource) -> tuple[TrainConfig, Path]:
+    """The validated training config of the partition and its normalisation statistics file; a tagged Failure
+    (config, data or missing input) when either is not usable."""
+    partition = context.partition_key
     try:
         device = compute.resolve_device(context.log)
         # Every field validated before any data is read; those bounded by the data's dimension (principal_dims)
@@ -124,9 +140,7 @@ def trained_checkpoint(
         try:
             load_run_splits(layout.splits_dir, probe.dataset)  # a subset the splits lack: names the ones they have
         except DataError as exc:
-            missing = "file not found" in str(exc)  # dataset_splits not materialized (or not finished)
-            kind = CONFIG if str(exc).startswith("dataset:") else MISSING_INPUT if missing else DATA
-            raise _fail(context, kind, f"partition {partition}: {exc}") from exc
+            raise _fail(context, data_failure_kind(exc), f"partition {partition}: {exc}") from exc
         stats_path = layout.stats_path(probe.dataset, probe.normalization)
         if not stats_path.exists():
             raise _fail(context, MISSING_INPUT, f"normalization stats for dataset={probe.dataset!r}, normalization="
@@ -142,27 +156,7 @@ def trained_checkpoint(
         raise _fail(context, CONFIG, f"partition {partition}: {format_validation_error(exc)}") from exc
     except ValueError as exc:
         raise _fail(context, CONFIG, f"partition {partition}: {exc}") from exc
-
-    seeds = replicate_seeds(train_config.seed, config.replicates)
-    entries, first = [], None
-    for seed in seeds:
-        replicate = train_config.model_copy(update={"seed": seed})
-        run_dir = layout.run_dir(replicate.run_name)
-        done = completed_result(run_dir, replicate.model_dump()) if replicate.resume else None
-        if done is not None:
-            context.log.info(f"replicate seed={seed}: {run_dir / 'best.pt'} is complete and intact, skipped")
-            metadata = {key: value for key, value in done.items() if key != "process"}
-        else:
-            metadata = _train_one(context, config, replicate, stats_path, layout, compute, wandb,
-                                  pipes_subprocess_client)
-        entries.append(replicate_entry({key: getattr(value, "value", value) for key, value in metadata.items()}))
-        first = first or metadata
-    summary = summary_metadata(entries)
-    if len(entries) > 1:
-        context.log.info(f"{partition}: {len(entries)} replicates, best val loss {summary['best_val_loss_mean']:.4f} "
-                         f"(95% CI {summary['best_val_loss_ci95_low']:.4f} .. {summary['best_val_loss_ci95_high']:.4f})")
-    # The first replicate's values stay at the top level (one-replicate readers keep working); the list has all.
-    return dg.MaterializeResult(metadata={**_typed(first), **{key: _typed_value(value) for key, value in summary.items()}})
+    return train_config, stats_path
 
 
 def _typed_value(value):

@@ -19,7 +19,7 @@ import dagster as dg
 import torch
 
 from flow_pipeline.config import zero_predictor_loss_of
-from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint, sha256_file
+from flow_pipeline.core.checkpoint import CheckpointError, VerifiedCheckpoint, verify
 from flow_pipeline.defs.assets import ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.materializations import latest_metadata
 from flow_pipeline.replicates import replicates_from_metadata
@@ -34,18 +34,16 @@ WEIGHTS_FINITE = "checkpoint_weights_finite"
 BEATS_ZERO_PREDICTOR = "checkpoint_beats_zero_predictor"
 
 
-def file_intact(path: Path, reported_sha256: str, load_error: str | None) -> dg.AssetCheckResult:
+def file_intact(path: Path, reported_sha256: str, checkpoint: VerifiedCheckpoint | None,
+                load_error: str | None) -> dg.AssetCheckResult:
     """best.pt exists, its sha256 equals the one reported at materialization, and it loads with weights_only=True."""
     metadata = {"path": dg.MetadataValue.path(str(path)), "reported_sha256": reported_sha256}
-    if not path.is_file():
-        return _failed(FILE_INTACT, f"checkpoint not found: {path}", metadata)
-    actual = sha256_file(path)
-    metadata.update(actual_sha256=actual, size_bytes=path.stat().st_size)
-    if actual != reported_sha256:
-        return _failed(FILE_INTACT, f"{path} changed since it was materialized: sha256 {actual} != reported "
-                                    f"{reported_sha256}", metadata)
-    if load_error:
-        return _failed(FILE_INTACT, load_error, metadata)
+    if checkpoint is None:
+        return _failed(FILE_INTACT, load_error or f"checkpoint not loaded: {path}", metadata)
+    metadata.update(actual_sha256=checkpoint.sha256, size_bytes=path.stat().st_size)
+    if checkpoint.sha256 != reported_sha256:
+        return _failed(FILE_INTACT, f"{path} changed since it was materialized: sha256 {checkpoint.sha256} != "
+                                    f"reported {reported_sha256}", metadata)
     return dg.AssetCheckResult(check_name=FILE_INTACT, passed=True, metadata=metadata)
 
 
@@ -91,13 +89,15 @@ def beats_zero_predictor(state: dict | None, load_error: str | None) -> dg.Asset
 
 
 def verify_checkpoint(path: Path, reported_sha256: str) -> list[dg.AssetCheckResult]:
-    """The three verdicts on one checkpoint file (read once, hashed once)."""
-    state, load_error = None, None
+    """The three verdicts on one checkpoint file (read once, hashed once). The weights are judged even when the
+    file is not the one reported, so that the verdicts say what is wrong with it."""
+    checkpoint, load_error = None, None
     try:
-        state = load_checkpoint(path)
+        checkpoint = verify(path)
     except CheckpointError as exc:
         load_error = str(exc)
-    return [file_intact(path, reported_sha256, load_error), weights_finite(state, load_error),
+    state = None if checkpoint is None else checkpoint.state
+    return [file_intact(path, reported_sha256, checkpoint, load_error), weights_finite(state, load_error),
             beats_zero_predictor(state, load_error)]
 
 

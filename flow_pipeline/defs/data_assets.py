@@ -4,7 +4,7 @@
 import dagster as dg
 from pydantic import Field
 
-from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data import DataError, DatasetChoiceError
 from flow_pipeline.core.data.normalization import NORMALIZATIONS, Normalizer, save_normalizer
 from flow_pipeline.core.data.sources import SYNTHETIC, build_splits
 from flow_pipeline.core.data.split_store import load_run_splits, store_splits, stored_sizes
@@ -67,9 +67,7 @@ def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsR
         for dataset in DATASET_SIZES:
             try:
                 run = load_run_splits(layout.splits_dir, dataset)
-            except DataError as exc:
-                if not str(exc).startswith("dataset:"):
-                    raise  # a damaged split set, not a subset these splits do not have
+            except DatasetChoiceError as exc:  # a subset these splits do not have (a damaged set raises on)
                 skipped[dataset] = str(exc)
                 continue
             rows = run.splits.train

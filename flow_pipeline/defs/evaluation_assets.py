@@ -1,31 +1,28 @@
 """Evaluation of every trained partition and the cross-partition ablation report (thin wrappers over
-:mod:`flow_pipeline.evaluation` and :mod:`flow_pipeline.report`)."""
+:mod:`flow_pipeline.evaluation` and :mod:`flow_pipeline.evaluation.report`)."""
+
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from flow_pipeline.ablations import ablation_for
-from flow_pipeline.artifacts import write_json
-from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
+from flow_pipeline.core.checkpoint import CheckpointError
 from flow_pipeline.core.data import DataError
-from flow_pipeline.core.data.split_set import load_saved_splits
-from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
-from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
+from flow_pipeline.core.metrics.ranking import METRIC_SPACES, RANKING_RULE
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
-from flow_pipeline.evaluation import (ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SAMPLES_PER_DIM, Evaluation,
-                                      SamplerSpec, evaluate_checkpoint, parse_guidance)
-from flow_pipeline.replicates import identity_key, replicates_from_metadata
-from flow_pipeline.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, REFERENCE_METRIC_KEYS, build_row, reference_rows,
-                                  reference_table, sampler_table, sort_rows, write_report)
-from flow_pipeline.sentences import read_split_sentences, sentences_markdown
-from flow_pipeline.study_report import (DEFAULT_BASELINE, add_comparisons, evaluation_study_metadata, pick_baseline,
-                                        statistics_markdown, study_rows)
+from flow_pipeline.evaluation.evaluate import EvaluationSettings
+from flow_pipeline.evaluation.partition import PartitionEvaluation, evaluate_partition
+from flow_pipeline.evaluation.results import SAMPLES_PER_DIM, Evaluation
+from flow_pipeline.evaluation.samplers import ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SamplerSpec, parse_guidance
+from flow_pipeline.evaluation.report import PRIMARY_METRIC, REFERENCE_METRIC_KEYS, reference_table, sampler_table
+from flow_pipeline.evaluation.sentences import sentences_markdown
+from flow_pipeline.evaluation.study_report import DEFAULT_BASELINE
 
-EVALUATION_JSON = "evaluation.json"
-EVALUATION_PNG = "samples.png"
+if TYPE_CHECKING:
+    from flow_pipeline.evaluation.ablation_report import AblationReport
 
 
 class EvaluationConfig(dg.Config):
@@ -71,17 +68,10 @@ class EvaluationConfig(dg.Config):
             raise ValueError(f"guidance: {exc}") from exc
         return specs
 
-
-def _sentences(run: RunSplits, n_sentences: int) -> tuple[list[str], list[str]] | None:
-    """(train, test) sentences when both splits carry them and any are asked for; else None. Train: the sentences
-    of the run's own training rows (the first rows of its set's train split)."""
-    if n_sentences == 0:
-        return None
-    whole = load_saved_splits(run.set_dir)  # the .jsonl files are row-aligned with the whole saved splits
-    train = read_split_sentences(run.set_dir, "train", whole.train.shape[0])
-    test = read_split_sentences(run.set_dir, "test", whole.test.shape[0])
-    train = None if train is None else train[: run.splits.train.shape[0]]
-    return (train, test) if train is not None and test is not None else None
+    def settings(self) -> EvaluationSettings:
+        """The sampling and scoring settings (:meth:`samplers` first; it raises ValueError naming the field)."""
+        return EvaluationSettings(self.samplers(), n_samples=self.n_samples, seed=self.seed, k=self.k,
+                                  batch_size=self.batch_size, n_sentences=self.n_sentences)
 
 
 def evaluation_metadata(result: Evaluation, results_path) -> dict:
@@ -140,68 +130,36 @@ def evaluation(
     sentences, the nearest train and test sentence of a few samples. Results also saved as JSON."""
     partition = context.partition_key
     try:
-        samplers = config.samplers()
+        settings = config.settings()
     except ValueError as exc:
         raise dg.Failure(description=f"evaluation of {partition}: config: {exc}") from exc
     training = latest_metadata(context.instance, trained_checkpoint.key, partition)
     if training is None or "checkpoint_path" not in training:
         raise dg.Failure(description=f"evaluation of {partition}: no trained_checkpoint materialization with a "
                          f"checkpoint_path for this partition; materialize trained_checkpoint[{partition}] first")
-    layout = artifacts.layout
-    evaluated = []  # every replicate of the training; the first one's numbers are the headline ones
     try:
-        # The run's own data: its training rows, and for a per-size store the val/test splits of its size.
-        run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
-        splits = run.splits
-        for entry in replicates_from_metadata(training):
-            result = evaluate_checkpoint(
-                entry["checkpoint_path"], splits.train, splits.test, samplers, n_samples=config.n_samples,
-                seed=config.seed, k=config.k, device=compute.resolve_device(context.log),
-                batch_size=config.batch_size, expected_sha256=entry.get("sha256"),
-                val=splits.val if config.references else None,
-                sentences=_sentences(run, config.n_sentences), n_sentences=config.n_sentences,
-                reference_cache=layout.reference_cache_dir if config.reuse_references else None,
-            )
-            results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
-            write_json(results_path, {"partition": partition, **result.as_dict()})
-            evaluated.append((entry, result, results_path))
+        outcome = evaluate_partition(partition, training, artifacts.layout, settings, config.references,
+                                     config.reuse_references, compute.resolve_device(context.log))
     except (CheckpointError, DataError, ValueError) as exc:
         raise dg.Failure(description=f"evaluation of {partition}: {exc}") from exc
+    context.log.info(outcome.summary_line(partition))
+    gaussian_full = next((ref.metrics for ref in outcome.first.references if ref.name == "gaussian-full"), None)
+    return dg.MaterializeResult(metadata=partition_metadata(partition, outcome),
+                                check_results=[beats_gaussian_full(outcome.first.primary.metrics, gaussian_full,
+                                                                   PRIMARY_METRIC)])
 
-    _, result, results_path = evaluated[0]
-    study = evaluation_study_metadata(training["config"], [
-        (entry, {key: value for key, value in r.primary.metrics.items() if key != "n"}) for entry, r, _ in evaluated])
-    from flow_pipeline.plots import plot_evaluation  # matplotlib costs ~0.7 s: only in the process that draws
 
-    figure = plot_evaluation(result.primary_samples, splits.test, result.primary.metrics,
-                             f"{partition} ({result.primary.sampler})", config.seed)
-    figure_path = results_path.with_name(EVALUATION_PNG)
-    figure.save(figure_path)
-    primary = result.primary.metrics
-    context.log.info(f"{partition} ({result.primary.sampler}, n={result.n}): kid={primary['kid']:.4g} ± "
-                     f"{primary['kid_se']:.2g} fd_inf={primary['fd_inf']:.4g} "
-                     f"variance_ratio={primary['variance_ratio']:.3f} coverage={primary['coverage']:.3f}"
-                     + (f" [{result.n_note}]" if result.n_note else ""))
-    gaussian_full = next((ref.metrics for ref in result.references if ref.name == "gaussian-full"), None)
+def partition_metadata(partition: str, outcome: PartitionEvaluation) -> dict:
+    """The evaluation materialization's metadata: the first replicate's (:func:`evaluation_metadata`), the study
+    values over every replicate, and the samples figure."""
+    first = outcome.replicates[0]
     study_values = {key: dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
-                    for key, value in study.items()}
+                    for key, value in outcome.study.items()}
     figure_metadata = {
-        "samples_figure": dg.MetadataValue.md(figure.markdown(f"generated vs real samples of {partition}")),
-        "samples_figure_png": dg.MetadataValue.path(str(figure_path)),
+        "samples_figure": dg.MetadataValue.md(outcome.figure.markdown(f"generated vs real samples of {partition}")),
+        "samples_figure_png": dg.MetadataValue.path(str(outcome.figure_path)),
     }
-    return dg.MaterializeResult(metadata={**evaluation_metadata(result, results_path), **study_values,
-                                          **figure_metadata},
-                                check_results=[beats_gaussian_full(primary, gaussian_full, PRIMARY_METRIC)])
-
-
-def _history(checkpoint_path: str | None) -> tuple[list[dict], str]:
-    """(per-epoch history, note): a checkpoint that no longer reads gives no curve and says why in the note."""
-    if not checkpoint_path:
-        return [], "no checkpoint path in the evaluation metadata"
-    try:
-        return list(load_checkpoint(checkpoint_path).get("history", [])), ""
-    except CheckpointError as exc:
-        return [], f"no loss curve: {exc}"
+    return {**evaluation_metadata(first.evaluation, first.results_path), **study_values, **figure_metadata}
 
 
 class ReportConfig(dg.Config):
@@ -226,42 +184,26 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     gaussian-full marked; a statistics section comparing every row with the baseline row (paired or Welch t,
     Holm-corrected); the same rows as CSV, and a PNG with every row's validation-loss curve (on the zero-predictor
     scale) and a bar chart of the ranking metric."""
+    from flow_pipeline.evaluation.ablation_report import NothingToReport, build_ablation_report  # matplotlib
+
     records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=evaluation.key),
                                                       limit=10_000).records  # newest first
     evaluations = [(record.partition_key, plain_metadata(record)) for record in records]
-    rows, curves, newest = [], {}, {}
-    for study in study_rows(evaluations):
-        partition = study["partition"]
-        newest.setdefault(partition, study["evaluation"])
-        training = latest_metadata(context.instance, trained_checkpoint.key, partition) or {}
-        notes = [] if training else ["no trained_checkpoint materialization"]
-        # The partition's newest training, if it is of this identity (or says nothing of it), must be the one
-        # evaluated; a newer one of another identity is another row's business.
-        same_identity = "config" not in training or identity_key(training["config"]) == study["identity"]
-        shas = {entry["sha256"] for entry in study["replicates"]}
-        if training and same_identity and {e.get("sha256") for e in replicates_from_metadata(training)} != shas:
-            notes.append("trained again since this evaluation: re-materialize evaluation")
-        history, curve_note = _history(study["replicates"][0]["checkpoint_path"])
-        zero_loss = study["zero_predictor_loss"]
-        curves.setdefault(study["identity"], [{**entry, "val_loss": entry["val_loss"] / zero_loss,
-                                               "ema_val_loss": entry["ema_val_loss"] / zero_loss} for entry in history])
-        notes += [curve_note] if curve_note else []
-        ablation = ablation_for(partition)
-        pooled = {key: study[key] for key in study["per_seed"]}  # means over replicates replace the first's values
-        rows.append(build_row(partition, ablation.arch, ablation.flow, {**study["evaluation"], **pooled}, study,
-                              note="; ".join(notes), study=study))
-    if not rows:
-        raise dg.Failure(description="ablation_report: no partition of evaluation is materialized yet; "
-                         "materialize evaluation for at least one partition first")
-    order = ablation_partitions.get_partition_keys()
-    rows.sort(key=lambda row: (order.index(row["partition"]), row["identity"]))  # registry order, then identity
-    losing = [row["partition"] for row in rows if row["note"].startswith(LOSES_TO_BASELINE)]
-    baseline = pick_baseline(rows, config.baseline)
-    add_comparisons(rows, baseline, PRIMARY_METRIC)
-    statistics = statistics_markdown(sort_rows(rows), baseline, PRIMARY_METRIC)
-    files = write_report(rows + reference_rows(newest), curves, artifacts.layout.reports_dir, statistics=statistics)
-    context.log.info(f"ablation report over {len(rows)} run identities in {artifacts.layout.reports_dir}")
-    return dg.MaterializeResult(metadata={
+    try:
+        report = build_ablation_report(
+            evaluations, lambda partition: latest_metadata(context.instance, trained_checkpoint.key, partition),
+            ablation_partitions.get_partition_keys(), config.baseline, artifacts.layout.reports_dir)
+    except NothingToReport as exc:
+        raise dg.Failure(description=f"ablation_report: {exc}") from exc
+    context.log.info(f"ablation report over {len(report.rows)} run identities in {artifacts.layout.reports_dir}")
+    return dg.MaterializeResult(metadata=report_metadata(report))
+
+
+def report_metadata(report: "AblationReport") -> dict:
+    """The ablation_report materialization's metadata (``report``: an
+    :class:`~flow_pipeline.evaluation.ablation_report.AblationReport`)."""
+    rows, files, baseline = report.rows, report.files, report.baseline
+    return {
         "report": dg.MetadataValue.md(files.markdown + "\n\n" + files.figure.markdown("ablation report figure")),
         "primary_metric": PRIMARY_METRIC,
         "best_partition": next(row["partition"] for row in files.rows if not row["partition"].startswith("reference")),
@@ -270,10 +212,10 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
         "identities": dg.MetadataValue.json([row["identity"] for row in files.rows if "identity" in row]),
         "baseline": baseline["identity"] if baseline else "none",
         "verdicts": dg.MetadataValue.json({row["identity"]: row["vs_baseline"] for row in rows}),
-        "not_beating_gaussian_full": dg.MetadataValue.json(losing),
+        "not_beating_gaussian_full": dg.MetadataValue.json(report.losing),
         "partitions": dg.MetadataValue.json([row["partition"] for row in files.rows
                                              if not row["partition"].startswith("reference")]),
         "figure_png": dg.MetadataValue.path(str(files.png_path)),
         "csv_path": dg.MetadataValue.path(str(files.csv_path)),
         "markdown_path": dg.MetadataValue.path(str(files.markdown_path)),
-    })
+    }

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 
+from flow_pipeline.core.data import DataError, DatasetChoiceError, MissingDataError
+
 FAILURE_KIND_TAG = "flow_pipeline/failure"
 
 CONFIG = "config"  # the run config does not validate, or does not match the checkpoint it must resume
@@ -33,6 +35,8 @@ _KIND_OF_ERROR = {
     "ValidationError": CONFIG,
     "ValueError": CONFIG,
     "DataError": DATA,
+    "MissingDataError": DATA,
+    "DatasetChoiceError": DATA,
     "CheckpointError": DATA,
     "TrainingDiverged": DIVERGED,
     "MemoryError": KILLED,
@@ -47,6 +51,14 @@ def classify_training_failure(failure: dict | None) -> str:
     if failure.get("errno") == errno.ENOSPC:
         return DISK_FULL
     return _KIND_OF_ERROR.get(str(failure.get("error")), ERROR)
+
+
+def data_failure_kind(error: DataError) -> str:
+    """The kind of a data problem found before training starts: the run's ``dataset`` does not fit the splits
+    (config), an upstream file is not there yet (missing input), or the data is bad."""
+    if isinstance(error, DatasetChoiceError):
+        return CONFIG
+    return MISSING_INPUT if isinstance(error, MissingDataError) else DATA
 
 
 def retry_verdict(kind: str | None) -> str | None:

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
-from flow_pipeline.core.metrics import COPY_FRACTION_LIMIT, RANKING_METRIC, evaluate_samples
+from flow_pipeline.core.metrics.copies import COPY_FRACTION_LIMIT
+from flow_pipeline.core.metrics.ranking import RANKING_METRIC
+from flow_pipeline.core.metrics.real_side import evaluate_samples
 
 DIM, N = 64, 500
 

@@ -14,7 +14,7 @@ from flow_pipeline.artifacts import write_json
 from flow_pipeline.core.atomic import TEMP_PREFIX, AtomicWriteError, write_atomic_with, write_bytes_atomic
 from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
-from flow_pipeline_tests.conftest import fill, small_disk
+from flow_pipeline_tests.helpers import fill, small_disk
 
 
 def checkpoint_state(numbers: int) -> dict:

@@ -23,7 +23,8 @@ from flow_pipeline.core.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from flow_pipeline_tests.conftest import sha256_of
+from flow_pipeline.core.models import build_model, count_parameters
+from flow_pipeline_tests.helpers import sha256_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -311,3 +312,32 @@ def test_sigkill_during_save_leaves_a_complete_best(tmp_path):
     finally:
         host.close()
     assert mid_write_kills >= 1, f"none of {kills} kills landed while a temp file was being written"
+
+
+# --- verify: sha256 + load ----------------------------------------------------------------------------------------
+
+
+def test_verify_hashes_and_loads_and_names_a_changed_or_missing_file(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint(_state(7), path)
+    verified = ckpt.verify(path, sha256_of(path))
+    assert verified.sha256 == sha256_of(path) and verified.path == path
+    _assert_same(verified.state, _state(7))
+    assert ckpt.verify(path).sha256 == sha256_of(path)  # no expectation: any content that loads
+    with pytest.raises(CheckpointError, match="changed since it was recorded") as info:
+        ckpt.verify(path, "0" * 64)
+    assert str(path) in str(info.value)
+    with pytest.raises(CheckpointError, match="not found") as info:
+        ckpt.verify(tmp_path / "gone.pt", sha256_of(path))
+    assert "gone.pt" in str(info.value)
+
+
+def test_model_from_config_builds_the_saved_architecture():
+    config = {"arch": "mlp", "dim": 64, "model_size": "tiny", "linear_skip": True, "principal_dims": 0}
+    model = ckpt.model_from_config(config)
+    expected = build_model("mlp", dim=64, size="tiny", linear_skip=True)
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in expected.named_parameters()]
+    # A config saved before the skip path existed describes a model without one.
+    old = ckpt.model_from_config({"arch": "mlp", "dim": 64, "model_size": "tiny"})
+    assert count_parameters(old) == count_parameters(build_model("mlp", dim=64, size="tiny"))
+    assert count_parameters(old) < count_parameters(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flow_pipeline.core.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid
+from flow_pipeline.core.metrics.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid
 
 
 # The kernel's inner products are float32 matrix products (distances._cubic_kernel): each kernel value is off by

@@ -9,17 +9,10 @@ import pytest
 from scipy.linalg import sqrtm
 from scipy.stats import ortho_group
 
-from flow_pipeline.core.metrics import (
-    evaluate_samples,
-    frechet_distance,
-    memorization_ratio,
-    copy_threshold,
-    nearest_distance_streamed,
-    nn_cosine,
-    norm_stats,
-    prdc,
-    train_copy_fraction,
-)
+from flow_pipeline.core.metrics.copies import (memorization_ratio, copy_threshold, nearest_distance_streamed, train_copy_fraction)
+from flow_pipeline.core.metrics.distances import frechet_distance
+from flow_pipeline.core.metrics.prdc import nn_cosine, norm_stats, prdc
+from flow_pipeline.core.metrics.real_side import evaluate_samples
 
 # ----------------------------------------------------------------------------------------- Fréchet distance
 

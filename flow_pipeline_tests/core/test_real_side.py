@@ -7,19 +7,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from flow_pipeline.core.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid, subsample
-from flow_pipeline.core.metrics import (
-    COPY_FRACTION_LIMIT,
-    copy_threshold,
-    evaluate_samples,
-    memorization_ratio,
-    nn_cosine,
-    norm_stats,
-    prdc,
-    train_copy_fraction,
-)
-from flow_pipeline.core.real_side import RealSide
-from flow_pipeline.core.reference_stats import FrechetReference, KidReference
+from flow_pipeline.core.metrics.distances import TrainSpace, dispersion, fd_infinity, frechet_distance, kid, subsample
+from flow_pipeline.core.metrics.copies import (COPY_FRACTION_LIMIT, copy_threshold, memorization_ratio, train_copy_fraction)
+from flow_pipeline.core.metrics.prdc import nn_cosine, norm_stats, prdc
+from flow_pipeline.core.metrics.real_side import evaluate_samples
+from flow_pipeline.core.metrics.real_side import RealSide
+from flow_pipeline.core.metrics.reference_stats import FrechetReference, KidReference
 
 
 def sqrtm_frechet(x: np.ndarray, y: np.ndarray) -> float:

@@ -122,7 +122,8 @@ def test_trainer_and_evaluation_build_the_principal_subspace_model(tmp_path, one
 
     from flow_pipeline.core.data.normalization import Normalizer
     from flow_pipeline.core.trainer import train
-    from flow_pipeline.evaluation import load_ema_model
+    from flow_pipeline.core.checkpoint import load_ema_model
+    from flow_pipeline.evaluation.evaluate import saved_train_config
     from flow_pipeline_tests.core.mixture_data import mixture_train_data
 
     data = mixture_train_data(128, 32, 32, seed=3)
@@ -130,7 +131,7 @@ def test_trainer_and_evaluation_build_the_principal_subspace_model(tmp_path, one
     config = TrainConfig(model_size="tiny", dim=32, batch_size=32, max_epochs=1, warmup_steps=1, device="cpu",
                          normalization="whiten", linear_skip=True, principal_dims=6)
     result = train(config, data, tmp_path / config.run_name)
-    loaded = load_ema_model(result.checkpoint_path)
+    loaded = load_ema_model(result.checkpoint_path, saved_train_config)
     assert isinstance(loaded.model.net, PrincipalSubspace) and loaded.model.net.k == 6
     assert loaded.config.principal_dims == 6
 

@@ -11,7 +11,8 @@ import scipy.spatial.distance
 
 from flow_pipeline.core.data.synthetic import (frechet_to_gaussian, ledoit_wolf_gaussian, sonar_mixture,
                                                synthetic_sonar_mixture)
-from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
+from flow_pipeline.core.metrics.prdc import nearest_distance, prdc
+from flow_pipeline.core.metrics.real_side import evaluate_samples
 
 REAL_EMBEDDINGS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sonar_embeddings_real.npy"
 

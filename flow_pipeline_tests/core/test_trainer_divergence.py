@@ -10,7 +10,7 @@ import flow_pipeline.core.trainer as trainer_module
 from flow_pipeline.core import checkpoint as ckpt
 from flow_pipeline.core.tracking import RecordingTracker
 from flow_pipeline.core.trainer import TrainingDiverged, train
-from flow_pipeline_tests.conftest import sha256_of
+from flow_pipeline_tests.helpers import sha256_of
 from flow_pipeline_tests.core.trainer_helpers import (data, inf_gradient_at_training_call, nan_at_training_call,
                                                      one_thread, tiny_config, train_rows)
 

@@ -14,7 +14,7 @@ from flow_pipeline.core import checkpoint as ckpt
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.tracking import RecordingTracker
 from flow_pipeline.core.trainer import TrainData, TrainResult, train
-from flow_pipeline_tests.conftest import sha256_of
+from flow_pipeline_tests.helpers import sha256_of
 from flow_pipeline_tests.core.trainer_helpers import (BATCH, DIM, STEPS_PER_EPOCH, Interrupted, InterruptingTracker,
                                                      data, one_thread, tiny_config, train_rows, val_rows)
 

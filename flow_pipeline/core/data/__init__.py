@@ -19,3 +19,12 @@ path (or the caller's name for an in-memory array) and then says what is wrong.
 
 class DataError(ValueError):
     """Bad input data: a missing, corrupt or malformed file, or an array with the wrong shape or values."""
+
+
+class MissingDataError(DataError):
+    """An input file is not there (not written yet, or its last save did not finish)."""
+
+
+class DatasetChoiceError(DataError):
+    """The run's ``dataset`` choice does not fit the splits: an unknown size, one the store lacks, or more training
+    rows than the train split has. The message starts with ``dataset:``."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data import DataError, MissingDataError
 
 
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:
@@ -42,7 +42,7 @@ def absolute(path: str | os.PathLike) -> Path:
 
 def require_file(path: Path) -> None:
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise MissingDataError(f"{path}: file not found")
 
 
 def open_npy(path: Path) -> np.ndarray:

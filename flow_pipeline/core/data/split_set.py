@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from flow_pipeline.core.atomic import TEMP_PREFIX, fsync_directory, remove_stale_temp_files, write_bytes_atomic
-from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data import DataError, MissingDataError
 from flow_pipeline.core.data.files import absolute, open_npy, require_file
 from flow_pipeline.core.data.splits import DEFAULT_CHUNK_ROWS, SPLIT_NAMES, Splits, check_same_dim
 
@@ -133,7 +133,7 @@ def _manifest(splits: Splits, file_bytes: dict[str, int]) -> dict:
 
 def _read_manifest(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(f"{path}: file not found (no split set here, or its last save did not finish)")
+        raise MissingDataError(f"{path}: file not found (no split set here, or its last save did not finish)")
     try:
         manifest = json.loads(path.read_text())
         manifest["counts"] = {name: int(manifest["counts"][name]) for name in SPLIT_NAMES}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from flow_pipeline.core.atomic import write_bytes_atomic
-from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data import DataError, DatasetChoiceError
 from flow_pipeline.core.data.files import absolute
 from flow_pipeline.core.data.split_files import SplitsRoot
 from flow_pipeline.core.data.split_set import MANIFEST_NAME, load_saved_splits, load_sentences, save_splits
@@ -86,13 +86,13 @@ def load_run_splits(directory: str | os.PathLike, dataset: str) -> RunSplits:
     Embeddings stay memory-mapped.
     """
     if dataset not in DATASET_SIZES:
-        raise DataError(f"dataset: unknown value {dataset!r}; valid: {', '.join(DATASET_SIZES)}")
+        raise DatasetChoiceError(f"dataset: unknown value {dataset!r}; valid: {', '.join(DATASET_SIZES)}")
     directory = absolute(directory)
     index = stored_sizes(directory)
     if index is not None:
         if dataset not in index["sizes"]:
             lacking = "".join(f"; {label}: {why}" for label, why in index.get("incomplete", {}).items())
-            raise DataError(f"dataset: {dataset!r} is not in the splits root {index['source']}: it has "
+            raise DatasetChoiceError(f"dataset: {dataset!r} is not in the splits root {index['source']}: it has "
                             f"{', '.join(index['sizes'])}{lacking}")
         set_dir = directory / dataset
         splits = load_saved_splits(set_dir)
@@ -103,7 +103,7 @@ def load_run_splits(directory: str | os.PathLike, dataset: str) -> RunSplits:
     if n is None or dataset == splits.size:
         return RunSplits(splits, directory, dataset, f"all {n_train} train rows of {splits.source}")
     if n_train < n:
-        raise DataError(f"dataset: {dataset!r} needs {n} training rows, the train split of {splits.source} has "
+        raise DatasetChoiceError(f"dataset: {dataset!r} needs {n} training rows, the train split of {splits.source} has "
                         f"{n_train}")
     subset = replace(splits, train=splits.train[:n], train_indices=splits.train_indices[:n])
     return RunSplits(subset, directory, dataset, f"first {n} of {n_train} train rows of {splits.source}")

@@ -7,7 +7,7 @@ the marginal statistics of real SONAR (mean L2 norm 0.204, median per-dimension 
 dimensions, participation ratio ~65) and adds that local structure as a mixture of 100 components with heavy-tailed
 (Zipf 0.5) weights, each spread along its own few directions (per-component Gamma(0.047) gains on the latent
 variances). Its constants were fitted on the 800 real vectors in ``../shared/data`` (``python
-benchmarks/recipe_search.py calibrate``): at 600 fit / 200 held-out rows, averaged over 5 splits, a Ledoit-Wolf
+research/recipe_search.py calibrate``): at 600 fit / 200 held-out rows, averaged over 5 splits, a Ledoit-Wolf
 Gaussian scores precision / coverage 0.34 / 0.30 on it and 0.33 / 0.24 on the real vectors (the old near-Gaussian
 generator: 0.71 / 0.85), and held-out rows' nearest-fit-row distances have quantiles 0.095 / 0.140 / 0.176 (10 / 50
 / 90%) against real 0.107 / 0.151 / 0.185. One marginal is off: the anisotropy widens the norm spread to ~0.025

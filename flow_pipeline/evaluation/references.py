@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from flow_pipeline import artifacts
-from flow_pipeline.core import baselines, distances, metrics, real_side, reference_stats
+from flow_pipeline.core import baselines, metrics
 from flow_pipeline.core.data import stats
 from flow_pipeline.core.atomic import write_atomic_with
 from flow_pipeline.core.baselines import BASELINES, fit_baseline
-from flow_pipeline.core.distances import subsample
-from flow_pipeline.core.real_side import RealSide
+from flow_pipeline.core.metrics.distances import subsample
+from flow_pipeline.core.metrics.real_side import RealSide
 
 HELD_OUT_REAL = "held-out real (val)"
 REFERENCES = (HELD_OUT_REAL, *BASELINES)
@@ -34,7 +34,7 @@ REFERENCES = (HELD_OUT_REAL, *BASELINES)
 
 @dataclass
 class ReferenceEvaluation:
-    """Metrics of one reference sample set (see :func:`flow_pipeline.core.metrics.evaluate_samples`)."""
+    """Metrics of one reference sample set (see :func:`flow_pipeline.core.metrics.real_side.evaluate_samples`)."""
 
     name: str
     n: int
@@ -73,8 +73,9 @@ def score_references(side: RealSide, val: np.ndarray) -> list[ReferenceEvaluatio
     return results
 
 
-# The code the reference rows are computed by: its source is part of the cache key.
-_SCORING_MODULES = (baselines, distances, metrics, real_side, reference_stats, stats)
+# The code the reference rows are computed by: its source is part of the cache key (every metrics module).
+_SCORING_SOURCES = (baselines.__file__, stats.__file__,
+                    *sorted(str(path) for path in Path(metrics.__file__).parent.glob("*.py")))
 CACHE_ROWS_PER_CHUNK = 8192
 
 
@@ -83,7 +84,7 @@ def references_key(train, test, val, n: int, seed: int, k: int) -> str:
     the source of the scoring code. Rows are hashed in chunks (a memory-mapped split is never loaded whole), each
     split with its shape and dtype."""
     digest = hashlib.sha256()
-    for source in (*(module.__file__ for module in _SCORING_MODULES), __file__):
+    for source in (*_SCORING_SOURCES, __file__):
         digest.update(Path(source).read_bytes())
     digest.update(json.dumps({"n": n, "seed": seed, "k": k, "references": REFERENCES}).encode())
     for name, rows in (("train", train), ("test", test), ("val", val)):

@@ -1,9 +1,9 @@
 """Train and evaluate ablation partitions with the ``small`` CPU preset on the built-in synthetic SONAR-like data,
 through the real Dagster assets, and print what the evaluation materializations say.
 
-    python benchmarks/evaluate_small.py                               # mlp-icfm (3 epochs), dit-icfm (2 epochs)
-    python benchmarks/evaluate_small.py --partitions mlp-icfm:5 unet-fm:3 --sampler rk4:5 --extra-samplers euler:20
-    python benchmarks/evaluate_small.py --root /tmp/eval_small --wait-load 3
+    python -m research.evaluate_small                               # mlp-icfm (3 epochs), dit-icfm (2 epochs)
+    python -m research.evaluate_small --partitions mlp-icfm:5 unet-fm:3 --sampler rk4:5 --extra-samplers euler:20
+    python -m research.evaluate_small --root /tmp/eval_small --wait-load 3
 
 Steps, all on a persistent sqlite Dagster instance in ``<root>/dagster_home`` (browse it afterwards with
 ``DAGSTER_HOME=<root>/dagster_home dagster dev -m flow_pipeline.definitions`` and ``FLOW_PIPELINE_ROOT=<root>``):
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from common import command_line, finish_run, format_table, start_run, write_result
+from benchmarks.common import command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline.defs.evaluation_assets import ablation_report, evaluation, latest_metadata
 from flow_pipeline.defs.pipes_reader import WholeLineTempFileMessageReader

@@ -1,16 +1,16 @@
-"""Every metric of :func:`flow_pipeline.core.metrics.evaluate_samples`, with the real side prepared once.
+"""Every metric of :func:`flow_pipeline.core.metrics.real_side.evaluate_samples`, with the real side prepared once.
 
 An evaluation scores several sample sets of the same size n against the same held-out rows: the model's samples
 under each sampler and the reference rows (held-out real, gaussian-full, gaussian-diag). Everything that depends
 only on the real rows is computed once in :meth:`RealSide.prepare`: the seeded test and train subsamples, the copy
-threshold, FD's floor, the real halves of FD, FD∞ and KID (:mod:`flow_pipeline.core.reference_stats`), the real
+threshold, FD's floor, the real halves of FD, FD∞ and KID (:mod:`flow_pipeline.core.metrics.reference_stats`), the real
 rows' k-NN radii. :meth:`RealSide.score` then pays only for the sample set's own work, and shares its distance
 blocks between metrics: one pass over sample-vs-test distances gives precision, recall, density, coverage, the
 nearest-test distances of both memorisation measures and the nearest-neighbour cosine; one scan of the training
 rows gives both the copy fraction and the memorisation ratio's nearest-train distances.
 
 The numbers are those of the metric functions in :mod:`flow_pipeline.core.metrics` and
-:mod:`flow_pipeline.core.distances` (same definitions, subsamples and seeds), up to floating-point round-off.
+:mod:`flow_pipeline.core.metrics.distances` (same definitions, subsamples and seeds), up to floating-point round-off.
 """
 
 from __future__ import annotations
@@ -20,17 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flow_pipeline.core.distances import FD_INF_SIZES, TrainSpace, _as_float64, dispersion
-from flow_pipeline.core.metrics import (
-    COPY_FRACTION_LIMIT,
-    COPY_TRAIN_TEST_RATIO,
-    RANKING_METRIC,
-    copy_threshold,
-    kth_neighbour_distance,
-    norm_stats,
-)
-from flow_pipeline.core.reference_stats import FrechetReference, KidReference
 from flow_pipeline.core.data.stats import row_chunks
+from flow_pipeline.core.metrics.copies import COPY_FRACTION_LIMIT, COPY_TRAIN_TEST_RATIO, copy_threshold
+from flow_pipeline.core.metrics.distances import FD_INF_SIZES, TrainSpace, _as_float64, dispersion
+from flow_pipeline.core.metrics.prdc import kth_neighbour_distance, norm_stats
+from flow_pipeline.core.metrics.ranking import RANKING_METRIC
+from flow_pipeline.core.metrics.reference_stats import FrechetReference, KidReference
 
 # Sample rows per distance block: (512, 5,120) float64 blocks are 21 MB, a few of them live at once.
 SCORE_CHUNK = 512
@@ -38,7 +33,7 @@ TRAIN_CHUNK_ROWS = 8192
 
 
 def subsample_index(rows: int, n: int, rng: np.random.Generator) -> np.ndarray | None:
-    """The sorted row indices :func:`~flow_pipeline.core.distances.subsample` draws (the same rng calls), or None
+    """The sorted row indices :func:`~flow_pipeline.core.metrics.distances.subsample` draws (the same rng calls), or None
     when it keeps all ``rows``."""
     return None if rows <= n else np.sort(rng.choice(rows, size=n, replace=False))
 
@@ -56,7 +51,7 @@ class RealSide:
     the rows of train subsampled to n (None: all); fd_inf_subsets: (size, sample-row index or None,
     FrechetReference of the matching test subset in train-normalised space) per FD∞ size;
     memorisation_train_index (rows of train) and memorisation_test_index (rows of test_n, None: all) are the
-    equal-sized sets of :func:`~flow_pipeline.core.metrics.memorization_ratio`.
+    equal-sized sets of :func:`~flow_pipeline.core.metrics.copies.memorization_ratio`.
     """
 
     n: int
@@ -129,7 +124,7 @@ class RealSide:
         return arrays
 
     def score(self, generated: np.ndarray) -> dict[str, float]:
-        """Every metric of generated (n, dim), as :func:`~flow_pipeline.core.metrics.evaluate_samples` returns it."""
+        """Every metric of generated (n, dim), as :func:`~flow_pipeline.core.metrics.real_side.evaluate_samples` returns it."""
         generated = _as_float64(generated)
         if generated.shape[0] != self.n or generated.shape[1] != self.test_n.shape[1]:
             raise ValueError(f"prepared for {self.n} samples of dim {self.test_n.shape[1]}, got {generated.shape}")
@@ -165,7 +160,7 @@ class RealSide:
         }
 
     def _fd_infinity(self, z_generated: np.ndarray) -> dict[str, float]:
-        """:func:`~flow_pipeline.core.distances.fd_infinity` with the test subsets' roots prepared."""
+        """:func:`~flow_pipeline.core.metrics.distances.fd_infinity` with the test subsets' roots prepared."""
         sizes = np.array([size for size, _, _ in self.fd_inf_subsets], dtype=float)
         values = [reference.distance(_take(z_generated, index)) for _, index, reference in self.fd_inf_subsets]
         slope, intercept = np.polyfit(1.0 / sizes, values, deg=1)
@@ -174,7 +169,7 @@ class RealSide:
 
 def _fd_inf_subsets(z_test: np.ndarray, n: int, seed: int, statistics: dict[str, np.ndarray] | None = None,
                     ) -> list[tuple[int, np.ndarray | None, FrechetReference]]:
-    """The subsets :func:`~flow_pipeline.core.distances.fd_infinity` draws for n samples against z_test (the same
+    """The subsets :func:`~flow_pipeline.core.metrics.distances.fd_infinity` draws for n samples against z_test (the same
     sizes and rng calls: per size, the samples' rows, then the test rows), with the test subsets fitted, or read
     from ``statistics`` (:meth:`RealSide.statistics`)."""
     m = min(n, z_test.shape[0])
@@ -211,7 +206,7 @@ def _exact_distances(x: torch.Tensor, neighbours: np.ndarray) -> torch.Tensor:
 
 def _test_neighbours(generated: np.ndarray, test_n: np.ndarray, real_radii: torch.Tensor, k: int,
                      memorisation_test_index: np.ndarray | None) -> dict:
-    """One pass over the sample-vs-test distances: PRDC (:func:`~flow_pipeline.core.metrics.prdc` with
+    """One pass over the sample-vs-test distances: PRDC (:func:`~flow_pipeline.core.metrics.prdc.prdc` with
     real = test_n), nn_cosine, and the nearest-test distances (n,) of the copy test and of memorisation."""
     g, t = torch.from_numpy(generated), torch.from_numpy(test_n)
     g_sq, t_sq = (g * g).sum(dim=1), (t * t).sum(dim=1)
@@ -285,3 +280,37 @@ def _keep_nearer(best: torch.Tensor, nearest: torch.Tensor, block: slice, value:
     best[block] = torch.where(nearer, value, best[block])
     nearest[block] = torch.where(nearer, row + offset, nearest[block])
 
+
+def evaluate_samples(
+    generated: np.ndarray, train: np.ndarray, test: np.ndarray, k: int = 5, seed: int = 0,
+    train_copy_threshold: float | None = None, train_space: TrainSpace | None = None,
+) -> dict[str, float]:
+    """All metrics of generated (n, dim) against held-out test, and against train: the rows the model was trained
+    on (for the floor, the normalisation of the kernel distances, and both memorisation measures).
+
+    Every comparison uses the same n: test and train are subsampled (seeded by ``seed``, without replacement) to n
+    rows when they are larger, because FD and the k-NN metrics depend strongly on sample size. The real reference
+    for every distance is the test subsample, so memorizing train is not rewarded there.
+
+    Returns a flat dict (spaces: :data:`METRIC_SPACES`):
+    kid, kid_se, kid_ci_low, kid_ci_high (:func:`~flow_pipeline.core.metrics.distances.kid` against test_n, in the space
+    z-scored with train's statistics; pass ``train_space`` to reuse them); ranking_kid (:data:`RANKING_RULE`);
+    fd_inf, fd_inf_slope (:func:`~flow_pipeline.core.metrics.distances.fd_infinity`, same space); variance_ratio,
+    norm_ratio (:func:`~flow_pipeline.core.metrics.distances.dispersion` against test_n);
+    fd: FD(generated, test_n); fd_floor: FD(train_n, test_n), what two real sets of this size score, since FD is far
+    from 0 when n ~ dim; fd_ratio = fd / fd_floor (biased: rewards shrunk samples, kept for comparison); precision,
+    recall, density, coverage (:func:`prdc` with real = test_n); memorization_ratio (about 1 for fresh samples,
+    near 0 for train copies); train_copy_fraction against all of train (about 0.01 for fresh samples, 1 for copies
+    of any training row) and its copy_threshold (:func:`copy_threshold` of test_n; pass it back as
+    ``train_copy_threshold`` to skip recomputing it for more samples of the same n and seed); memorising (1.0 when
+    train_copy_fraction > :data:`COPY_FRACTION_LIMIT`); norm_mean, norm_std of generated norms; real_norm_mean,
+    real_norm_std of test_n norms; nn_cosine of generated to test_n; n = len(generated).
+
+    Several sample sets of the same size against the same rows: prepare the real side once
+    (:meth:`flow_pipeline.core.metrics.real_side.RealSide.prepare`) and :meth:`~flow_pipeline.core.metrics.real_side.RealSide.score`
+    each set; this function does both for one set.
+    """
+    generated = _as_float64(generated)
+    side = RealSide.prepare(train, test, generated.shape[0], k=k, seed=seed,
+                            train_copy_threshold=train_copy_threshold, train_space=train_space)
+    return side.score(generated)

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from flow_pipeline.artifacts import write_atomic  # noqa: E402
-from flow_pipeline.report import MISSING, PRIMARY_METRIC, is_missing  # noqa: E402
+from flow_pipeline.evaluation.report import MISSING, PRIMARY_METRIC, is_missing  # noqa: E402
 
 # Every event's metadata is stored in the instance's event log and sent to each browser that opens the page.
 MAX_INLINE_PNG_BYTES = 150_000

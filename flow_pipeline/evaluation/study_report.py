@@ -23,10 +23,10 @@ VAL_LOSS_RATIO = "val_loss_ratio"  # best EMA val loss / the flow's zero-predict
 def describe_run(config: dict) -> dict:
     """What a row needs beside its metrics: parameters and forward FLOPs per sample of the model, and the flow's
     zero-predictor loss (the scale of its validation loss)."""
-    from flow_pipeline.core.models import build_model, count_parameters, flops_per_sample
+    from flow_pipeline.core.checkpoint import model_from_config
+    from flow_pipeline.core.models import count_parameters, flops_per_sample
 
-    model = build_model(config["arch"], dim=config["dim"], size=config["model_size"],
-                        linear_skip=config.get("linear_skip", False), principal_dims=config.get("principal_dims", 0))
+    model = model_from_config(config)
     return {"num_params": count_parameters(model), "flops_per_sample": flops_per_sample(model, config["dim"]),
             "zero_predictor_loss": zero_predictor_loss_of(config)}
 

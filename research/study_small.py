@@ -2,7 +2,7 @@
 (core trainer, study_report rows, baseline comparison), on validation loss / zero-predictor loss, for a machine
 where the full preset does not fit. Prints the statistics table and the wall time.
 
-    python benchmarks/study_small.py --archs mlp unet --flows icfm vp --seeds 3 --max-steps 60
+    python research/study_small.py --archs mlp unet --flows icfm vp --seeds 3 --max-steps 60
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.trainer import TrainData, train
-from flow_pipeline.study_report import (VAL_LOSS_RATIO, add_comparisons, evaluation_study_metadata, pick_baseline,
+from flow_pipeline.evaluation.study_report import (VAL_LOSS_RATIO, add_comparisons, evaluation_study_metadata, pick_baseline,
                                         statistics_markdown, study_rows)
 
 

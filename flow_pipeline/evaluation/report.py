@@ -10,10 +10,8 @@ import csv
 import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-from flow_pipeline.artifacts import write_atomic
-from flow_pipeline.core.metrics import RANKING_METRIC, RANKING_RULE
+from flow_pipeline.core.metrics.ranking import RANKING_METRIC, RANKING_RULE
 
 # The ranking metric and its direction: lower is better (ascending), held-out real data scores 0 in expectation.
 PRIMARY_METRIC = RANKING_METRIC
@@ -23,7 +21,6 @@ PRIMARY_METRIC_MEANING = ("KID in train-normalised space, +inf for sample sets t
 BASELINE = "gaussian-full"
 LOSES_TO_BASELINE = f"**does not beat {BASELINE}**"
 MISSING = "—"
-MARKDOWN_NAME, CSV_NAME, PNG_NAME = "ablation_report.md", "ablation_report.csv", "ablation_report.png"
 
 
 @dataclass(frozen=True)
@@ -98,7 +95,7 @@ def build_row(partition: str, arch: str, flow: str, evaluation: dict, training: 
               study: dict | None = None) -> dict:
     """One report row: every key of :data:`COLUMNS`; values absent from ``evaluation``/``training`` are None.
     A model that does not beat its evaluation's ``gaussian-full`` baseline says so first in its note.
-    ``study``: a :func:`flow_pipeline.study_report.study_rows` row (identity, replicates, intervals), kept whole."""
+    ``study``: a :func:`flow_pipeline.evaluation.study_report.study_rows` row (identity, replicates, intervals), kept whole."""
     notes = [LOSES_TO_BASELINE] if beats_baseline(evaluation) is False else []
     n_note = evaluation.get("n_note", "")
     notes += [n_note] if n_note and not n_note.startswith("n >=") else []
@@ -196,7 +193,7 @@ def markdown_table(rows: list[dict]) -> str:
 def markdown_report(rows: list[dict], metric: str = PRIMARY_METRIC, ascending: bool = True,
                     statistics: str = "") -> str:
     """Header stating the sort (first line) and the ranking rule, the table of the rows sorted by ``metric`` (means
-    over replicates), then the ``statistics`` section (:func:`flow_pipeline.study_report.statistics_markdown`)."""
+    over replicates), then the ``statistics`` section (:func:`flow_pipeline.evaluation.study_report.statistics_markdown`)."""
     text = sort_statement(metric, ascending) + "\n\n" + markdown_table(sort_rows(rows, metric, ascending)) + "\n"
     return text + ("\n" + statistics if statistics else "")
 
@@ -225,30 +222,3 @@ def sampler_table(results: list[dict]) -> str:
         cells += [format_cell(result["metrics"].get(key), fmt) for key, _, fmt in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-@dataclass
-class ReportFiles:
-    markdown: str
-    markdown_path: Path
-    csv_path: Path
-    png_path: Path
-    rows: list[dict]
-    figure: object  # flow_pipeline.plots.InlineFigure: the PNG, also embeddable in Markdown
-
-
-def write_report(rows: list[dict], curves: dict[str, list[dict]], reports_dir: Path,
-                 metric: str = PRIMARY_METRIC, ascending: bool = True, statistics: str = "") -> ReportFiles:
-    """Sort the rows by ``metric`` and write Markdown (with the ``statistics`` section), CSV and PNG atomically
-    under ``reports_dir``."""
-    ordered = sort_rows(rows, metric, ascending)
-    markdown = markdown_report(ordered, metric, ascending, statistics)
-    markdown_path, csv_path = reports_dir / MARKDOWN_NAME, reports_dir / CSV_NAME
-    write_atomic(markdown_path, markdown.encode())
-    write_atomic(csv_path, csv_text(ordered).encode())
-    from flow_pipeline.plots import plot_report  # matplotlib costs ~0.7 s: only where a report is drawn
-
-    figure = plot_report(ordered, curves, metric)
-    png_path = figure.save(reports_dir / PNG_NAME)
-    return ReportFiles(markdown=markdown, markdown_path=markdown_path, csv_path=csv_path, png_path=png_path,
-                       rows=ordered, figure=figure)

@@ -9,9 +9,9 @@ than unseen real rows are, the sign of memorisation). Reference rows: ``--model 
 covariance of the fit rows) and ``--model heldout`` (real held-out rows, or for ``builtin`` fresh rows of the true
 distribution).
 
-    python benchmarks/recipe_search.py --data real --norm whiten --time logit_normal --skip --steps 1500
-    python benchmarks/recipe_search.py --trainer project --size matched --skip --pca-dims 64 --steps 3000 --batch 256
-    python benchmarks/recipe_search.py calibrate   # the generator's calibration against the real vectors
+    python research/recipe_search.py --data real --norm whiten --time logit_normal --skip --steps 1500
+    python research/recipe_search.py --trainer project --size matched --skip --pca-dims 64 --steps 3000 --batch 256
+    python research/recipe_search.py calibrate   # the generator's calibration against the real vectors
 
 Single-threaded (torch.set_num_threads(1)) so a shared 2-core machine keeps a core for others.
 """
@@ -36,7 +36,8 @@ from flow_pipeline.core.data.splits import split_array
 from flow_pipeline.core.data.synthetic import (frechet_to_gaussian, ledoit_wolf_gaussian, sonar_mixture,
                                                synthetic_sonar_mixture)
 from flow_pipeline.core.flows import exact_ot_permutation
-from flow_pipeline.core.metrics import evaluate_samples, nearest_distance, prdc
+from flow_pipeline.core.metrics.prdc import nearest_distance, prdc
+from flow_pipeline.core.metrics.real_side import evaluate_samples
 from flow_pipeline.core.models import build_model
 from flow_pipeline.core.models.mlp import MLPConfig, ResidualMLP
 from flow_pipeline.core.models.skip import LinearSkip
@@ -136,7 +137,10 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int,
 
     from flow_pipeline.config import TrainConfig
     from flow_pipeline.core.trainer import TrainData, train
-    from flow_pipeline.evaluation import SamplerSpec, draw_samples, fit_sampler_guidance, load_ema_model
+    from flow_pipeline.core.checkpoint import load_ema_model
+    from flow_pipeline.evaluation.evaluate import saved_train_config
+    from flow_pipeline.evaluation.guidance import fit_sampler_guidance
+    from flow_pipeline.evaluation.samplers import SamplerSpec, draw_samples
 
     val = load(a.data, a.split_seed, val=True) if a.data == "builtin" else held_val if held_val is not None else fit[:64]
     config = TrainConfig(arch="mlp", flow=a.flow, model_size=a.size, normalization=a.norm, linear_skip=a.skip,
@@ -151,7 +155,7 @@ def project_trainer_samples(fit: np.ndarray, a: argparse.Namespace, n: int,
         if a.keep:  # the trained best.pt, for sampler experiments after this run (never half-written)
             Path(a.keep).parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(a.keep, Path(result.checkpoint_path).read_bytes())
-        ema = load_ema_model(result.checkpoint_path)
+        ema = load_ema_model(result.checkpoint_path, saved_train_config)
         trained = {"train_s": round(result.train_seconds, 1), "best_val_loss": round(result.best_loss, 5)}
         sets = []
         for guidance in a.guidance.split(","):

@@ -10,8 +10,8 @@ against it (the model's samples under each sampler, the held-out real rows, the 
   bootstrap need (row sums and one quadratic form per replicate). Since K_yx = K_xyᵀ, a sample set then costs two
   kernel blocks (K_xx, K_xy) instead of four.
 
-Both give the same numbers as :func:`flow_pipeline.core.distances.frechet_distance` and
-:func:`flow_pipeline.core.distances.kid` up to floating-point round-off (the tests hold them to it).
+Both give the same numbers as :func:`flow_pipeline.core.metrics.distances.frechet_distance` and
+:func:`flow_pipeline.core.metrics.distances.kid` up to floating-point round-off (the tests hold them to it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flow_pipeline.core.distances import (
+from flow_pipeline.core.metrics.distances import (
     KID_BOOTSTRAP,
     KID_CHUNK,
     _as_float64,
@@ -79,7 +79,7 @@ class FrechetReference:
 
     def distance(self, x: np.ndarray) -> float:
         """FD between Gaussians fitted to x (n, dim) and to the real set (see
-        :func:`~flow_pipeline.core.distances.frechet_distance`), clipped at 0 against round-off."""
+        :func:`~flow_pipeline.core.metrics.distances.frechet_distance`), clipped at 0 against round-off."""
         x = _as_float64(x)
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"dimension mismatch: {x.shape[1]} vs {self.mean.shape[0]}")
@@ -106,7 +106,7 @@ def _row_blocks(m: int, chunk: int):
 
 @dataclass(frozen=True)
 class KidReference:
-    """The real set's side of :func:`~flow_pipeline.core.distances.kid` for m paired rows.
+    """The real set's side of :func:`~flow_pipeline.core.metrics.distances.kid` for m paired rows.
 
     real (m, d) float64; weights (B, m): the bootstrap's multinomial counts (seeded, the same as ``kid`` draws);
     row_sums (m,): row sums of K_yy without its diagonal; quadratic (B,): wᵀ K_yy w without the diagonal, per
@@ -152,7 +152,7 @@ class KidReference:
 
     def kid(self, x: np.ndarray) -> dict[str, float]:
         """``kid(x, real)`` for x (n, d) with n >= m rows (its first m rows are paired with the real ones):
-        kid, kid_se, kid_ci_low, kid_ci_high as :func:`~flow_pipeline.core.distances.kid` defines them.
+        kid, kid_se, kid_ci_low, kid_ci_high as :func:`~flow_pipeline.core.metrics.distances.kid` defines them.
 
         With the diagonal left out, h = K_xx + K_yy - K_xy - K_xyᵀ has row sums rowsum(K_xx) + rowsum(K_yy) -
         rowsum(K_xy) - colsum(K_xy), and wᵀ h w = wᵀ (K_xx - 2 K_xy) w + wᵀ K_yy w.
@@ -184,7 +184,7 @@ def _bootstrap_weights(m: int, n_bootstrap: int, seed: int) -> torch.Tensor:
 
 def _kid_summary(row_sums: torch.Tensor, quadratic: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
     """Estimate, jackknife se and bootstrap percentile interval from the row sums (m,) of h and the replicates'
-    quadratic forms (B,) (see :func:`~flow_pipeline.core.distances.kid`)."""
+    quadratic forms (B,) (see :func:`~flow_pipeline.core.metrics.distances.kid`)."""
     m = row_sums.shape[0]
     total = float(row_sums.sum())
     estimate = total / (m * (m - 1))
