@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from flow_pipeline.study import PRESET_KNOBS, parse_args, study_run_config, training_knobs
-from flow_pipeline_tests.conftest import REPO_ROOT, cli_env
+from flow_pipeline_tests.helpers import REPO_ROOT, cli_env
 
 
 def test_knobs_come_from_the_preset_then_the_file_then_flags_then_set(tmp_path):
