@@ -10,6 +10,7 @@ from flow_pipeline.core.data.batching import AUGMENTATIONS
 from flow_pipeline.core.data.splits import DATASET_SIZES
 from flow_pipeline.core.flows import FLOWS, get_flow
 from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
+from flow_pipeline.core.run_identity import run_name
 from flow_pipeline.core.train_config import KNOBS, TrainSettings, flow_params
 
 DEFAULT_MODEL_SIZE = "small"
@@ -109,23 +110,8 @@ class TrainConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """``{arch}-{flow}-{dataset}-{aug}``, plus normalisation, skip path, time sampling, model size and seed when
-        they differ from the defaults, so two runs never share a checkpoint directory (losses under different
-        normalisations are not the same quantity)."""
-        name = f"{self.arch}-{self.flow}-{self.dataset}-{self.aug}"
-        if self.normalization != DEFAULT_NORMALIZATION:
-            name += f"-{self.normalization}"
-        if self.linear_skip != DEFAULT_LINEAR_SKIP:
-            name += "-skip" if self.linear_skip else "-noskip"
-        if self.time_sampling != DEFAULT_TIME_SAMPLING:
-            name += f"-t{self.time_sampling.replace('_', '')}"
-        if self.principal_dims != DEFAULT_PRINCIPAL_DIMS:
-            name += f"-pd{self.principal_dims}"
-        if self.model_size != DEFAULT_MODEL_SIZE:
-            name += f"-{self.model_size}"
-        if self.seed != DEFAULT_SEED:
-            name += f"-seed{self.seed}"
-        return name
+        """:func:`flow_pipeline.core.run_identity.run_name` of this config."""
+        return run_name(self)
 
     def flow_params(self) -> dict[str, float]:
         return flow_params(self.flow, self.sigma, self.sigma_min)

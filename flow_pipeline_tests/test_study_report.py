@@ -12,7 +12,7 @@ import torch
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, WORSE
 from flow_pipeline.core.trainer import train
-from flow_pipeline.replicates import identity_key
+from flow_pipeline.core.run_identity import identity_key
 from flow_pipeline.study_report import (
     VAL_LOSS_RATIO,
     add_comparisons,

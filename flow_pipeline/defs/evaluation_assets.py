@@ -11,13 +11,14 @@ from flow_pipeline.core.data import DataError
 from flow_pipeline.core.data.split_set import load_saved_splits
 from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
 from flow_pipeline.core.metrics import METRIC_SPACES, RANKING_RULE
+from flow_pipeline.core.run_identity import identity_key
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.evaluation import (ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SAMPLES_PER_DIM, Evaluation,
                                       SamplerSpec, evaluate_checkpoint, parse_guidance)
-from flow_pipeline.replicates import identity_key, replicates_from_metadata
+from flow_pipeline.replicates import replicates_from_metadata
 from flow_pipeline.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, REFERENCE_METRIC_KEYS, build_row, reference_rows,
                                   reference_table, sampler_table, sort_rows, write_report)
 from flow_pipeline.sentences import read_split_sentences, sentences_markdown
