@@ -59,7 +59,7 @@ class _ValidatedTrainSettings(BaseModel):
     def _check_together(self) -> "_ValidatedTrainSettings":
         if self.max_steps and self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} >= max_steps {self.max_steps}: the LR would never "
-                             f"leave warmup; lower warmup_steps or raise "
+                             f"leave warmup; lower warmup_steps (or leave it unset for a default that fits) or raise "
                              f"max_steps")
         if self.principal_dims:
             if self.principal_dims > self.dim:

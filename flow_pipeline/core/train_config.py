@@ -16,6 +16,7 @@ from flow_pipeline.core.flows import FLOWS
 from flow_pipeline.core.knobs import knob
 from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
 from flow_pipeline.core.precision import PRECISIONS
+from flow_pipeline.core.schedule import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_PERCENT
 from flow_pipeline.core.time_sampling import TIME_SAMPLINGS
 
 MODEL, DATA, OPTIMISATION, RUNTIME = "what is trained", "data", "optimisation", "runtime"
@@ -73,8 +74,11 @@ class TrainSettings:
     batch_size: int = knob(256, "rows per optimizer step", group=OPTIMISATION, ge=1)
     lr: float = knob(1e-3, "AdamW (fused) learning rate", group=OPTIMISATION, gt=0, le=1)
     weight_decay: float = knob(0.01, "AdamW weight decay", group=OPTIMISATION, ge=0)
-    warmup_steps: int = knob(200, "linear LR warmup over this many optimizer steps, then cosine decay to "
-                             "min_lr_ratio of lr", group=OPTIMISATION, ge=0)
+    warmup_steps: int | None = knob(
+        None, f"linear LR warmup over this many optimizer steps, then cosine decay to min_lr_ratio of lr; null: "
+        f"min({DEFAULT_WARMUP_CAP}, {DEFAULT_WARMUP_PERCENT}% of the run's optimizer steps), so a short run warms "
+        f"up too (the training metadata's warmup_steps and warmup_from say which length was used)",
+        group=OPTIMISATION, ge=0)
     min_lr_ratio: float = knob(0.1, "the cosine decay's final LR as a share of lr", group=OPTIMISATION, ge=0, le=1)
     grad_clip: float = knob(1.0, "max gradient norm", group=OPTIMISATION, gt=0)
     ema_decay: float = knob(0.9999, "EMA decay, warmed up as min(decay, (1+s)/(10+s))", group=OPTIMISATION,
