@@ -8,6 +8,7 @@ validates: :meth:`KnobInfo.bounds` and ``choices`` say what a validator must enf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,10 @@ def knob(default: Any, description: str, *, group: str, ge: float | None = None,
     return dataclasses.field(default=default, metadata={METADATA_KEY: info})
 
 
+@functools.cache
 def knobs_of(settings: type) -> tuple[Knob, ...]:
-    """Every field of the dataclass ``settings`` declared with :func:`knob`, in declaration order."""
+    """Every field of the dataclass ``settings`` declared with :func:`knob`, in declaration order (read once per
+    class: validators ask for them on every value)."""
     hints = typing.get_type_hints(settings)
     return tuple(Knob(name=field.name, annotation=hints[field.name], default=field.default,
                       info=field.metadata[METADATA_KEY])
