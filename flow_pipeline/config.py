@@ -47,7 +47,8 @@ class _ValidatedTrainSettings(BaseModel):
     @field_validator("*")
     @classmethod
     def _check_name(cls, value: Any, info: ValidationInfo) -> Any:
-        """A named knob (arch, flow, dataset, ...) holds one of its declared choices, ``device`` one of :data:`DEVICES`."""
+        """A named knob (arch, flow, dataset, ...) holds one of its declared choices; ``device`` one of
+        :data:`DEVICES`."""
         valid = _choices(info.field_name)
         if valid and value not in valid:
             raise ValueError(f"unknown value {value!r}; valid: {', '.join(valid)}")

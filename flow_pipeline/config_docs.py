@@ -53,8 +53,8 @@ def run_name_section() -> str:
     suffixed = ", ".join(f"`{name}`" for name in NAME_SUFFIXES)
     settings = ", ".join(f"`{name}: {json.dumps(value)}`" for name, value in NAME_EXAMPLE.items())
     return (f"## Run name\n\nA run's checkpoint directory (`$FLOW_PIPELINE_ROOT/checkpoints/{{run_name}}/`) and "
-            f"tracking run are named `{{arch}}-{{flow}}-{{dataset}}-{{aug}}`, plus a suffix for each of {suffixed} that "
-            f"is not at its default: the partition `mlp-icfm` with {settings} is "
+            f"tracking run are named `{{arch}}-{{flow}}-{{dataset}}-{{aug}}`, plus a suffix for each of {suffixed} "
+            f"that is not at its default: the partition `mlp-icfm` with {settings} is "
             f"`{run_name(TrainSettings(**NAME_EXAMPLE))}`.\n")
 
 
