@@ -1,147 +1,101 @@
-"""Every training knob as one validated pydantic model: errors name the field before any compute starts."""
+"""Every training knob as one validated pydantic model, derived from the core's single declaration
+(:class:`flow_pipeline.core.train_config.TrainSettings`): errors name the field before any compute starts."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
+from pydantic.fields import FieldInfo
 
-from flow_pipeline.core.data.batching import AUGMENTATIONS
-from flow_pipeline.core.data.splits import DATASET_SIZES
-from flow_pipeline.core.flows import FLOWS, get_flow
-from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
-from flow_pipeline.core.train_config import KNOBS, TrainSettings, flow_params
+from flow_pipeline.core.flows import get_flow
+from flow_pipeline.core.knobs import Knob, knobs_of
+from flow_pipeline.core.run_identity import run_name
+from flow_pipeline.core.train_config import TrainSettings, flow_params
 
-DEFAULT_MODEL_SIZE = "small"
-DEFAULT_SEED = 42
-DEFAULT_NORMALIZATION = "zscore"
-DEFAULT_LINEAR_SKIP = False
-DEFAULT_TIME_SAMPLING = "uniform"
-DEFAULT_PRINCIPAL_DIMS = 0
+DEVICES = "auto, cpu, cuda, cuda:N"
 
 
-def _one_of(field: str, value: str, valid) -> str:
-    if value not in valid:
-        raise ValueError(f"{field}: unknown value {value!r}; valid: {', '.join(valid)}")
-    return value
+def knob_description(knob: Knob) -> str:
+    """The knob's description followed by its valid values (``one of …`` or its bounds)."""
+    valid = knob.info.valid_values()
+    return f"{knob.info.description}; {valid}" if valid else knob.info.description
 
 
-class TrainConfig(BaseModel):
-    """Resolved configuration of one training run (architecture, flow, data, optimisation, runtime). Validated here;
-    the trainer takes its plain copy, :meth:`to_core`."""
+def knob_field(knob: Knob, with_bounds: bool = True) -> tuple[Any, FieldInfo]:
+    """``(annotation, Field)`` of a declared knob for :func:`pydantic.create_model`: its default and description,
+    and (``with_bounds``) its bounds, which pydantic then enforces with the field named."""
+    bounds = knob.info.bounds() if with_bounds else {}
+    return knob.annotation, Field(knob.default, description=knob_description(knob), **bounds)
+
+
+def pydantic_fields(settings: type, exclude: tuple[str, ...] = (), with_bounds: bool = True) -> dict:
+    """:func:`knob_field` of every knob the dataclass ``settings`` declares, but ``exclude``, in declaration order."""
+    return {knob.name: knob_field(knob, with_bounds) for knob in knobs_of(settings) if knob.name not in exclude}
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    return next((knob.info.choices for knob in knobs_of(TrainSettings) if knob.name == field), ())
+
+
+class _ValidatedTrainSettings(BaseModel):
+    """Validation and derived values of :data:`TrainConfig`; its fields come from ``TrainSettings``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # what is trained
-    arch: str = "mlp"
-    flow: str = "icfm"
-    model_size: str = Field(DEFAULT_MODEL_SIZE, description="tiny (tests), small (CPU), base (GPU), matched (mlp, dit "
-                            "and unet within 4% of 1.3M parameters: an architecture comparison at equal capacity)")
-    dim: int = Field(1024, gt=0)
-    sigma: float = Field(0.0, ge=0, description="icfm/otcfm path noise; 0 is rectified flow")
-    sigma_min: float = Field(1e-4, ge=0, lt=1, description="fm path minimum std")
-    linear_skip: bool = Field(DEFAULT_LINEAR_SKIP, description="add g(t) * x_t to the velocity field, g the exact "
-                              "velocity gain of a diagonal Gaussian with learned per-dimension variances: the network "
-                              "then models only what is not Gaussian (meant for whitened data)")
-    principal_dims: int = Field(
-        DEFAULT_PRINCIPAL_DIMS, ge=0, description="k > 0: the network models only the first k whitened coordinates "
-        "(the top k principal directions, where the data's cluster structure lives); the rest follow the linear skip "
-        "path's Gaussian velocity. Needs normalization whiten and linear_skip; 0: the network models every coordinate")
-    time_sampling: Literal["uniform", "logit_normal"] = Field(
-        DEFAULT_TIME_SAMPLING, description="training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more "
-        "steps mid-path); validation always uses uniform t")
-    # data
-    dataset: str = "full"
-    aug: str = "none"
-    normalization: Literal["zscore", "whiten"] = Field(
-        DEFAULT_NORMALIZATION, description="zscore: per-dimension mean/std; whiten: PCA whitening with the training "
-        "rows' full covariance (eigenvalues shrunk, Ledoit-Wolf). Statistics come from the training rows the run uses",
-    )
-    noise_std: float = Field(0.1, ge=0)
-    mixup_max: float = Field(0.2, ge=0, le=1)
-    dropout_p: float = Field(0.1, ge=0, lt=1)
-    # optimisation
-    max_epochs: int = Field(50, ge=1, description="training length in passes over the data (when max_steps is 0)")
-    max_steps: int = Field(0, ge=0, description="optimizer steps of the run and the LR schedule's total, the same for "
-                           "every dataset size (a study's budget); 0: max_epochs epochs")
-    eval_every_steps: int = Field(0, ge=0, description="validate, keep the best and count patience every N optimizer "
-                                  "steps (and after the last); 0: at the end of every epoch")
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(200, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
-    ema_every: int = Field(10, ge=1, description="update the EMA every N steps (decay^N), and always before it "
-                           "is validated or saved; 1: every step")
-    patience: int = Field(20, ge=0, description="evaluations without EMA val improvement (after warmup) before "
-                          "stopping")
-    min_delta: float = Field(0.0, ge=0)
-    seed: int = Field(DEFAULT_SEED, ge=0)
-    # runtime
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    log_every: int = Field(10, ge=1)
-    save_every_steps: int = Field(0, ge=0, description="also write last.pt every N steps (0: once per epoch)")
-    resume: bool = False
+    @field_validator("*")
+    @classmethod
+    def _check_name(cls, value: Any, info: ValidationInfo) -> Any:
+        """A named knob (arch, flow, dataset, ...) holds one of its declared choices; ``device`` one of
+        :data:`DEVICES`."""
+        valid = _choices(info.field_name)
+        if valid and value not in valid:
+            raise ValueError(f"unknown value {value!r}; valid: {', '.join(valid)}")
+        if info.field_name == "device" and value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError(f"unknown value {value!r}; valid: {DEVICES}")
+        return value
 
     @model_validator(mode="after")
-    def _check_names(self) -> "TrainConfig":
-        _one_of("arch", self.arch, ARCHITECTURES)
-        _one_of("flow", self.flow, tuple(FLOWS))
-        _one_of("model_size", self.model_size, MODEL_SIZES)
-        _one_of("dataset", self.dataset, tuple(DATASET_SIZES))
-        _one_of("aug", self.aug, AUGMENTATIONS)
-        if self.max_steps and self.warmup_steps >= self.max_steps:
+    def _check_together(self) -> "_ValidatedTrainSettings":
+        if self.max_steps and self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} >= max_steps {self.max_steps}: the LR would never "
-                             f"leave warmup; lower warmup_steps or raise max_steps")
+                             f"leave warmup; lower warmup_steps (or leave it unset for a default that fits) or raise "
+                             f"max_steps")
         if self.principal_dims:
             if self.principal_dims > self.dim:
                 raise ValueError(f"principal_dims: {self.principal_dims} > dim {self.dim}")
             if self.normalization != "whiten" or not self.linear_skip:
                 raise ValueError("principal_dims: needs normalization 'whiten' (coordinates ordered by variance) and "
                                  "linear_skip true (the other coordinates' velocity)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device: unknown value {self.device!r}; valid: auto, cpu, cuda, cuda:N")
         return self
 
     @property
     def run_name(self) -> str:
-        """``{arch}-{flow}-{dataset}-{aug}``, plus normalisation, skip path, time sampling, model size and seed when
-        they differ from the defaults, so two runs never share a checkpoint directory (losses under different
-        normalisations are not the same quantity)."""
-        name = f"{self.arch}-{self.flow}-{self.dataset}-{self.aug}"
-        if self.normalization != DEFAULT_NORMALIZATION:
-            name += f"-{self.normalization}"
-        if self.linear_skip != DEFAULT_LINEAR_SKIP:
-            name += "-skip" if self.linear_skip else "-noskip"
-        if self.time_sampling != DEFAULT_TIME_SAMPLING:
-            name += f"-t{self.time_sampling.replace('_', '')}"
-        if self.principal_dims != DEFAULT_PRINCIPAL_DIMS:
-            name += f"-pd{self.principal_dims}"
-        if self.model_size != DEFAULT_MODEL_SIZE:
-            name += f"-{self.model_size}"
-        if self.seed != DEFAULT_SEED:
-            name += f"-seed{self.seed}"
-        return name
+        """:func:`flow_pipeline.core.run_identity.run_name` of this config."""
+        return run_name(self)
 
     def flow_params(self) -> dict[str, float]:
         return flow_params(self.flow, self.sigma, self.sigma_min)
 
     def to_core(self) -> TrainSettings:
         """The validated values as the core's frozen dataclass, with :attr:`run_name`."""
-        values = self.model_dump()
-        if set(values) != set(KNOBS):
-            raise TypeError(f"TrainConfig and flow_pipeline.core.train_config.TrainSettings disagree: only in "
-                            f"TrainConfig {sorted(set(values) - set(KNOBS))}, only in TrainSettings "
-                            f"{sorted(set(KNOBS) - set(values))}; add a new knob to both")
-        return TrainSettings(**values, run_name=self.run_name)
+        return TrainSettings(**self.model_dump(), run_name=self.run_name)
 
     def zero_predictor_loss(self) -> float:
         """Validation loss of a model that always predicts zero: the scale this run's losses are read on."""
         return get_flow(self.flow, **self.flow_params()).zero_predictor_loss()
+
+
+TrainConfig = create_model(
+    "TrainConfig",
+    __base__=_ValidatedTrainSettings,
+    __module__=__name__,
+    __doc__="Resolved configuration of one training run (architecture, flow, data, optimisation, runtime): every "
+            "knob of TrainSettings with its default, description and bounds. Validated here; the trainer takes its "
+            "plain copy, :meth:`to_core`.",
+    **pydantic_fields(TrainSettings),
+)
 
 
 def zero_predictor_loss_of(config: dict) -> float:

@@ -1,14 +1,12 @@
 """Replicates of one run identity: which seeds, whether one is already done, and the one reader of the replicate
 list in a ``trained_checkpoint`` materialization (evaluation, checks, report and ``show`` all use it).
 
-A run's *identity* is its full training config minus the seed (and ``resume``, which does not change the result):
-runs of one identity differ only by seed, so they are replicates of each other and may be pooled; runs of different
-identities never are. Pure: no Dagster.
+Replicates are runs of one identity (:mod:`flow_pipeline.core.run_identity`), differing only by seed. Pure: no
+Dagster.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,23 +15,8 @@ from typing import Any
 
 from flow_pipeline.artifacts import RESULT_NAME
 from flow_pipeline.core.checkpoint import BEST_NAME, LAST_NAME, CheckpointError, verify
+from flow_pipeline.core.run_identity import identity_of
 from flow_pipeline.core.study_stats import t_interval
-
-NOT_IDENTITY = ("seed", "resume")
-# The identity's fields a reader sees first (the rest is in the hash).
-IDENTITY_FIELDS = ("arch", "flow", "dataset", "aug", "model_size")
-
-
-def identity_of(config: dict) -> dict:
-    """The config minus :data:`NOT_IDENTITY`, as a plain dict."""
-    return {key: value for key, value in sorted(config.items()) if key not in NOT_IDENTITY}
-
-
-def identity_key(config: dict) -> str:
-    """Short readable key of the identity: ``arch-flow-dataset-aug-size#hash`` (hash of every identity field)."""
-    identity = identity_of(config)
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return "-".join(str(identity.get(field, "?")) for field in IDENTITY_FIELDS) + f"#{digest}"
 
 
 def replicate_seeds(seed: int, replicates: int) -> list[int]:

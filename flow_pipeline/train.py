@@ -91,6 +91,8 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "train_seconds": typed(round(result.train_seconds, 2), "float"),
         "device": typed(result.device, "text"),
         "precision": typed(result.precision, "text"),
+        "warmup_steps": typed(result.warmup_steps, "int"),
+        "warmup_from": typed(result.warmup_from, "text"),
         "world_size": typed(world_size, "int"),
         "threads": typed(torch.get_num_threads(), "int"),
         "num_params": typed(result.num_params, "int"),

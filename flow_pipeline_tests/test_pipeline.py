@@ -104,6 +104,23 @@ def test_quickstart_config_trains_through_the_asset_and_principal_dims_is_checke
         assert "principal_dims: 1025 > dim 1024" in failure.step_failure_data.error.message
 
 
+def test_a_run_with_only_max_epochs_set_trains_on_the_built_in_data(artifacts_root, tmp_path):
+    """The first run a person tries: the built-in data at its defaults and ``max_epochs: 2``, every other knob at its
+    default. The warmup is not set, so it fits the run: a tenth of its optimizer steps, and the metadata says so."""
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert dg.materialize([dataset_splits, normalization_stats], instance=instance, resources=resources()).success
+        result = dg.materialize([trained_checkpoint], instance=instance, resources=resources(),
+                                partition_key="mlp-icfm", run_config=run_config(train={"max_epochs": 2}),
+                                selection=[trained_checkpoint])
+        assert result.success
+        meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
+        steps = 2 * (latest_metadata(instance, "dataset_splits")["n_train"].value // 256)
+        assert meta["global_step"].value == steps > 0
+        assert meta["config"].value["warmup_steps"] is None
+        assert meta["warmup_steps"].value == min(200, steps // 10)
+        assert meta["warmup_from"].value.startswith("default")
+
+
 def test_unknown_partition_key_is_rejected(artifacts_root, tmp_path):
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         with pytest.raises(Exception, match="transformer-icfm"):

@@ -12,10 +12,10 @@ import pytest
 from scipy.stats import t as student_t
 
 from flow_pipeline.core.checkpoint import LAST_NAME, sha256_file
+from flow_pipeline.core.run_identity import identity_key
 from flow_pipeline.defs.assets import trained_checkpoint
 from flow_pipeline.replicates import (
     completed_result,
-    identity_key,
     replicate_seeds,
     replicates_from_metadata,
 )

@@ -8,7 +8,9 @@ import pytest
 
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.defs.assets import trained_checkpoint
-from flow_pipeline.defs.run_config import FROM_PARTITION_AND_DATA, TrainRunConfig
+from flow_pipeline.core.knobs import knobs_of
+from flow_pipeline.core.train_config import TrainSettings
+from flow_pipeline.defs.run_config import FROM_PARTITION_AND_DATA, RunLevelSettings, TrainRunConfig
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
 from flow_pipeline_tests.helpers import TINY_TRAIN, run_config
 
@@ -22,10 +24,14 @@ def launchpad_fields() -> set[str]:
     return set(trained_checkpoint.op.config_schema.config_type.fields)
 
 
-def test_every_training_knob_is_a_launchpad_field():
-    expected = set(TrainConfig.model_fields) - set(FROM_PARTITION_AND_DATA)
-    assert expected <= launchpad_fields(), expected - launchpad_fields()
+def test_every_declared_knob_is_a_launchpad_field_with_its_description():
+    expected = {knob.name: knob for knob in (*knobs_of(TrainSettings), *knobs_of(RunLevelSettings))
+                if knob.name not in FROM_PARTITION_AND_DATA}
+    assert set(expected) == launchpad_fields()
     assert set(ONCE_MISSING) <= launchpad_fields()
+    schema = trained_checkpoint.op.config_schema.config_type.fields
+    for name, knob in expected.items():
+        assert schema[name].description.startswith(knob.info.description), name
 
 
 def test_launchpad_defaults_are_train_config_defaults():

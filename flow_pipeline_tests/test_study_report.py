@@ -13,7 +13,7 @@ import torch
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, WORSE
 from flow_pipeline.core.trainer import train
-from flow_pipeline.replicates import identity_key
+from flow_pipeline.core.run_identity import identity_key
 from flow_pipeline.evaluation.study_report import (
     VAL_LOSS_RATIO,
     add_comparisons,
@@ -109,7 +109,7 @@ def test_one_replicate_rows_say_no_significance_can_be_claimed():
 
 def test_a_row_is_stale_when_its_partition_was_trained_again_under_the_same_identity():
     from flow_pipeline.evaluation.ablation_report import scaled_curve, staleness_notes
-    from flow_pipeline.replicates import identity_key
+    from flow_pipeline.core.run_identity import identity_key
 
     rng = np.random.default_rng(5)
     config = {"arch": "mlp", "flow": "icfm", "dataset": "full", "aug": "none", "model_size": "small", "seed": 0}

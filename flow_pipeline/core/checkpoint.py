@@ -29,6 +29,7 @@ from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models import build_model, count_parameters
 from flow_pipeline.core.train_config import TrainSettings, flow_params
+from flow_pipeline.core.run_identity import resume_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -295,21 +296,11 @@ def resume_point(run_dir: str | os.PathLike, map_location: str | torch.device = 
     return max(loaded, key=lambda item: (item[1]["global_step"], item[1]["epoch"]), default=None)
 
 
-# Config fields that must match for a resume to continue the same trajectory.
-RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug", "normalization",
-                     "max_steps", "eval_every_steps")
-
-# What a knob was, in effect, for checkpoints written before it existed.
-_BEFORE_THE_KNOB_EXISTED = {"normalization": "zscore", "max_steps": 0, "eval_every_steps": 0}
-
-
 def check_resumable(state: dict, path: Path, config: Any, data_identity: dict, world_size: int,
                     warn: bool = True) -> None:
     """Refuse (ValueError naming ``path`` and the fields) a checkpoint of another config or other data; warn (when
     ``warn``: rank 0 only) when the number of training processes changed."""
-    saved = {key: state["config"].get(key, _BEFORE_THE_KNOB_EXISTED.get(key)) for key in RESUME_MUST_MATCH}
-    wrong = [f"{key}: checkpoint {saved[key]!r} vs run {getattr(config, key)!r}"
-             for key in RESUME_MUST_MATCH if saved[key] != getattr(config, key)]
+    wrong = resume_mismatches(state["config"], config)
     if wrong:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(wrong)})")
     if state.get("data_identity") and data_identity and state["data_identity"] != data_identity:

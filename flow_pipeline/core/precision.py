@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+PRECISIONS = ("auto", "fp32", "bf16")
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

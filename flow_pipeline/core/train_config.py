@@ -1,62 +1,106 @@
-"""The trainer's own configuration: a plain frozen dataclass, every knob with its default.
+"""The trainer's own configuration: a plain frozen dataclass in which every training knob is declared once, with its
+default, description and valid values (:func:`flow_pipeline.core.knobs.knob`).
 
-Validation (ranges, names, errors that name the field) happens once, outside the core, in
-:class:`flow_pipeline.config.TrainConfig`, which converts itself with ``to_core()``; the core never imports it. The
-fields here are exactly that model's fields (a test keeps the two in step), plus ``run_name``.
+The layers above derive from it: the validated pydantic model (:class:`flow_pipeline.config.TrainConfig`, which
+converts itself with ``to_core()``), the Dagster run config and docs/configuration.md. The core never validates.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from flow_pipeline.core.data.batching import AUGMENTATIONS
+from flow_pipeline.core.data.normalization import NORMALIZATIONS
+from flow_pipeline.core.data.splits import DATASET_SIZES
+from flow_pipeline.core.flows import FLOWS
+from flow_pipeline.core.knobs import knob
+from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
+from flow_pipeline.core.precision import PRECISIONS
+from flow_pipeline.core.schedule import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_PERCENT
+from flow_pipeline.core.time_sampling import TIME_SAMPLINGS
+
+MODEL, DATA, OPTIMISATION, RUNTIME = "what is trained", "data", "optimisation", "runtime"
+
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One training run's knobs (meanings: :class:`flow_pipeline.config.TrainConfig` and README's table).
+    """One training run's knobs, each declared with its meaning and valid values.
 
-    run_name: the name its checkpoint directory and tracking run carry (derived by the validated config).
+    run_name: the name its checkpoint directory and tracking run carry
+    (:func:`flow_pipeline.core.run_identity.run_name`, filled in by the validated config).
     """
 
-    # what is trained
-    arch: str = "mlp"
-    flow: str = "icfm"
-    model_size: str = "small"
-    dim: int = 1024
-    sigma: float = 0.0
-    sigma_min: float = 1e-4
-    linear_skip: bool = False
-    principal_dims: int = 0
-    time_sampling: str = "uniform"
-    # data
-    dataset: str = "full"
-    aug: str = "none"
-    normalization: str = "zscore"
-    noise_std: float = 0.1
-    mixup_max: float = 0.2
-    dropout_p: float = 0.1
-    # optimisation
-    max_epochs: int = 50
-    max_steps: int = 0
-    eval_every_steps: int = 0
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    ema_every: int = 10
-    patience: int = 20
-    min_delta: float = 0.0
-    seed: int = 42
-    # runtime
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    log_every: int = 10
-    save_every_steps: int = 0
-    resume: bool = False
-    # identity
+    arch: str = knob("mlp", "network architecture (set by the partition)", group=MODEL, choices=ARCHITECTURES)
+    flow: str = knob("icfm", "probability path (set by the partition)", group=MODEL, choices=tuple(FLOWS))
+    model_size: str = knob(
+        "small", "tiny (tests), small (CPU), base (GPU), matched (mlp 1.32M, dit 1.29M, unet 1.33M parameters: "
+        "within 4%, an architecture comparison at equal capacity; at small they differ 4.6x). DiT costs ~10x the "
+        "FLOPs per parameter (every token passes its layers): the report shows both", group=MODEL, choices=MODEL_SIZES)
+    dim: int = knob(1024, "embedding dimension (set by the data's statistics)", group=MODEL, gt=0)
+    sigma: float = knob(0.0, "icfm/otcfm path noise; 0 is rectified flow", group=MODEL, ge=0)
+    sigma_min: float = knob(1e-4, "fm path minimum std", group=MODEL, ge=0, lt=1)
+    linear_skip: bool = knob(
+        False, "add a linear path g(t) * x_t to the velocity field, g the exact velocity gain of a diagonal Gaussian "
+        "with learned per-dimension variances (dim parameters, started at the normalised training rows' "
+        "variances): the network then models only what is not Gaussian (meant for whitened data)", group=MODEL)
+    principal_dims: int = knob(
+        0, "k > 0: the network models only the first k whitened coordinates (the top k principal directions, where "
+        "the data's cluster structure lives); the rest follow the linear skip path's Gaussian velocity. Needs "
+        "normalization whiten and linear_skip true; 0: the network models every coordinate", group=MODEL, ge=0)
+    time_sampling: str = knob(
+        "uniform", "training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more steps "
+        "mid-path); validation always uses uniform t", group=MODEL, choices=TIME_SAMPLINGS)
+    dataset: str = knob(
+        "full", "training subset: from a splits/ root, that size's own train/val/test files; otherwise the first N "
+        "training rows (all of them for full, or for the label of the one size directory given)", group=DATA,
+        choices=tuple(DATASET_SIZES))
+    aug: str = knob("none", "augmentation of the data (never of the noise)", group=DATA, choices=AUGMENTATIONS)
+    normalization: str = knob(
+        "zscore", "zscore: per-dimension mean/std; whiten: PCA whitening with the training rows' full covariance "
+        "(eigenvalues shrunk towards their mean with the Ledoit-Wolf weight, so it stays invertible with fewer rows "
+        "than dimensions). Statistics come from the training rows the run uses, are stored in the checkpoint and "
+        "inverted at sampling", group=DATA, choices=NORMALIZATIONS)
+    noise_std: float = knob(0.1, "noise augmentation: x + noise_std * eps", group=DATA, ge=0)
+    mixup_max: float = knob(0.2, "mixup augmentation: (1 - lam) x + lam x[perm], lam ~ U(0, mixup_max) per row",
+                            group=DATA, ge=0, le=1)
+    dropout_p: float = knob(0.1, "dropout augmentation: each coordinate zeroed with this probability, the rest "
+                            "rescaled by 1 / (1 - dropout_p)", group=DATA, ge=0, lt=1)
+    max_epochs: int = knob(50, "training length in passes over the data when max_steps is 0 (early stopping may "
+                           "end sooner)", group=OPTIMISATION, ge=1)
+    max_steps: int = knob(0, "optimizer steps of the run and the LR schedule's total, the same for every dataset "
+                          "size (a study's budget); 0: max_epochs epochs", group=OPTIMISATION, ge=0)
+    eval_every_steps: int = knob(0, "validate, keep the best and count patience every N optimizer steps (and after "
+                                 "the last); 0: at the end of every epoch", group=OPTIMISATION, ge=0)
+    batch_size: int = knob(256, "rows per optimizer step", group=OPTIMISATION, ge=1)
+    lr: float = knob(1e-3, "AdamW (fused) learning rate", group=OPTIMISATION, gt=0, le=1)
+    weight_decay: float = knob(0.01, "AdamW weight decay", group=OPTIMISATION, ge=0)
+    warmup_steps: int | None = knob(
+        None, f"linear LR warmup over this many optimizer steps, then cosine decay to min_lr_ratio of lr; null: "
+        f"min({DEFAULT_WARMUP_CAP}, {DEFAULT_WARMUP_PERCENT}% of the run's optimizer steps), so a short run warms "
+        f"up too (the training metadata's warmup_steps and warmup_from say which length was used)",
+        group=OPTIMISATION, ge=0)
+    min_lr_ratio: float = knob(0.1, "the cosine decay's final LR as a share of lr", group=OPTIMISATION, ge=0, le=1)
+    grad_clip: float = knob(1.0, "max gradient norm", group=OPTIMISATION, gt=0)
+    ema_decay: float = knob(0.9999, "EMA decay, warmed up as min(decay, (1+s)/(10+s))", group=OPTIMISATION,
+                            ge=0, lt=1)
+    ema_every: int = knob(10, "update the EMA every N steps with the decay of N steps, and always before it is "
+                          "validated or saved; 1: every step", group=OPTIMISATION, ge=1)
+    patience: int = knob(20, "evaluations without EMA val improvement (counted after warmup) before stopping",
+                         group=OPTIMISATION, ge=0)
+    min_delta: float = knob(0.0, "smallest decrease of the EMA val loss that counts as an improvement",
+                            group=OPTIMISATION, ge=0)
+    seed: int = knob(42, "everything is seeded; a resumed run ends bit-identical to an uninterrupted one on CPU",
+                     group=OPTIMISATION, ge=0)
+    device: str = knob("auto", "auto (the compute resource decides), cpu, cuda or cuda:N", group=RUNTIME)
+    precision: str = knob(
+        "auto", "auto: bf16 autocast on CUDA and on a CPU that multiplies bf16 natively (avx512_bf16 or amx_bf16 in "
+        "/proc/cpuinfo), fp32 on any other CPU (there bf16 is emulated and slower); fp32 or bf16 force one. The "
+        "run's metadata says which it used", group=RUNTIME, choices=PRECISIONS)
+    compile: bool = knob(False, "torch.compile the model", group=RUNTIME)
+    log_every: int = knob(10, "metric logging interval in optimizer steps", group=RUNTIME, ge=1)
+    save_every_steps: int = knob(0, "also write last.pt every N steps (0: once per epoch)", group=RUNTIME,
+                                 ge=0)
+    resume: bool = knob(False, "continue from the run's last.pt (or best.pt)", group=RUNTIME)
     run_name: str = "run"
 
     def flow_params(self) -> dict[str, float]:
@@ -77,4 +121,3 @@ def flow_params(flow: str, sigma: float, sigma_min: float) -> dict[str, float]:
     return {}
 
 
-KNOBS = tuple(field.name for field in fields(TrainSettings) if field.name != "run_name")

@@ -45,6 +45,8 @@ class TrainResult:
     device: str
     num_params: int
     precision: str  # what the forward passes ran in: "bf16" (autocast) or "fp32"
+    warmup_steps: int  # the LR warmup used: the config's, or the default that fits the run
+    warmup_from: str  # "config", or the default rule with its numbers
     history: list[dict[str, float]] = field(default_factory=list)
 
 

@@ -20,14 +20,14 @@ from flow_pipeline.core.data.batching import augment
 from flow_pipeline.core.distributed import DistInfo, resolve_device
 from flow_pipeline.core.flows import Flow, draw_path, flow_matching_loss
 from flow_pipeline.core.models import count_parameters
-from flow_pipeline.core.schedule import planned_steps
+from flow_pipeline.core.schedule import plan_steps
 from flow_pipeline.core.tracking import NullTracker, Tracker
 from flow_pipeline.core.train_config import TrainSettings
 from flow_pipeline.core.train_state import TrainData, TrainingDiverged, TrainResult, TrainState
 from flow_pipeline.core.training_run import (VAL_SEED_OFFSET, TrainingRun, global_batch_size, normalised_data,
                                              prepare_run_dir, resume, set_up)
 
-__all__ = ["TrainData", "TrainResult", "TrainSettings", "TrainState", "TrainingDiverged", "planned_steps",
+__all__ = ["TrainData", "TrainResult", "TrainSettings", "TrainState", "TrainingDiverged", "plan_steps",
            "reads_values_every_step", "train", "validate"]
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def evaluate(run: TrainingRun) -> None:
     ema_val_loss = validate(run.ema_model, run.flow, run.val_z, run.batch_size, val_seed, run.autocast, run.dist)
     if not math.isfinite(ema_val_loss):
         raise run.diverged(f"non-finite EMA validation loss {ema_val_loss}")
-    improved = pieces.stopper.update(ema_val_loss, counting=state.global_step >= config.warmup_steps)
+    improved = pieces.stopper.update(ema_val_loss, counting=state.global_step >= run.step_plan.warmup_steps)
     state.train_seconds = run.elapsed()
     # Step-cadence evaluations fall inside epochs: their epoch is fractional (steps / steps per epoch).
     steps_per_epoch = pieces.sampler.steps_per_epoch
@@ -262,5 +262,7 @@ def _finish(run: TrainingRun) -> TrainResult:
         device=str(run.device),
         num_params=count_parameters(run.pieces.model),
         precision=run.precision,
+        warmup_steps=run.step_plan.warmup_steps,
+        warmup_from=run.step_plan.warmup_from,
         history=state.history,
     )

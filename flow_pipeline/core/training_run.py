@@ -25,7 +25,7 @@ from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import Flow, get_flow
 from flow_pipeline.core.models.skip import LinearSkip
 from flow_pipeline.core.precision import uses_bf16
-from flow_pipeline.core.schedule import planned_steps, warmup_cosine_schedule
+from flow_pipeline.core.schedule import StepPlan, plan_steps, warmup_cosine_schedule
 from flow_pipeline.core.tracking import Tracker
 from flow_pipeline.core.train_config import TrainSettings
 from flow_pipeline.core.train_state import TrainData, TrainingDiverged, TrainState
@@ -57,11 +57,15 @@ class TrainingRun:
     precision: str  # "bf16" when autocast is on (core/precision.py decides), else "fp32"
     val_z: Tensor
     batch_size: int
-    total_steps: int
+    step_plan: StepPlan  # the run's optimizer steps and LR warmup
     started: float = 0.0
     period_started: float = 0.0
     segment_start_seconds: float = 0.0
     segment_start_step: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.step_plan.total_steps
 
     @property
     def best_path(self) -> Path:
@@ -148,8 +152,10 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
         train_model = torch.compile(train_model)
     # Fused AdamW runs one kernel per parameter group instead of a Python loop (CPU and CUDA in torch >= 2.4).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    total_steps = planned_steps(config, sampler.steps_per_epoch)
-    scheduler = warmup_cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    step_plan = plan_steps(config, sampler.steps_per_epoch)
+    if dist.is_main and step_plan.warmup_from != "config":
+        logger.info("warmup_steps: %d (%s)", step_plan.warmup_steps, step_plan.warmup_from)
+    scheduler = warmup_cosine_schedule(optimizer, step_plan.warmup_steps, step_plan.total_steps, config.min_lr_ratio)
     stopper = EarlyStopping(patience=config.patience, min_delta=config.min_delta)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + NOISE_SEED_OFFSET)
     use_bf16 = uses_bf16(config.precision, device.type)
@@ -164,7 +170,7 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
                        flow=get_flow(config.flow, **config.flow_params()),
                        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
                        precision="bf16" if use_bf16 else "fp32",
-                       val_z=val_z, batch_size=batch_size, total_steps=total_steps)
+                       val_z=val_z, batch_size=batch_size, step_plan=step_plan)
 
 
 def resume(run: TrainingRun) -> None:

@@ -12,10 +12,11 @@ import torch
 from pydantic import ValidationError
 
 from flow_pipeline.ablations import PARTITION_KEYS
-from flow_pipeline.core.data.normalization import load_normalizer, load_normalizer_info, normalizer_sha256
+from flow_pipeline.core.data.normalization import load_normalizer
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.data import DataError
 from flow_pipeline.core.data.split_store import load_run_splits
+from flow_pipeline.core.run_identity import data_identity
 from flow_pipeline.defs.data_assets import OWNERS, DatasetConfig, dataset_splits, normalization_stats  # noqa: F401
 from flow_pipeline.defs.failures import (CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure,
                                          data_failure_kind)
@@ -70,14 +71,6 @@ def _visible_gpus(compute: ComputeResource) -> int:
     if compute.visible_devices:
         return len([device for device in compute.visible_devices.split(",") if device.strip()])
     return torch.cuda.device_count()
-
-
-def _data_identity(config, stats_path: Path) -> dict:
-    """Which rows and which statistics a run trains with: in its metadata and checkpoint, checked on resume."""
-    info = load_normalizer_info(stats_path)
-    return {"dataset": config.dataset, "subset": info.get("subset", "unknown"), "train_rows": info.get("rows"),
-            "normalization": config.normalization, "normalization_stats": str(stats_path),
-            "normalization_sha256": normalizer_sha256(load_normalizer(stats_path))}
 
 
 def _read_failure(run_dir: Path) -> tuple[str, str]:
@@ -185,7 +178,7 @@ def _train_one(context, config: TrainRunConfig, train_config: TrainConfig, stats
         config=train_config.model_dump(),
         splits_dir=str(layout.splits_dir),
         stats_path=str(stats_path),
-        data_identity=_data_identity(train_config, stats_path),
+        data_identity=data_identity(train_config.dataset, train_config.normalization, stats_path),
         run_dir=str(run_dir),
         partition_key=partition,
         tracking=wandb.job_settings(train_config, partition, layout.wandb_dir),

@@ -15,7 +15,8 @@ from flow_pipeline.evaluation.plots import InlineFigure, plot_report
 from flow_pipeline.evaluation.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, build_row, csv_text,
                                              markdown_report, reference_rows, sort_rows)
 from flow_pipeline.evaluation.study_report import add_comparisons, pick_baseline, statistics_markdown, study_rows
-from flow_pipeline.replicates import identity_key, replicates_from_metadata
+from flow_pipeline.core.run_identity import identity_key
+from flow_pipeline.replicates import replicates_from_metadata
 
 
 @dataclass

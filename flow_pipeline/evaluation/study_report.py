@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 from flow_pipeline.config import TrainConfig, zero_predictor_loss_of
+from flow_pipeline.core.run_identity import IDENTITY_FIELDS, identity_key, identity_of
 from flow_pipeline.core.study_stats import METHOD, NOT_TESTABLE, compare_rows, t_interval
-from flow_pipeline.replicates import IDENTITY_FIELDS, identity_key, identity_of
 
 DEFAULT_BASELINE = "mlp-icfm"
 # Metrics pooled over replicates (keys of each replicate's ``metrics``, plus the training's values); lower is better

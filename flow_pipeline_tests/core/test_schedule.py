@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from flow_pipeline.core.schedule import warmup_cosine_schedule
+from flow_pipeline.core.schedule import plan_steps, warmup_cosine_schedule
 
 BASE_LR = 3e-3
 
@@ -107,3 +109,30 @@ def test_scheduler_state_dict_resumes_the_same_lr():
         assert optimizer2.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
         optimizer.step(), scheduler.step()
         optimizer2.step(), scheduler2.step()
+
+
+# --- the run's steps and its warmup --------------------------------------------------------------------------------
+
+
+def test_an_unset_warmup_is_a_tenth_of_the_run_at_most_200_steps():
+    rng = random.Random(5)
+    for _ in range(200):
+        epochs, per_epoch = rng.randint(1, 80), rng.randint(1, 300)
+        plan = plan_steps(SimpleNamespace(max_steps=0, max_epochs=epochs, warmup_steps=None), per_epoch)
+        total = epochs * per_epoch
+        assert plan.total_steps == total
+        assert plan.warmup_steps == min(200, math.floor(total / 10)) < total
+        assert plan.warmup_from.startswith("default") and str(total) in plan.warmup_from
+    # The built-in data (15,360 training rows, batch 256: 60 steps per epoch): 3 epochs warm up over 18 steps, the
+    # default 50 over 200.
+    assert plan_steps(SimpleNamespace(max_steps=0, max_epochs=3, warmup_steps=None), 60).warmup_steps == 18
+    assert plan_steps(SimpleNamespace(max_steps=0, max_epochs=50, warmup_steps=None), 60).warmup_steps == 200
+    by_steps = plan_steps(SimpleNamespace(max_steps=1234, max_epochs=1, warmup_steps=None), 60)
+    assert (by_steps.total_steps, by_steps.warmup_steps) == (1234, 123)
+
+
+def test_a_set_warmup_is_kept_and_one_longer_than_the_run_names_the_field():
+    plan = plan_steps(SimpleNamespace(max_steps=0, max_epochs=3, warmup_steps=150), 60)
+    assert (plan.total_steps, plan.warmup_steps, plan.warmup_from) == (180, 150, "config")
+    with pytest.raises(ValueError, match=r"warmup_steps: 200 >= the run's 180 optimizer steps \(max_epochs"):
+        plan_steps(SimpleNamespace(max_steps=0, max_epochs=3, warmup_steps=200), 60)

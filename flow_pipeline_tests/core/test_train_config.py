@@ -5,22 +5,59 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import typing
 
 import pytest
 from pydantic import ValidationError
 
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.data.batching import AUGMENTATIONS
-from flow_pipeline.core.train_config import KNOBS, TrainSettings
+from flow_pipeline.core.knobs import knobs_of
+from flow_pipeline.core.train_config import TrainSettings
 from flow_pipeline.core.trainer import train
 from flow_pipeline_tests.core.trainer_helpers import data, one_thread, tiny_config
 
 
-def test_the_core_dataclass_has_exactly_the_validated_models_knobs_and_defaults():
-    assert set(KNOBS) == set(TrainConfig.model_fields)
-    core_defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings) if f.name != "run_name"}
-    model_defaults = {name: field.default for name, field in TrainConfig.model_fields.items()}
-    assert core_defaults == model_defaults
+def test_the_validated_model_exposes_exactly_the_declared_knobs_with_their_defaults_and_bounds():
+    declared = knobs_of(TrainSettings)
+    assert [knob.name for knob in declared] == list(TrainConfig.model_fields)
+    assert {f.name for f in dataclasses.fields(TrainSettings)} - set(TrainConfig.model_fields) == {"run_name"}
+    for knob in declared:
+        field = TrainConfig.model_fields[knob.name]
+        assert field.default == knob.default and field.annotation == knob.annotation, knob.name
+        assert field.description.startswith(knob.info.description), knob.name
+        constraints = {name: getattr(item, name) for item in field.metadata for name in ("ge", "gt", "le", "lt")
+                       if hasattr(item, name)}
+        assert constraints == knob.info.bounds(), knob.name
+    # A few bounds written out here, independently of the declaration.
+    bounds = {knob.name: knob.info.bounds() for knob in declared}
+    assert bounds["lr"] == {"gt": 0, "le": 1} and bounds["dropout_p"] == {"ge": 0, "lt": 1}
+    assert bounds["batch_size"] == {"ge": 1} and bounds["arch"] == {}
+
+
+def _outside(bound: str, limit: float, annotation) -> float:
+    """A value just outside ``bound`` (ge/gt/le/lt) at ``limit``, of the knob's numeric type."""
+    step = 1 if int in (annotation, *typing.get_args(annotation)) else 1e-3
+    return {"ge": limit - step, "gt": limit, "le": limit + step, "lt": limit}[bound]
+
+
+@pytest.mark.parametrize("knob", [k for k in knobs_of(TrainSettings) if k.info.bounds()], ids=lambda k: k.name)
+def test_every_declared_bound_is_enforced_naming_the_field(knob):
+    for bound, limit in knob.info.bounds().items():
+        value = _outside(bound, limit, knob.annotation)
+        with pytest.raises(ValidationError) as info:
+            TrainConfig(**{knob.name: value})
+        assert format_validation_error(info.value).startswith(f"invalid training config: {knob.name}: "), value
+
+
+@pytest.mark.parametrize("knob", [k for k in knobs_of(TrainSettings) if k.info.choices], ids=lambda k: k.name)
+def test_every_declared_choice_is_enforced_listing_the_valid_values(knob):
+    for value in knob.info.choices:
+        assert getattr(TrainConfig(**{knob.name: value}), knob.name) == value
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(**{knob.name: "no-such-" + knob.name})
+    assert format_validation_error(info.value) == (f"invalid training config: {knob.name}: unknown value "
+                                                   f"'no-such-{knob.name}'; valid: {', '.join(knob.info.choices)}")
 
 
 def test_to_core_carries_every_value_and_the_run_name():

@@ -166,6 +166,18 @@ def test_logged_lr_is_the_lr_of_the_logged_step(data, tmp_path):
         assert metrics["train/lr"] == pytest.approx(want, rel=1e-9), step
 
 
+def test_an_unset_warmup_is_a_tenth_of_the_run_and_the_result_says_so(data, tmp_path):
+    """warmup_steps None on 2 epochs of 10 steps: warmup over 2 steps, LR (s / 2) * lr at steps 1 and 2."""
+    config = tiny_config(max_epochs=2, warmup_steps=None, min_lr_ratio=0.1)
+    tracker = RecordingTracker()
+    result = train(config, data, tmp_path, tracker=tracker)
+    assert result.warmup_steps == 2 and result.warmup_from.startswith("default")
+    lrs = {step: metrics["train/lr"] for step, metrics in train_rows(tracker)}
+    assert lrs[1] == pytest.approx(config.lr / 2, rel=1e-9) and lrs[2] == pytest.approx(config.lr, rel=1e-9)
+    assert lrs[12] == pytest.approx(config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * 9 / 18))), rel=1e-9)
+    assert train(tiny_config(max_epochs=2, warmup_steps=3), data, tmp_path / "set").warmup_from == "config"
+
+
 # --- equal budgets: max_steps and eval_every_steps ------------------------------------------------------------------
 
 

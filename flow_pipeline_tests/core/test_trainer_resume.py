@@ -107,6 +107,8 @@ MID_EPOCH_CASES = {
     "bf16": dict(precision="bf16"),
     # EMA updates at steps 5, 10, ... and at the saves (8, 16, 24) and epoch ends: the resume point is one of them.
     "ema-every-5": dict(ema_every=5, save_every_steps=8),
+    # warmup_steps unset: the resumed run derives the same warmup (4 of the 40 steps) as the run it continues.
+    "default-warmup": dict(warmup_steps=None),
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import flow_pipeline.core.training_run as training_run_module
+import flow_pipeline.core.checkpoint as checkpoint_module
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.tracking import RecordingTracker
 from flow_pipeline_tests.core.mixture_data import mixture_train_data
@@ -71,7 +71,7 @@ def val_rows(tracker: RecordingTracker) -> list[tuple[int, dict]]:
 def on_trained_model(monkeypatch, install) -> None:
     """Call ``install(model)`` on the model the trainer trains: the first one it builds (the second is the EMA
     evaluation copy)."""
-    real_build = training_run_module.build_model
+    real_build = checkpoint_module.model_from_config
     built = []
 
     def build(*args, **kwargs):
@@ -81,7 +81,7 @@ def on_trained_model(monkeypatch, install) -> None:
         built.append(model)
         return model
 
-    monkeypatch.setattr(training_run_module, "build_model", build)
+    monkeypatch.setattr(checkpoint_module, "model_from_config", build)
 
 
 def nan_at_training_call(monkeypatch, bad_call: int):
