@@ -58,7 +58,7 @@ def test_the_shipped_recipe_studied_with_replicates_ends_in_a_report(tmp_path):
     (tmp_path / "home").mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "flow_pipeline.study", "--config", "configs/quickstart.json", "--archs", "mlp",
-         "--flows", "icfm", "vp", "--replicates", "2", "--max-steps", "200", "--n-synthetic", "1600",
+         "--flows", "icfm", "vp", "--replicates", "2", "--max-steps", "200", "--n-synthetic", "6400",
          "--n-samples", "256"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = next((tmp_path / "artifacts" / "reports").glob("*.md")).read_text()
