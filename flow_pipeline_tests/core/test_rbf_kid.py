@@ -33,6 +33,9 @@ def test_matches_a_naive_unbiased_mmd2_and_the_median_of_all_pairwise_distances(
     assert result.kid == pytest.approx(naive_unbiased_mmd2(x, y[:m], result.bandwidth), rel=1e-5, abs=1e-9)
     assert result.ci_low <= result.kid <= result.ci_high and result.se > 0
     assert result.bandwidth_rule == BANDWIDTH_RULE and result.as_metrics()["rbf_kid_bandwidth"] == result.bandwidth
+    narrow = rbf_kid(x, y, n_bootstrap=10, seed=seed, bandwidth_scale=0.3)
+    assert narrow.bandwidth == pytest.approx(0.3 * result.bandwidth) and narrow.bandwidth_scale == 0.3
+    assert narrow.kid == pytest.approx(naive_unbiased_mmd2(x, y[:m], narrow.bandwidth), rel=1e-5, abs=1e-9)
 
 
 def test_standard_error_is_the_jackknife_over_pairs():
