@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from flow_pipeline.core.study_stats import BETTER, CONFIDENCE, NO_DIFFERENCE, WORSE
+from flow_pipeline.core.study_stats import BETTER, CONFIDENCE, NO_DIFFERENCE, WORSE, encode_value
 
 PRDC_SAMPLES_PER_DIM = 5
 PRDC_METRICS = ("precision", "recall", "density", "coverage")
@@ -61,11 +61,12 @@ class BeatsVerdict:
 
     def as_metadata(self, prefix: str) -> dict[str, float | str]:
         """Flat metadata, e.g. prefix "vs_gaussian_full": ``vs_gaussian_full_difference``, ``_se``, ``_ci_low``,
-        ``_ci_high``, ``_p_value`` and ``_verdict`` (non-finite numbers as None, for strict JSON)."""
-        number = lambda v: v if math.isfinite(v) else None  # noqa: E731
-        return {f"{prefix}_difference": number(self.difference), f"{prefix}_se": number(self.se),
-                f"{prefix}_ci_low": number(self.ci_low), f"{prefix}_ci_high": number(self.ci_high),
-                f"{prefix}_p_value": number(self.p_value), f"{prefix}_verdict": self.verdict}
+        ``_ci_high``, ``_p_value`` and ``_verdict`` (non-finite numbers as :func:`encode_value` strings, for strict
+        JSON)."""
+        numbers = {"difference": self.difference, "se": self.se, "ci_low": self.ci_low, "ci_high": self.ci_high,
+                   "p_value": self.p_value}
+        return {**{f"{prefix}_{name}": encode_value(value) for name, value in numbers.items()},
+                f"{prefix}_verdict": self.verdict}
 
 
 def beats(model: float, model_se: float, baseline: float, baseline_se: float, *, lower_is_better: bool = True,

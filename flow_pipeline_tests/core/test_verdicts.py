@@ -66,4 +66,5 @@ def test_non_finite_values_are_not_compared():
     assert beats(0.001, math.nan, 0.002, 0.0003).verdict == "not comparable: model_se is nan"
     assert beats(0.001, 0.0, 0.002, 0.0).verdict == "not comparable: both standard errors are 0"
     metadata = copying.as_metadata("vs_gaussian_full")
-    assert metadata["vs_gaussian_full_se"] is None and metadata["vs_gaussian_full_verdict"] == copying.verdict
+    assert metadata["vs_gaussian_full_se"] == "nan" and metadata["vs_gaussian_full_difference"] == "inf"
+    assert metadata["vs_gaussian_full_verdict"] == copying.verdict
