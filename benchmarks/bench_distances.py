@@ -32,17 +32,28 @@ def timed(fn, *args, **kwargs):
     return value, round(time.perf_counter() - started, 2)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def size_arguments(description: str) -> argparse.Namespace:
+    """--n, --dim, --n-train and the run options (threads, load gate), parsed; torch's threads set from them."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--n", type=int, default=5120)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--n-train", type=int, default=15_360)
     add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    machine = start_run(args)
+    return args
+
+
+def built_in_rows(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, held_out, test) rows of the built-in generator: n_train, n and n rows of width dim."""
     x = synthetic_sonar_like(args.n_train + 2 * args.n, dim=args.dim, seed=0)
-    train, held_out, test = x[: args.n_train], x[args.n_train : args.n_train + args.n], x[args.n_train + args.n :]
+    return x[: args.n_train], x[args.n_train : args.n_train + args.n], x[args.n_train + args.n :]
+
+
+def main() -> int:
+    args = size_arguments(__doc__.splitlines()[0])
+    machine = start_run(args)
+    train, held_out, test = built_in_rows(args)
     space, fit_seconds = timed(TrainSpace.fit, train)
     z_held, z_test = space.transform(held_out), space.transform(test)
     rows = []

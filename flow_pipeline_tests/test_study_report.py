@@ -4,6 +4,7 @@ distinguishable from itself."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, WORSE
+from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, SIGN_NONFINITE, WORSE
 from flow_pipeline.core.trainer import train
 from flow_pipeline.core.run_identity import identity_key
 from flow_pipeline.evaluation.study_report import (
+    EVALUATION_ERROR,
     VAL_LOSS_RATIO,
     add_comparisons,
     evaluation_study_metadata,
@@ -124,3 +126,59 @@ def test_a_row_is_stale_when_its_partition_was_trained_again_under_the_same_iden
     scaled = scaled_curve(history, 2.0)
     assert [row["val_loss"] * 2.0 for row in scaled] == pytest.approx([row["val_loss"] for row in history])
     assert [row["ema_val_loss"] * 2.0 for row in scaled] == pytest.approx([row["ema_val_loss"] for row in history])
+
+
+def through_strict_json(metadata: dict) -> dict:
+    """What the report reads back: Dagster metadata is JSON, and JSON has no inf or NaN."""
+    return json.loads(json.dumps(metadata, allow_nan=False))
+
+
+def kid_evaluation(lr: float, kids: list[float], failed_seeds=()) -> dict:
+    """Evaluation metadata of one identity (a tiny config differing in ``lr``) with one ranking KID per seed."""
+    values = TrainConfig(dim=8, model_size="tiny", lr=lr).model_dump()
+    replicates = []
+    for seed, value in enumerate(kids):
+        entry = {"seed": seed, "run_name": f"r{seed}", "checkpoint_path": f"/c/{seed}", "sha256": str(seed),
+                 "best_val_loss": 1.0 + 0.01 * seed, "global_step": 10, "stopped_early": False, "train_seconds": 1.0}
+        if seed in failed_seeds:
+            replicates.append(({**entry, EVALUATION_ERROR: "sampler diverged"}, {}))
+        else:
+            replicates.append((entry, {"ranking_kid": value, "coverage": 0.5}))
+    return through_strict_json(evaluation_study_metadata(values, replicates))
+
+
+def test_a_copying_replicate_keeps_its_row_last_and_not_better():
+    """The issue's example: {0.002, 0.0021, +inf} against {0.010, 0.011, 0.012} on the same seeds used to come out
+    as 3 replicates, mean 0.00205, "better", Holm p 0.004."""
+    copying = kid_evaluation(1e-3, [0.002, 0.0021, math.inf])
+    assert copying["replicates"][2]["metrics"]["ranking_kid"] == "inf"
+    rows = study_rows([("mlp-icfm", copying), ("mlp-icfm", kid_evaluation(2e-3, [0.010, 0.011, 0.012]))])
+    add_comparisons(rows, rows[1], "ranking_kid")
+    row = rows[0]
+    assert row["n_replicates"] == 3 and row["per_seed"]["ranking_kid"][2] == math.inf
+    assert row["ranking_kid"] == math.inf and math.isnan(row["ranking_kid_ci_low"])
+    assert row["ranking_kid_replicates_note"] == "1 of 3 replicates copying (+inf)"
+    assert row["vs_baseline"] == NO_DIFFERENCE and row["test"] == SIGN_NONFINITE and row["p_holm"] == 1.0
+    assert row["coverage"] == pytest.approx(0.5)  # the other metrics of the replicate are untouched
+    markdown = statistics_markdown(rows, rows[1], "ranking_kid")
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| `{row['identity']}`"))
+    assert "∞ (1 of 3 replicates copying (+inf))" in line and line.endswith("| no detectable difference |")
+
+
+def test_a_failed_evaluation_counts_as_the_worst_replicate_of_every_metric():
+    rows = study_rows([("mlp-icfm", kid_evaluation(1e-3, [0.002, 0.003, 0.004], failed_seeds=[1])),
+                       ("mlp-icfm", kid_evaluation(2e-3, [0.010, 0.011, 0.012]))])
+    row = rows[0]
+    assert row["n_replicates"] == 3 and math.isnan(row["per_seed"]["ranking_kid"][1])
+    assert row["ranking_kid"] == math.inf and row["coverage"] == -math.inf  # coverage: higher is better
+    assert row["ranking_kid_replicates_note"] == "1 of 3 replicates failed"
+    assert row["best_val_loss"] == pytest.approx(1.01)  # the training of that replicate did not fail
+    add_comparisons(rows, rows[1], "coverage")
+    assert row["vs_baseline"] == NO_DIFFERENCE and row["test"] == SIGN_NONFINITE
+
+
+def test_older_metadata_with_none_for_a_non_finite_value_still_counts_the_replicate():
+    metadata = kid_evaluation(1e-3, [0.002, 0.003, 0.004])
+    metadata["replicates"][0]["metrics"]["ranking_kid"] = None
+    row = study_rows([("mlp-icfm", metadata)])[0]
+    assert row["ranking_kid"] == math.inf and row["ranking_kid_replicates_note"] == "1 of 3 replicates NaN"

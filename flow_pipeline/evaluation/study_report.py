@@ -11,13 +11,16 @@ import math
 
 from flow_pipeline.config import TrainConfig, zero_predictor_loss_of
 from flow_pipeline.core.run_identity import IDENTITY_FIELDS, identity_key, identity_of
-from flow_pipeline.core.study_stats import METHOD, NOT_TESTABLE, compare_rows, t_interval
+from flow_pipeline.core.study_stats import (METHOD, NOT_TESTABLE, compare_rows, decode_value, encode_value,
+                                            replicate_interval)
 
 DEFAULT_BASELINE = "mlp-icfm"
 # Metrics pooled over replicates (keys of each replicate's ``metrics``, plus the training's values); lower is better
 # for all but these.
 HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage"})
 VAL_LOSS_RATIO = "val_loss_ratio"  # best EMA val loss / the flow's zero-predictor loss: comparable across flows
+EVALUATION_ERROR = "evaluation_error"  # a replicate entry's key: why its evaluation failed (its metrics: none)
+NONFINITE_MEANING = {"ranking_kid": "copying"}  # what a +inf value of a metric says, in the report's words
 
 
 def describe_run(config: dict) -> dict:
@@ -34,18 +37,18 @@ def describe_run(config: dict) -> dict:
 def evaluation_study_metadata(config: dict, replicates: list[tuple[dict, dict]]) -> dict:
     """Metadata of one evaluation materialization for the report: the run identity of ``config`` (a replicate's
     training config), the model's size, and per replicate (``(replicate entry, primary metrics)``) its seed,
-    checkpoint, training values and metrics."""
-    # Non-finite values (ranking_kid is +inf for a copying model) are stored as None: JSON has no inf, and a mean
-    # over replicates with an infinite one is not an estimate.
-    listed = [{**entry, "metrics": {name: float(value) if math.isfinite(float(value)) else None
-                                    for name, value in metrics.items() if isinstance(value, (int, float))}}
+    checkpoint, training values and metrics. A replicate whose evaluation failed is kept: its entry carries
+    ``evaluation_error`` (the reason) and its metrics are ``{}``; it ranks its row worst on every metric."""
+    # Non-finite values (ranking_kid is +inf for a copying model) are encoded as strings: strict JSON has no inf.
+    listed = [{**entry, "metrics": {name: encode_value(value) for name, value in metrics.items()
+                                    if isinstance(value, (int, float))}}
               for entry, metrics in replicates]
     return {"identity": identity_key(config), "identity_config": identity_of(config), "n_replicates": len(listed),
             "replicates": listed, **describe_run(config)}
 
 
 def _replicate_values(replicate: dict, zero_loss: float) -> dict[str, float]:
-    values = dict(replicate.get("metrics", {}))
+    values = {name: decode_value(value) for name, value in replicate.get("metrics", {}).items()}
     if replicate.get("best_val_loss") is not None:
         values["best_val_loss"] = float(replicate["best_val_loss"])
         values[VAL_LOSS_RATIO] = values["best_val_loss"] / zero_loss
@@ -54,15 +57,20 @@ def _replicate_values(replicate: dict, zero_loss: float) -> dict[str, float]:
 
 def _row(partition: str, metadata: dict) -> dict:
     """One identity's row: its fields, size, steps, and per metric the mean (``metric``) and the CI bounds
-    (``metric_ci_low``/``_high``); ``per_seed`` keeps ``metric -> {seed: value}`` for the comparisons."""
+    (``metric_ci_low``/``_high``); ``per_seed`` keeps ``metric -> {seed: value}`` for the comparisons. Every
+    replicate counts: a non-finite value or a failed evaluation (NaN on every metric) makes the mean the worst value
+    and is said in ``metric_replicates_note``."""
     config = metadata["identity_config"]
     zero_loss = metadata.get("zero_predictor_loss") or zero_predictor_loss_of(config)
     replicates = metadata["replicates"]
+    metric_names = {name for replicate in replicates for name in replicate.get("metrics", {})}
     per_seed: dict[str, dict[int, float]] = {}
     for replicate in replicates:
-        for name, value in _replicate_values(replicate, zero_loss).items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                per_seed.setdefault(name, {})[int(replicate["seed"])] = float(value)
+        values = _replicate_values(replicate, zero_loss)
+        if replicate.get(EVALUATION_ERROR):
+            values.update({name: math.nan for name in metric_names})
+        for name, value in values.items():
+            per_seed.setdefault(name, {})[int(replicate["seed"])] = float(value)
     row = {"partition": partition, "identity": metadata["identity"], "evaluation": metadata, **{f: config.get(f) for f in IDENTITY_FIELDS},
            "max_steps": config.get("max_steps"), "num_params": metadata.get("num_params"),
            "flops_per_sample": metadata.get("flops_per_sample"), "zero_predictor_loss": zero_loss,
@@ -72,10 +80,27 @@ def _row(partition: str, metadata: dict) -> dict:
            "train_seconds": _mean([r.get("train_seconds") for r in replicates]), "per_seed": per_seed,
            "replicates": replicates,
            "is_default_config": _is_default(config)}
+    failed = sum(bool(r.get(EVALUATION_ERROR)) for r in replicates)
     for name, by_seed in per_seed.items():
-        interval = t_interval(list(by_seed.values()))
+        interval = replicate_interval(list(by_seed.values()), lower_is_better=name not in HIGHER_IS_BETTER)
         row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval.mean, interval.low, interval.high
+        if interval.n_nonfinite:
+            row[f"{name}_replicates_note"] = _nonfinite_note(name, list(by_seed.values()),
+                                                             failed if name in metric_names else 0)
     return row
+
+
+def _nonfinite_note(name: str, values: list[float], failed: int) -> str:
+    """What the non-finite replicates of a metric are: "1 of 3 replicates copying (+inf)", "1 of 3 replicates
+    failed", or "2 of 3 replicates non-finite: 1 copying (+inf), 1 failed"."""
+    positive, negative = sum(v == math.inf for v in values), sum(v == -math.inf for v in values)
+    kinds = [(positive, f"{NONFINITE_MEANING.get(name, 'infinite')} (+inf)"), (negative, "-inf"),
+             (sum(math.isnan(v) for v in values) - failed, "NaN"), (failed, "failed")]
+    kinds = [(count, label) for count, label in kinds if count]
+    total = sum(count for count, _ in kinds)
+    if len(kinds) == 1:
+        return f"{total} of {len(values)} replicates {kinds[0][1]}"
+    return f"{total} of {len(values)} replicates non-finite: " + ", ".join(f"{c} {label}" for c, label in kinds)
 
 
 def _mean(values) -> float | None:
@@ -137,6 +162,8 @@ def add_comparisons(rows: list[dict], baseline: dict | None, metric: str) -> Non
 def _interval_text(row: dict, name: str, fmt: str) -> str:
     if row.get(name) is None:
         return "—"
+    if f"{name}_replicates_note" in row:
+        return f"{'∞' if row[name] > 0 else '-∞'} ({row[f'{name}_replicates_note']})"
     low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
     if low is None or math.isnan(low):
         return f"{row[name]:{fmt}} (n=1)"

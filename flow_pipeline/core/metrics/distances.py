@@ -15,6 +15,7 @@ All kernel sums run over row chunks in torch, so memory is O(chunk x n), never n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,8 +137,12 @@ def _cubic_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def kid(x: np.ndarray, y: np.ndarray, n_bootstrap: int = KID_BOOTSTRAP, seed: int = 0,
-        chunk: int = KID_CHUNK) -> dict[str, float]:
+        chunk: int = KID_CHUNK, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cubic_kernel,
+        ) -> dict[str, float]:
     """Unbiased MMD² between x (n_x, d) and y (n_y, d) with the cubic kernel, its standard error and a 95% CI.
+
+    ``kernel(a (c, d), b (m, d)) -> (c, m) float64`` replaces the cubic kernel (e.g. the Gaussian RBF kernel of
+    :func:`flow_pipeline.core.rbf_kid.rbf_kid`); everything else stays as described here.
 
     The two sets are paired row by row (the first m = min(n_x, n_y) rows of each; pass random subsamples), and
     with h(i, j) = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i) the estimate is the U-statistic
@@ -164,8 +169,7 @@ def kid(x: np.ndarray, y: np.ndarray, n_bootstrap: int = KID_BOOTSTRAP, seed: in
     row_sums, quadratic = torch.empty(m, dtype=torch.float64), torch.zeros(n_bootstrap, dtype=torch.float64)
     for start in range(0, m, chunk):
         rows = slice(start, min(start + chunk, m))
-        h = (_cubic_kernel(tx[rows], tx) + _cubic_kernel(ty[rows], ty)
-             - _cubic_kernel(tx[rows], ty) - _cubic_kernel(ty[rows], tx))  # (c, m)
+        h = kernel(tx[rows], tx) + kernel(ty[rows], ty) - kernel(tx[rows], ty) - kernel(ty[rows], tx)  # (c, m)
         local = torch.arange(h.shape[0])
         h[local, local + start] = 0.0  # i == j is not a pair of the U-statistic
         row_sums[rows] = h.sum(dim=1)
