@@ -16,9 +16,9 @@ import sys
 from bench_distances import built_in_rows, size_arguments, timed
 from common import command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.baselines import fit_baseline
-from flow_pipeline.core.c2st import c2st
-from flow_pipeline.core.distances import TrainSpace, kid
-from flow_pipeline.core.rbf_kid import rbf_kid
+from flow_pipeline.core.metrics.c2st import c2st
+from flow_pipeline.core.metrics.distances import TrainSpace, kid
+from flow_pipeline.core.metrics.rbf_kid import rbf_kid
 
 NAME = "bench_yardsticks"
 

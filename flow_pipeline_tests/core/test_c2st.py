@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import beta, binom
 
-from flow_pipeline.core.c2st import c2st
+from flow_pipeline.core.metrics.c2st import c2st
 from flow_pipeline_tests.core.two_sample_data import DIM, matched_gaussian, mixture
 
 N = 1000

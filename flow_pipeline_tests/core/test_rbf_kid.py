@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist, pdist
 
-from flow_pipeline.core.distances import kid
-from flow_pipeline.core.rbf_kid import BANDWIDTH_RULE, median_bandwidth, rbf_kid
+from flow_pipeline.core.metrics.distances import kid
+from flow_pipeline.core.metrics.rbf_kid import BANDWIDTH_RULE, median_bandwidth, rbf_kid
 from flow_pipeline_tests.core.two_sample_data import matched_gaussian, mixture
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 
 from flow_pipeline.core.study_stats import BETTER, NO_DIFFERENCE, WORSE
-from flow_pipeline.core.verdicts import TOO_SMALL_TO_JUDGE, beats, prdc_judgeable, prdc_note
+from flow_pipeline.core.metrics.verdicts import TOO_SMALL_TO_JUDGE, beats, prdc_judgeable, prdc_note
 
 
 @pytest.mark.parametrize("dim", [1024, 64, 3])

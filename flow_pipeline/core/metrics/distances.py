@@ -142,7 +142,7 @@ def kid(x: np.ndarray, y: np.ndarray, n_bootstrap: int = KID_BOOTSTRAP, seed: in
     """Unbiased MMD² between x (n_x, d) and y (n_y, d) with the cubic kernel, its standard error and a 95% CI.
 
     ``kernel(a (c, d), b (m, d)) -> (c, m) float64`` replaces the cubic kernel (e.g. the Gaussian RBF kernel of
-    :func:`flow_pipeline.core.rbf_kid.rbf_kid`); everything else stays as described here.
+    :func:`flow_pipeline.core.metrics.rbf_kid.rbf_kid`); everything else stays as described here.
 
     The two sets are paired row by row (the first m = min(n_x, n_y) rows of each; pass random subsamples), and
     with h(i, j) = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i) the estimate is the U-statistic

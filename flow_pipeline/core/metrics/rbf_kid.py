@@ -1,6 +1,6 @@
 """KID with a characteristic kernel: the unbiased MMD² with the Gaussian RBF kernel at the median-distance bandwidth.
 
-The cubic kernel of :func:`flow_pipeline.core.distances.kid` compares only the first three moment tensors, so a
+The cubic kernel of :func:`flow_pipeline.core.metrics.distances.kid` compares only the first three moment tensors, so a
 Gaussian with the data's mean and covariance (and a symmetric mixture's zero third moment) scores ≈ 0 against a
 mixture it does not resemble. The Gaussian RBF kernel k(a, b) = exp(-‖a − b‖² / (2σ²)) is characteristic: its MMD² is
 0 only for equal distributions, so every difference counts, at a power that depends on σ.
@@ -8,7 +8,7 @@ mixture it does not resemble. The Gaussian RBF kernel k(a, b) = exp(-‖a − b�
 Bandwidth: the median heuristic (Gretton et al. 2012), σ = the median Euclidean distance between distinct rows of
 both sets pooled, computed on a seeded subsample of at most :data:`MEDIAN_ROWS` pooled rows (the median of 2 million
 pairs; the exact median over all pairs would cost as much as the KID itself). The estimate, its jackknife standard
-error and its bootstrap interval are those of :func:`flow_pipeline.core.distances.kid` with this kernel, so the two
+error and its bootstrap interval are those of :func:`flow_pipeline.core.metrics.distances.kid` with this kernel, so the two
 KIDs are read alike. Pass rows in the same space as the cubic KID (z-scored with train's statistics).
 
 Power in 1,024 dimensions: at the median bandwidth (≈ 45 on z-scored rows) the kernel varies little over the pairs
@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from flow_pipeline.core.distances import KID_BOOTSTRAP, KID_CHUNK, _as_float64, kid, subsample
+from flow_pipeline.core.metrics.distances import KID_BOOTSTRAP, KID_CHUNK, _as_float64, kid, subsample
 
 MEDIAN_ROWS = 2048
 BANDWIDTH_RULE = (f"bandwidth_scale × the median Euclidean distance between distinct pooled rows (seeded subsample "
@@ -77,7 +77,7 @@ def rbf_kid(x: np.ndarray, y: np.ndarray, n_bootstrap: int = KID_BOOTSTRAP, seed
     distance.
 
     The pairing of rows, the U-statistic, ``se`` (jackknife) and the interval (bootstrap) are those of
-    :func:`flow_pipeline.core.distances.kid`; the bandwidth comes from :func:`median_bandwidth` with ``seed``.
+    :func:`flow_pipeline.core.metrics.distances.kid`; the bandwidth comes from :func:`median_bandwidth` with ``seed``.
     Cost: that of the cubic KID plus the m² exponentials, and the median of ≤ 2 million distances.
     """
     if not bandwidth_scale > 0:
