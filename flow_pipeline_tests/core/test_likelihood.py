@@ -39,12 +39,12 @@ def _draw(n: int, mean, eigenvalues, eigenvectors, seed: int) -> torch.Tensor:
 
 def test_diagonal_gaussian_field_gives_its_log_density_at_dim_1024():
     mean, lam, vecs, cov = _gaussian(1024, 0.1, 10.0, seed=0, rotate=False)
-    x = _draw(6, mean, lam, vecs, seed=1)
-    result = log_likelihood(diagonal_gaussian_velocity(mean, lam), x, divergence="exact", steps=16)
+    x = _draw(3, mean, lam, vecs, seed=1)
+    result = log_likelihood(diagonal_gaussian_velocity(mean, lam), x, divergence="exact", steps=12)
     truth = gaussian_log_density(x, mean, cov)
-    assert result.divergence == "exact" and result.integrated_dims == 1024 and result.nfe == 64
-    assert torch.allclose(result.log_prob, truth, rtol=0, atol=1e-3)
-    assert torch.equal(result.std_error, torch.zeros(6))
+    assert result.divergence == "exact" and result.integrated_dims == 1024 and result.nfe == 48
+    assert torch.allclose(result.log_prob, truth, rtol=0, atol=2e-3)
+    assert torch.equal(result.std_error, torch.zeros(3))
 
 
 def test_full_covariance_gaussian_field_gives_its_log_density(monkeypatch):
@@ -52,7 +52,7 @@ def test_full_covariance_gaussian_field_gives_its_log_density(monkeypatch):
     x = _draw(10, mean, lam, vecs, seed=3)
     truth = gaussian_log_density(x, mean, cov)
     field = gaussian_velocity(mean, lam, vecs)
-    monkeypatch.setattr(likelihood, "PRODUCTS_PER_PASS", 50)  # the trace in passes of 12 coordinates
+    monkeypatch.setattr(likelihood, "PRODUCTS_PER_PASS", 160)  # the trace in passes of 40 coordinates
     result = log_likelihood(field, x, divergence="exact", steps=16, batch_size=4)
     assert torch.allclose(result.log_prob, truth, rtol=0, atol=3e-4)
     errors = [(log_likelihood(field, x, divergence="exact", steps=s).log_prob - truth).abs().max() for s in (4, 8)]
@@ -91,7 +91,7 @@ def test_linear_skip_around_a_principal_subspace_integrates_k_coordinates_and_so
     g = torch.Generator().manual_seed(5)
     x = torch.randn(12, dim, dtype=torch.float64, generator=g) * variances.sqrt()
     x[:, :k] = mean + torch.randn(12, k, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(cov).T
-    result = log_likelihood(model, x, steps=16)
+    result = log_likelihood(model, x, divergence="exact", steps=16)
     head = gaussian_log_density(x[:, :k], mean, cov)
     rest = gaussian_log_density(x[:, k:], torch.zeros(dim - k, dtype=torch.float64), torch.diag(variances[k:]))
     assert result.integrated_dims == k and result.divergence == "exact"
@@ -100,7 +100,7 @@ def test_linear_skip_around_a_principal_subspace_integrates_k_coordinates_and_so
     assert torch.allclose(result.log_prob, head + rest, rtol=0, atol=3e-4)
     assert result.bits_per_dim == pytest.approx(-(head + rest).mean().item() / (dim * math.log(2)), abs=1e-6)
     # guidance 0 leaves the skip path's Gaussian N(0, diag(var)) on every coordinate
-    unguided = log_likelihood(model, x, steps=16, guidance=0.0)
+    unguided = log_likelihood(model, x, divergence="exact", steps=16, guidance=0.0)
     skip_only = gaussian_log_density(x, torch.zeros(dim, dtype=torch.float64), torch.diag(variances))
     assert torch.allclose(unguided.log_prob, skip_only, rtol=0, atol=1e-3)
 
@@ -123,9 +123,9 @@ def test_split_model_matches_integrating_every_coordinate_of_the_same_field():
     model = LinearSkip(PrincipalSubspace(_TimeMLP(k, seed=0).double(), dim, k), dim).double()
     model.start_at(random_spectrum(dim, 0.3, 3.0, torch.Generator().manual_seed(1)))
     x = torch.randn(16, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    split = log_likelihood(model, x, steps=32, guidance=1.5)
+    split = log_likelihood(model, x, steps=32, guidance=1.5)  # auto: k = 4 <= 4 probes, exact
     whole = log_likelihood(lambda z, t: model(z, t, guidance=1.5), x, divergence="exact", steps=32)
-    assert split.integrated_dims == k and whole.integrated_dims == dim
+    assert split.integrated_dims == k and whole.integrated_dims == dim and split.divergence == "exact"
     assert torch.allclose(split.log_prob, whole.log_prob, rtol=0, atol=1e-4)
 
 
@@ -161,7 +161,7 @@ def test_a_gaussian_mixtures_nonlinear_field_gives_the_mixture_density():
     labels = torch.multinomial(weights, 64, replacement=True, generator=g)
     x = means[labels] + (torch.linalg.cholesky(covariances[labels]) @ torch.randn(64, 4, 1, dtype=torch.float64,
                                                                                     generator=g)).squeeze(-1)
-    result = log_likelihood(mixture_velocity(weights, means, covariances), x, steps=32)
+    result = log_likelihood(mixture_velocity(weights, means, covariances), x, divergence="exact", steps=32)
     assert torch.allclose(result.log_prob, mixture_log_density(x, weights, means, covariances), rtol=0, atol=2e-3)
 
 
@@ -188,7 +188,7 @@ def test_model_log_likelihood_in_raw_space_is_the_raw_gaussian_density():
     model.start_at(random_spectrum(dim, 0.5, 2.0, g).float())
     model.train()
     x = rows[:20]
-    result = model_log_likelihood(model, ICFM(), normalizer, x, steps=8)
+    result = model_log_likelihood(model, ICFM(), normalizer, x, divergence="exact", steps=8)
     # z = (x - m) U / s, so x = m + z diag(s) U^T and Cov(x) = U diag(s^2 var) U^T
     u, s = normalizer.components.double(), normalizer.std.double()
     cov = (u * (s**2 * model.variances().detach().double())) @ u.T
