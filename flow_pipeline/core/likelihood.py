@@ -49,7 +49,7 @@ from flow_pipeline.core.models.subspace import PrincipalSubspace
 DIVERGENCES = ("auto", "exact", "hutchinson")
 DEFAULT_STEPS = 8
 DEFAULT_PROBES = 4
-# Rows x (coordinates or probes) in one forward-backward pass of the traced field; bounds its memory.
+# Rows x directions (coordinates or probes) in one vectorised pass of Jacobian-vector products; bounds its memory.
 PRODUCTS_PER_PASS = 32_768
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -257,6 +257,16 @@ def _batch_log_prob(field: _Field, rows: Tensor, probes: Tensor | None, steps: i
     return integrated.cpu(), closed.cpu(), std_error.cpu()
 
 
+def _flow_velocity(model: nn.Module, flow, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """``flow.to_velocity(model(x, t), t)``, with ``guidance`` passed to a LinearSkip model: the sampler's field."""
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        output = model(x, t, guidance=guidance) if guidance != 1.0 else model(x, t)
+        return flow.to_velocity(output, t)
+
+    return velocity
+
+
 def model_log_likelihood(model: nn.Module, flow, normalizer, x_raw: Tensor, *, guidance: float = 1.0,
                          **options) -> LogLikelihood:
     """Per-row log-density of raw embedding rows x_raw (n, dim) under a trained model, in raw space:
@@ -270,19 +280,16 @@ def model_log_likelihood(model: nn.Module, flow, normalizer, x_raw: Tensor, *, g
     _check_rows(x_raw, normalizer.dim)
     z = normalizer.normalize(x_raw.to(parameter.device, torch.float32)).to(parameter.dtype)  # as in training
     if isinstance(model, LinearSkip) and getattr(flow, "target_scale", None) == 1.0:
-        velocity = model
+        velocity, field_guidance = model, guidance  # the exact parts; log_likelihood applies the guidance
     else:
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            output = model(x, t, guidance=guidance) if guidance != 1.0 else model(x, t)
-            return flow.to_velocity(output, t)
         if guidance != 1.0 and not isinstance(model, LinearSkip):
             raise ValueError(f"guidance {guidance} needs a model with a linear skip path (LinearSkip), "
                              f"got {type(model).__name__}")
-        guidance = 1.0
+        velocity, field_guidance = _flow_velocity(model, flow, guidance), 1.0
     was_training = model.training
     model.eval()
     try:
-        result = log_likelihood(velocity, z, guidance=guidance, **options)
+        result = log_likelihood(velocity, z, guidance=field_guidance, **options)
     finally:
         model.train(was_training)
     jacobian = normalizer.log_abs_det_jacobian()

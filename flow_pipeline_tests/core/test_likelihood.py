@@ -198,6 +198,20 @@ def test_model_log_likelihood_in_raw_space_is_the_raw_gaussian_density():
     assert torch.allclose(result.log_prob, expected, rtol=1e-6, atol=5e-3)
 
 
+def test_a_rescaled_training_target_is_undone_as_the_sampler_does():
+    dim = 6
+    g = torch.Generator().manual_seed(12)
+    normalizer = Normalizer.fit(torch.randn(100, dim, generator=g) * 0.01 + 0.1, "zscore")
+    model = LinearSkip(_TimeMLP(dim, seed=13), dim)
+    x = torch.randn(8, dim, generator=g) * 0.01 + 0.1
+    scaled = model_log_likelihood(model, ICFM(target_scale=2.0), normalizer, x, divergence="exact", steps=8,
+                                  guidance=1.5)
+    halved = log_likelihood(lambda z, t: model(z, t, guidance=1.5) / 2.0, normalizer.normalize(x),
+                            divergence="exact", steps=8)
+    assert scaled.integrated_dims == dim and scaled.closed_form_log_prob.abs().max() == 0
+    assert torch.allclose(scaled.log_prob, halved.log_prob + normalizer.log_abs_det_jacobian(), rtol=0, atol=1e-6)
+
+
 def test_bad_input_is_named():
     field = _TimeMLP(3, seed=0)
     with pytest.raises(ValueError, match="divergence"):
