@@ -58,6 +58,26 @@ class GaussianBaseline:
         spread = z * self.factor if self.factor.ndim == 1 else z @ self.factor.T
         return (self.mean + spread).astype(np.float32)
 
+    def log_prob(self, x) -> np.ndarray:
+        """Exact log-density (n,) float64 in nats of rows x (n, dim): with z = factor^-1 (x - mean),
+        log N(x) = -(|z|^2 + dim log 2 pi) / 2 - log |det factor| (covariance = factor factor^T). Raises ValueError
+        for rows of another dim or a singular factor (a zero variance: the density is not defined)."""
+        x = np.asarray(x, dtype=np.float64)
+        dim = self.mean.shape[0]
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise ValueError(f"{self.name}.log_prob: x must be (n, {dim}), got shape {x.shape}")
+        singular = ValueError(f"{self.name}.log_prob: the covariance is singular, so the density is not defined")
+        if self.factor.ndim == 1:
+            if not np.all(self.factor > 0):
+                raise singular
+            z, log_det = (x - self.mean) / self.factor, float(np.log(self.factor).sum())
+        else:
+            sign, log_det = np.linalg.slogdet(self.factor)
+            if sign == 0 or not np.isfinite(log_det):
+                raise singular
+            z = np.linalg.solve(self.factor, (x - self.mean).T).T
+        return -0.5 * (np.einsum("ij,ij->i", z, z) + dim * np.log(2 * np.pi)) - log_det
+
 
 def fit_baseline(name: str, train) -> GaussianBaseline:
     """Fit ``gaussian-full`` or ``gaussian-diag`` to train (n, dim) (may be memory-mapped)."""

@@ -106,6 +106,15 @@ class Normalizer:
             scaled = scaled @ self.components.to(z.device).T
         return scaled + self.mean.to(z.device)
 
+    def log_abs_det_jacobian(self) -> float:
+        """log |det d normalize / dx| (a constant: the map is affine), so that a density of normalised rows becomes
+        one of raw rows: log p_raw(x) = log p_norm(normalize(x)) + this. ``zscore``: -sum log std; ``whiten``: the
+        same plus log |det components| (0 up to rounding: the components are orthonormal)."""
+        value = -float(self.std.double().log().sum())
+        if self.components is not None:
+            value += float(torch.linalg.slogdet(self.components.double()).logabsdet)
+        return value
+
     def state_dict(self) -> dict:
         """``method`` (str), ``mean``, ``std`` and, when whitening, ``components``: loadable with weights_only."""
         state = {"method": self.method, "mean": self.mean.cpu(), "std": self.std.cpu()}
