@@ -8,7 +8,7 @@ from pydantic import Field
 
 from flow_pipeline.core.checkpoint import CheckpointError
 from flow_pipeline.core.data import DataError
-from flow_pipeline.core.metrics.ranking import METRIC_SPACES, RANKING_RULE
+from flow_pipeline.core.metrics.ranking import LIKELIHOOD_RULE, METRIC_SPACES
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
@@ -81,7 +81,8 @@ def evaluation_metadata(result: Evaluation, results_path) -> dict:
     references = {ref.name: {key: ref.metrics.get(key) for key in REFERENCE_METRIC_KEYS} | {"n": ref.n}
                   for ref in result.references}
     metadata = {
-        **{name: float(value) for name, value in primary.metrics.items() if name != "n"},
+        **{name: value if isinstance(value, str) else float(value) for name, value in primary.metrics.items()
+           if name != "n"},
         "sampler": primary.sampler,
         "guidance": primary.guidance,
         **({"guidance_fit": dg.MetadataValue.json(primary.guidance_fit)} if primary.guidance_fit else {}),
@@ -94,7 +95,7 @@ def evaluation_metadata(result: Evaluation, results_path) -> dict:
         "n_note": result.n_note or "n >= 5 x dim",
         "dataset": result.dataset,
         "n_training_rows": result.n_training_rows,
-        "ranking_rule": RANKING_RULE,
+        "ranking_rule": LIKELIHOOD_RULE,
         "metric_spaces": dg.MetadataValue.json({space: list(keys) for space, keys in METRIC_SPACES.items()}),
         "samplers": dg.MetadataValue.md(sampler_table(result.as_dict()["results"])),
         "references": dg.MetadataValue.json(references),
@@ -143,10 +144,8 @@ def evaluation(
     except (CheckpointError, DataError, ValueError) as exc:
         raise dg.Failure(description=f"evaluation of {partition}: {exc}") from exc
     context.log.info(outcome.summary_line(partition))
-    gaussian_full = next((ref.metrics for ref in outcome.first.references if ref.name == "gaussian-full"), None)
     return dg.MaterializeResult(metadata=partition_metadata(partition, outcome),
-                                check_results=[beats_gaussian_full(outcome.first.primary.metrics, gaussian_full,
-                                                                   PRIMARY_METRIC)])
+                                check_results=[beats_gaussian_full(outcome.first.primary.metrics)])
 
 
 def partition_metadata(partition: str, outcome: PartitionEvaluation) -> dict:

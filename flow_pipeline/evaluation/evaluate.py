@@ -10,7 +10,7 @@ Pure (no Dagster): the ``evaluation`` asset and the research scripts call :func:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +24,11 @@ from flow_pipeline.core.data.split_store import first_training_rows
 from flow_pipeline.core.data.splits import DATASET_SIZES
 from flow_pipeline.core.guidance import GuidanceFit
 from flow_pipeline.core.metrics.distances import TrainSpace
+from flow_pipeline.core.data.truth import truth_of
 from flow_pipeline.core.metrics.real_side import RealSide
+from flow_pipeline.core.metrics.two_sample import two_sample_scores
 from flow_pipeline.evaluation.guidance import fit_sampler_guidance
+from flow_pipeline.evaluation.likelihood import TRUTH, LikelihoodEvaluation, evaluate_likelihood
 from flow_pipeline.evaluation.references import (
     CachedReferences,
     ReferenceEvaluation,
@@ -40,6 +43,10 @@ from flow_pipeline.evaluation.results import (SAMPLES_PER_DIM, Evaluation, Sampl
 from flow_pipeline.evaluation.samplers import SamplerSpec, draw_samples
 from flow_pipeline.evaluation.sentences import nearest_sentences
 
+# Test rows the likelihood integrates: per-row log-densities need no n >= 5 x dim, and the paired interval against
+# a baseline at 1,024 rows is already a few nats wide (BENCHMARKS.md, "Held-out likelihood").
+LIKELIHOOD_ROWS = 1024
+
 
 @dataclass(frozen=True)
 class EvaluationData:
@@ -50,13 +57,16 @@ class EvaluationData:
     the samples are scored against. val (n_val, dim) or None: with it, the reference rows (held-out real val rows,
     gaussian-full, gaussian-diag) are scored too, and they are the target of an "auto" guidance
     (:func:`~flow_pipeline.evaluation.guidance.fit_sampler_guidance`). sentences: (train split's, test split's)
-    row-aligned sentences, or None.
+    row-aligned sentences, or None. truth: the record of the distribution the rows were drawn from
+    (``Splits.truth``: the built-in generator), or None (real data); with it the likelihood says how far each model
+    and baseline is from the truth.
     """
 
     train: np.ndarray
     test: np.ndarray
     val: np.ndarray | None = None
     sentences: tuple[list[str], list[str]] | None = None
+    truth: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,10 @@ class EvaluationSettings:
     """How a checkpoint is sampled and scored: the sampler settings (the first is the primary one); ``n =
     min(n_test, n_samples)`` samples per sampler, all from the same noise (``seed``); ``k`` nearest neighbours of
     PRDC; ``batch_size`` rows integrated at once; the first ``n_sentences`` samples of the primary sampler shown with
-    their nearest training and test sentences (when the data carries sentences)."""
+    their nearest training and test sentences (when the data carries sentences); the held-out log-likelihood of
+    the first ``likelihood_rows`` scored test rows (0: none) under the model as the primary sampler draws from it
+    (:mod:`flow_pipeline.evaluation.likelihood`; ``likelihood_options`` go to
+    :func:`~flow_pipeline.core.likelihood.log_likelihood`)."""
 
     samplers: Sequence[SamplerSpec]
     n_samples: int = SAMPLES_PER_DIM * 1024
@@ -72,6 +85,8 @@ class EvaluationSettings:
     k: int = 5
     batch_size: int = 1024
     n_sentences: int = 5
+    likelihood_rows: int = LIKELIHOOD_ROWS
+    likelihood_options: dict = field(default_factory=dict)
 
 
 def saved_train_config(saved: dict, path: Path) -> TrainConfig:
@@ -135,8 +150,9 @@ def _score_sampler(ema: EMAModel, spec: SamplerSpec, fit: GuidanceFit | None, si
     # An "auto" setting shows the w it chose; on a model without a skip path it is the plain sampler.
     guided = fit is not None and fit.draws > 0
     label = f"{spec.resolved(1.0).label}@auto={spec.guidance:g}" if guided else spec.label
+    metrics = {**side.score(samples), **two_sample_scores(samples, side.test_n, side.space, settings.seed)}
     return SamplerEvaluation(sampler=label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
-                             seconds=drawn.seconds, metrics=side.score(samples), guidance=float(spec.guidance),
+                             seconds=drawn.seconds, metrics=metrics, guidance=float(spec.guidance),
                              guidance_fit=None if fit is None else fit.as_dict()), samples
 
 
@@ -186,9 +202,28 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: EvaluationData
     if data.val is not None:
         references = (real.cached.rows if real.cached is not None
                       else cached_references(real.side, data.val, reference_cache, real.key))
+    likelihood = None
+    if settings.likelihood_rows > 0:
+        likelihood = evaluate_likelihood(ema, real.side.test_n[: settings.likelihood_rows], train_rows,
+                                         truth_of(data.truth), guidance=results[0].guidance,
+                                         **settings.likelihood_options)
+        results[0].metrics.update(likelihood.metrics())
+        references = _with_likelihood(references, likelihood)
     return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,
                       arch=ema.config.arch, flow=ema.config.flow, n=n, seed=settings.seed, k=settings.k,
                       results=results, references=references, dataset=ema.config.dataset,
                       n_training_rows=int(train_rows.shape[0]), n_target=SAMPLES_PER_DIM * ema.config.dim,
                       n_note=sample_count_note(n, ema.config.dim, test.shape[0]), nearest_sentences=shown,
-                      primary_samples=primary_samples)
+                      likelihood=likelihood, primary_samples=primary_samples)
+
+
+def _with_likelihood(references: list[ReferenceEvaluation], likelihood: LikelihoodEvaluation,
+                     ) -> list[ReferenceEvaluation]:
+    """The reference rows with the likelihood of each one that has a density (the baselines), and a row for the
+    truth when it is known (its KL to itself is 0 by definition: the floor every model is measured against)."""
+    rows = [replace(row, metrics={**row.metrics, **likelihood.reference_metrics(row.name)})
+            if row.name in likelihood.reference_nll else row for row in references]
+    if TRUTH in likelihood.reference_nll:
+        rows.append(ReferenceEvaluation(TRUTH, likelihood.n, 0.0, likelihood.reference_metrics(TRUTH),
+                                        note="the distribution the built-in rows were drawn from"))
+    return rows

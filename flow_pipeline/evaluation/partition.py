@@ -3,18 +3,19 @@ saved as ``evaluation.json``, the first replicate's samples drawn as a figure.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from flow_pipeline.artifacts import EVALUATION_JSON, EVALUATION_PNG, ArtifactLayout, write_json
+from flow_pipeline.core.checkpoint import CheckpointError
 from flow_pipeline.core.data.split_set import load_saved_splits
 from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
 from flow_pipeline.evaluation.evaluate import EvaluationData, EvaluationSettings, evaluate_checkpoint
 from flow_pipeline.evaluation.results import Evaluation
 from flow_pipeline.evaluation.sentences import read_split_sentences
-from flow_pipeline.evaluation.study_report import evaluation_study_metadata
+from flow_pipeline.evaluation.study_report import EVALUATION_ERROR, evaluation_study_metadata
 from flow_pipeline.replicates import replicates_from_metadata
 
 
@@ -36,6 +37,7 @@ class PartitionEvaluation:
     study: dict
     figure: object  # flow_pipeline.evaluation.plots.InlineFigure
     figure_path: Path
+    failures: list[str] = field(default_factory=list)  # why the replicates that failed did
 
     @property
     def first(self) -> Evaluation:
@@ -44,7 +46,12 @@ class PartitionEvaluation:
     def summary_line(self, partition: str) -> str:
         """The headline numbers of the first replicate's primary sampler, for the run's log."""
         result, primary = self.first, self.first.primary.metrics
-        return (f"{partition} ({result.primary.sampler}, n={result.n}): kid={primary['kid']:.4g} ± "
+        likelihood = ""
+        if "test_nll" in primary:
+            likelihood = (f"test_nll={primary['test_nll']:.2f} (vs gaussian-full {primary['loglik_vs_gaussian_full']:+.2f} "
+                          f"[{primary['loglik_vs_gaussian_full_ci_low']:+.2f}, "
+                          f"{primary['loglik_vs_gaussian_full_ci_high']:+.2f}] nats/row) ")
+        return (f"{partition} ({result.primary.sampler}, n={result.n}): {likelihood}kid={primary['kid']:.4g} ± "
                 f"{primary['kid_se']:.2g} fd_inf={primary['fd_inf']:.4g} "
                 f"variance_ratio={primary['variance_ratio']:.3f} coverage={primary['coverage']:.3f}"
                 + (f" [{result.n_note}]" if result.n_note else ""))
@@ -76,22 +83,33 @@ def evaluate_partition(partition: str, training: dict, layout: ArtifactLayout, s
     """Evaluate every replicate of ``training`` (the partition's latest trained_checkpoint metadata, plain values)
     on the run's data: its training rows, and for a per-size store the val/test splits of its size. ``references``:
     score the reference rows too (the val split); ``reuse_references``: through the layout's reference cache.
-    Raises CheckpointError, DataError or ValueError naming what is wrong."""
+
+    Replicate i samples with seed ``settings.seed + i``, so the intervals over replicates include the sampling
+    noise. A replicate whose evaluation fails (a checkpoint that no longer reads or verifies) stays in the study
+    with its error, and ranks its row worst; when every replicate fails, or the data cannot be read, this raises
+    CheckpointError, DataError or ValueError naming what is wrong."""
     run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
     splits = run.splits
     data = EvaluationData(splits.train, splits.test, val=splits.val if references else None,
-                          sentences=run_sentences(run, settings.n_sentences))
-    evaluated = []
-    for entry in replicates_from_metadata(training):
-        result = evaluate_checkpoint(entry["checkpoint_path"], data, settings, device=device,
-                                     expected_sha256=entry.get("sha256"),
-                                     reference_cache=layout.reference_cache_dir if reuse_references else None)
+                          sentences=run_sentences(run, settings.n_sentences), truth=splits.truth)
+    evaluated, failed = [], []
+    for index, entry in enumerate(replicates_from_metadata(training)):
+        try:
+            result = evaluate_checkpoint(entry["checkpoint_path"], data, replace(settings, seed=settings.seed + index),
+                                         device=device, expected_sha256=entry.get("sha256"),
+                                         reference_cache=layout.reference_cache_dir if reuse_references else None)
+        except CheckpointError as exc:
+            failed.append((entry, exc))
+            continue
         results_path = layout.evaluation_dir(result.run_name) / EVALUATION_JSON
         write_json(results_path, {"partition": partition, **result.as_dict()})
         evaluated.append(ReplicateEvaluation(entry, result, results_path))
-    study = evaluation_study_metadata(training["config"], [
-        (r.entry, {key: value for key, value in r.evaluation.primary.metrics.items() if key != "n"})
-        for r in evaluated])
+    if not evaluated:
+        raise failed[0][1]
+    scored = [(r.entry, {key: value for key, value in r.evaluation.primary.metrics.items() if key != "n"})
+              for r in evaluated]
+    study = evaluation_study_metadata(training["config"], scored + [
+        ({**entry, EVALUATION_ERROR: str(exc)}, {}) for entry, exc in failed])
     figure_path = evaluated[0].results_path.with_name(EVALUATION_PNG)
-    figure = _figure(partition, evaluated[0].evaluation, splits.test, settings.seed, figure_path)
-    return PartitionEvaluation(evaluated, study, figure, figure_path)
+    figure = _figure(partition, evaluated[0].evaluation, splits.test, evaluated[0].evaluation.seed, figure_path)
+    return PartitionEvaluation(evaluated, study, figure, figure_path, [str(exc) for _, exc in failed])

@@ -27,6 +27,7 @@ from flow_pipeline.core.atomic import write_atomic_with
 from flow_pipeline.core.baselines import BASELINES, fit_baseline
 from flow_pipeline.core.metrics.distances import subsample
 from flow_pipeline.core.metrics.real_side import RealSide
+from flow_pipeline.core.metrics.two_sample import two_sample_scores
 
 HELD_OUT_REAL = "held-out real (val)"
 REFERENCES = (HELD_OUT_REAL, *BASELINES)
@@ -69,6 +70,7 @@ def score_references(side: RealSide, val: np.ndarray) -> list[ReferenceEvaluatio
         else:
             scores = metrics.evaluate_samples(samples, side.train, side.test, k=side.k, seed=side.seed,
                                        train_copy_threshold=side.threshold, train_space=side.space)
+        scores.update(two_sample_scores(samples, side.test_n, side.space, side.seed))
         results.append(ReferenceEvaluation(name, samples.shape[0], time.perf_counter() - start, scores, note))
     return results
 

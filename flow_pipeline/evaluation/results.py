@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from flow_pipeline.evaluation.likelihood import LikelihoodEvaluation
 from flow_pipeline.evaluation.references import ReferenceEvaluation
 
 # Samples per evaluation as a multiple of the dimension: at n < dim FD is dominated by its bias and PRDC is noisy.
@@ -46,6 +47,7 @@ class Evaluation:
     n_target: int = 0
     n_note: str = ""
     nearest_sentences: list[dict] = field(default_factory=list)
+    likelihood: LikelihoodEvaluation | None = None  # held-out log-likelihood (settings.likelihood_rows > 0)
     # The first sampler's samples (n, dim), raw space, for the evaluation's figure; not part of as_dict().
     primary_samples: np.ndarray | None = field(default=None, repr=False, compare=False)
 

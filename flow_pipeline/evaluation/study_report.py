@@ -17,7 +17,9 @@ from flow_pipeline.core.study_stats import (METHOD, NOT_TESTABLE, compare_rows, 
 DEFAULT_BASELINE = "mlp-icfm"
 # Metrics pooled over replicates (keys of each replicate's ``metrics``, plus the training's values); lower is better
 # for all but these.
-HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage"})
+HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "loglik_vs_gaussian_full",
+                              "loglik_vs_gaussian_diag", "kl_closed_fraction", "network_over_own_gaussian",
+                              "loglik_vs_gaussian_full_network_coords", "loglik_vs_gaussian_full_other_coords"})
 VAL_LOSS_RATIO = "val_loss_ratio"  # best EMA val loss / the flow's zero-predictor loss: comparable across flows
 EVALUATION_ERROR = "evaluation_error"  # a replicate entry's key: why its evaluation failed (its metrics: none)
 NONFINITE_MEANING = {"ranking_kid": "copying"}  # what a +inf value of a metric says, in the report's words
@@ -81,9 +83,15 @@ def _row(partition: str, metadata: dict) -> dict:
            "replicates": replicates,
            "is_default_config": _is_default(config)}
     failed = sum(bool(r.get(EVALUATION_ERROR)) for r in replicates)
+    bounds = {f"{name}_ci_{side}" for name in per_seed for side in ("low", "high")}
     for name, by_seed in per_seed.items():
+        if name in bounds:  # a replicate's own interval of another metric: the row's comes from the replicates
+            continue
         interval = replicate_interval(list(by_seed.values()), lower_is_better=name not in HIGHER_IS_BETTER)
         row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval.mean, interval.low, interval.high
+        if interval.n < 2 and f"{name}_ci_low" in per_seed:  # one replicate: its own (e.g. paired per-row) interval
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = (next(iter(per_seed[f"{name}_ci_{side}"].values()))
+                                                             for side in ("low", "high"))
         if interval.n_nonfinite:
             row[f"{name}_replicates_note"] = _nonfinite_note(name, list(by_seed.values()),
                                                              failed if name in metric_names else 0)
