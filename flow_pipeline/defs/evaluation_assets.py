@@ -13,12 +13,14 @@ from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_check
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
-from flow_pipeline.evaluation.evaluate import EvaluationSettings
+from flow_pipeline.core.likelihood import DEFAULT_PROBES, DEFAULT_STEPS, DIVERGENCES
+from flow_pipeline.evaluation.evaluate import LIKELIHOOD_ROWS, EvaluationSettings
 from flow_pipeline.evaluation.partition import PartitionEvaluation, evaluate_partition
 from flow_pipeline.evaluation.results import SAMPLES_PER_DIM, Evaluation
 from flow_pipeline.evaluation.samplers import ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SamplerSpec, parse_guidance
 from flow_pipeline.evaluation.report import PRIMARY_METRIC, REFERENCE_METRIC_KEYS, reference_table, sampler_table
 from flow_pipeline.evaluation.sentences import sentences_markdown
+from flow_pipeline.evaluation.summary import evaluation_summary
 from flow_pipeline.evaluation.study_report import DEFAULT_BASELINE
 
 if TYPE_CHECKING:
@@ -51,6 +53,13 @@ class EvaluationConfig(dg.Config):
     seed: int = Field(default=0, description="seed of the starting noise and of the reference subsampling")
     k: int = Field(default=5, description="nearest neighbours of precision/recall/density/coverage")
     batch_size: int = Field(default=1024, description="rows integrated at once")
+    likelihood_rows: int = Field(default=LIKELIHOOD_ROWS, ge=0, description="test rows whose held-out "
+                                 "log-likelihood ranks the model (0: none); per-row scores need no n >= 5 x dim")
+    likelihood_steps: int = Field(default=DEFAULT_STEPS, ge=1, description="RK4 steps of the probability-flow ODE")
+    likelihood_divergence: str = Field(default="auto", description="'exact', 'hutchinson', or 'auto' (exact only "
+                                       "where it costs no more than the probes)")
+    likelihood_probes: int = Field(default=DEFAULT_PROBES, ge=2, description="Rademacher probes per row of the "
+                                   "Hutchinson divergence (its standard error is reported as test_nll_se)")
 
     def samplers(self) -> list[SamplerSpec]:
         """The primary sampler, then the extra ones; a bad one raises ValueError naming its config field."""
@@ -70,8 +79,14 @@ class EvaluationConfig(dg.Config):
 
     def settings(self) -> EvaluationSettings:
         """The sampling and scoring settings (:meth:`samplers` first; it raises ValueError naming the field)."""
+        if self.likelihood_divergence not in DIVERGENCES:
+            raise ValueError(f"likelihood_divergence: unknown value {self.likelihood_divergence!r}; valid: "
+                             f"{', '.join(DIVERGENCES)}")
+        options = {"steps": self.likelihood_steps, "divergence": self.likelihood_divergence,
+                   "probes": self.likelihood_probes}
         return EvaluationSettings(self.samplers(), n_samples=self.n_samples, seed=self.seed, k=self.k,
-                                  batch_size=self.batch_size, n_sentences=self.n_sentences)
+                                  batch_size=self.batch_size, n_sentences=self.n_sentences,
+                                  likelihood_rows=self.likelihood_rows, likelihood_options=options)
 
 
 def evaluation_metadata(result: Evaluation, results_path) -> dict:
@@ -149,16 +164,19 @@ def evaluation(
 
 
 def partition_metadata(partition: str, outcome: PartitionEvaluation) -> dict:
-    """The evaluation materialization's metadata: the first replicate's (:func:`evaluation_metadata`), the study
-    values over every replicate, and the samples figure."""
+    """The evaluation materialization's metadata, the answer first: the summary (verdicts with intervals) and the
+    samples figure, then the first replicate's keys (:func:`evaluation_metadata`) and the study values over every
+    replicate, for scripts."""
     first = outcome.replicates[0]
     study_values = {key: dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
                     for key, value in outcome.study.items()}
-    figure_metadata = {
+    return {
+        "summary": dg.MetadataValue.md(evaluation_summary(partition, first.evaluation)),
         "samples_figure": dg.MetadataValue.md(outcome.figure.markdown(f"generated vs real samples of {partition}")),
+        **evaluation_metadata(first.evaluation, first.results_path), **study_values,
         "samples_figure_png": dg.MetadataValue.path(str(outcome.figure_path)),
+        **({"failed_replicates": dg.MetadataValue.json(outcome.failures)} if outcome.failures else {}),
     }
-    return {**evaluation_metadata(first.evaluation, first.results_path), **study_values, **figure_metadata}
 
 
 class ReportConfig(dg.Config):
