@@ -20,7 +20,7 @@ from flow_pipeline.evaluation.results import SAMPLES_PER_DIM, Evaluation
 from flow_pipeline.evaluation.samplers import ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SamplerSpec, parse_guidance
 from flow_pipeline.evaluation.report import PRIMARY_METRIC, REFERENCE_METRIC_KEYS, reference_table, sampler_table
 from flow_pipeline.evaluation.sentences import sentences_markdown
-from flow_pipeline.evaluation.summary import evaluation_summary
+from flow_pipeline.evaluation.summary import evaluation_summary, report_summary
 from flow_pipeline.evaluation.study_report import DEFAULT_BASELINE
 
 if TYPE_CHECKING:
@@ -221,7 +221,9 @@ def report_metadata(report: "AblationReport") -> dict:
     :class:`~flow_pipeline.evaluation.ablation_report.AblationReport`)."""
     rows, files, baseline = report.rows, report.files, report.baseline
     return {
-        "report": dg.MetadataValue.md(files.markdown + "\n\n" + files.figure.markdown("ablation report figure")),
+        "summary": dg.MetadataValue.md(report_summary(rows, baseline) + "\n\n"
+                                       + files.figure.markdown("ablation report figure")),
+        "report": dg.MetadataValue.md(files.markdown),
         "primary_metric": PRIMARY_METRIC,
         "best_partition": next(row["partition"] for row in files.rows if not row["partition"].startswith("reference")),
         "n_partitions": len({row["partition"] for row in rows}),

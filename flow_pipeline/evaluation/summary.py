@@ -57,3 +57,20 @@ def evaluation_summary(partition: str, result: Evaluation) -> str:
     if note:
         lines += ["", f"_{note}_"]
     return "\n".join(lines)
+
+
+def report_summary(rows: list[dict], baseline: dict | None) -> str:
+    """The report's answer first: each model row (best held-out likelihood first; rows without one last) with its
+    test NLL over replicates, its likelihood against gaussian-full and its verdict against the baseline row."""
+    def order(row: dict):
+        value = row.get("test_nll")
+        return (value is None or (isinstance(value, float) and math.isnan(value)), value or 0.0, row["partition"])
+
+    lines = ["| run | replicates | test NLL, nats/row (95% CI) | vs gaussian-full, nats/row (95% CI) | "
+             f"vs {baseline['partition'] if baseline else 'baseline'} |", "|---|---:|---|---|---|"]
+    for row in sorted(rows, key=order):
+        verdict = "baseline" if row is baseline else row.get("vs_baseline") or "—"
+        lines.append(f"| {row['partition']} | {row.get('n_replicates', '—')} | "
+                     f"{_interval_text(row, 'test_nll', False)} | {_interval_text(row, 'loglik_vs_gaussian_full')} | "
+                     f"{verdict} |")
+    return "\n".join(lines)
