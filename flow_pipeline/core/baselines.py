@@ -1,7 +1,8 @@
 """Closed-form baselines every model must beat: Gaussians fitted to the training rows a run used.
 
-* ``gaussian-full``: mean and Ledoit–Wolf-shrunk covariance (shrinkage towards a multiple of the identity, with the
-  intensity of Ledoit & Wolf 2004, so the covariance is well conditioned also when rows < dim).
+* ``gaussian-full``: mean and shrunk covariance (shrinkage towards a multiple of the identity, so the covariance is
+  well conditioned also when rows < dim), with the intensity of Ledoit & Wolf 2004, or, when held-out val rows are
+  given, the intensity their likelihood prefers (the access to val a model's guidance fit has).
 * ``gaussian-diag``: mean and per-dimension variances only.
 
 Both are fitted in raw embedding space with two streamed passes over the rows (a memory-mapped split is never
@@ -50,7 +51,8 @@ class GaussianBaseline:
     name: str
     mean: np.ndarray
     factor: np.ndarray
-    shrinkage: float | None = None  # Ledoit–Wolf intensity of gaussian-full
+    shrinkage: float | None = None  # gaussian-full's shrinkage intensity (Ledoit–Wolf's, or chosen on val)
+    chosen_on_val: bool = False  # the shrinkage was chosen by the val rows' likelihood
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """n rows (n, dim) float32, from ``np.random.default_rng(seed)``."""
@@ -79,14 +81,54 @@ class GaussianBaseline:
         return -0.5 * (np.einsum("ij,ij->i", z, z) + dim * np.log(2 * np.pi)) - log_det
 
 
-def fit_baseline(name: str, train) -> GaussianBaseline:
-    """Fit ``gaussian-full`` or ``gaussian-diag`` to train (n, dim) (may be memory-mapped)."""
+# Shrinkage intensities tried on val (with Ledoit–Wolf's own): 0 (the sample covariance) to 1 (a multiple of I).
+SHRINKAGE_GRID = np.linspace(0.0, 1.0, 41)
+_LOG_2PI = float(np.log(2 * np.pi))
+
+
+def val_shrinkage(train_fit: LedoitWolf, val, grid=SHRINKAGE_GRID) -> float:
+    """The shrinkage intensity whose Gaussian gives the val rows (m, dim) the highest mean log-likelihood, among
+    ``grid`` and Ledoit–Wolf's own. Every candidate covariance (1 - a) S + a (tr S / dim) I shares S's eigenvectors,
+    so one eigendecomposition scores the whole grid: with z the val rows in that basis, the log-likelihood is
+    -(sum_i z_i^2 / e_i + log e_i + log 2 pi) / 2 with e_i = (1 - a) s_i + a tr S / dim."""
+    a = train_fit.shrinkage
+    dim = train_fit.mean.shape[0]
+    # Undo Ledoit–Wolf's shrinkage to get S's spectrum: its covariance is (1 - a) S + a mu I.
+    lw_eigval, eigvec = np.linalg.eigh(train_fit.covariance)
+    mu = float(np.trace(train_fit.covariance)) / dim  # the shrinkage keeps the trace
+    sample_eigval = np.clip((lw_eigval - a * mu) / max(1.0 - a, 1e-12), 0.0, None)
+    candidates = np.unique(np.append(grid, a))
+    eig = (1 - candidates)[:, None] * sample_eigval[None, :] + candidates[:, None] * mu  # (A, dim)
+    z_sq = ((np.asarray(val, dtype=np.float64) - train_fit.mean) @ eigvec) ** 2  # (m, dim)
+    with np.errstate(divide="ignore"):
+        scores = -0.5 * ((z_sq @ (1.0 / eig).T).mean(0) + np.log(eig).sum(1) + dim * _LOG_2PI)
+    return float(candidates[int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)))])
+
+
+def fit_baseline(name: str, train, val=None) -> GaussianBaseline:
+    """Fit ``gaussian-full`` or ``gaussian-diag`` to train (n, dim) (may be memory-mapped). With held-out ``val``
+    rows (m, dim), gaussian-full's shrinkage intensity is chosen by their likelihood (:func:`val_shrinkage`), the
+    same access to val a model has when its guidance is fitted there; without, it is Ledoit–Wolf's."""
     if name == "gaussian-full":
         fit = ledoit_wolf(train)
+        # Ledoit–Wolf at intensity 1 keeps only the trace: nothing left to choose from.
+        chosen_on_val = val is not None and len(val) > 0 and fit.shrinkage < 1.0 - 1e-9
+        if chosen_on_val:
+            fit = _reshrunk(fit, val_shrinkage(fit, val))
         eigval, eigvec = np.linalg.eigh(fit.covariance)
         factor = eigvec * np.sqrt(np.clip(eigval, 0.0, None))  # factor factor^T = covariance
-        return GaussianBaseline(name, fit.mean, factor, fit.shrinkage)
+        return GaussianBaseline(name, fit.mean, factor, fit.shrinkage, chosen_on_val)
     if name == "gaussian-diag":
         mean, std, _ = streaming_mean_std(train)
         return GaussianBaseline(name, mean, std)
     raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(BASELINES)}")
+
+
+def _reshrunk(fit: LedoitWolf, shrinkage: float) -> LedoitWolf:
+    """The same sample covariance shrunk with another intensity."""
+    dim = fit.mean.shape[0]
+    mu = float(np.trace(fit.covariance)) / dim
+    sample = (fit.covariance - fit.shrinkage * mu * np.eye(dim)) / max(1.0 - fit.shrinkage, 1e-12)
+    covariance = (1.0 - shrinkage) * sample
+    covariance[np.diag_indices(dim)] += shrinkage * mu
+    return LedoitWolf(mean=fit.mean, covariance=covariance, shrinkage=shrinkage)

@@ -205,7 +205,7 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: EvaluationData
     likelihood = None
     if settings.likelihood_rows > 0:
         likelihood = evaluate_likelihood(ema, real.side.test_n[: settings.likelihood_rows], train_rows,
-                                         truth_of(data.truth), guidance=results[0].guidance,
+                                         truth_of(data.truth), guidance=results[0].guidance, val=data.val,
                                          **settings.likelihood_options)
         results[0].metrics.update(likelihood.metrics())
         references = _with_likelihood(references, likelihood)

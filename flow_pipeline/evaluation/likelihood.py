@@ -124,15 +124,16 @@ def _network_parts(ema: EMAModel, model: LogLikelihood, rows: np.ndarray, baseli
 
 
 def evaluate_likelihood(ema: EMAModel, rows: np.ndarray, train_rows, truth: GaussianMixture | None,
-                        guidance: float = 1.0, **options) -> LikelihoodEvaluation:
+                        guidance: float = 1.0, val=None, **options) -> LikelihoodEvaluation:
     """Score test ``rows`` (n, dim) raw under the checkpoint's model (with ``guidance`` w, as it is sampled) and
-    under the Gaussian baselines fitted to the run's ``train_rows``; with ``truth`` (the distribution the rows were
+    under the Gaussian baselines fitted to the run's ``train_rows`` (gaussian-full's shrinkage chosen on ``val``
+    when given, as the reference rows' is); with ``truth`` (the distribution the rows were
     drawn from), the KL of each to it. ``options`` go to :func:`~flow_pipeline.core.likelihood.log_likelihood`
     (divergence, probes, steps, batch_size, seed)."""
     rows = np.asarray(rows, dtype=np.float64)
     model = _model_log_prob(ema, rows, guidance, options)
     log_p = {"model": model.log_prob.double().numpy()}
-    baselines = {name: fit_baseline(name, train_rows) for name in BASELINES}
+    baselines = {name: fit_baseline(name, train_rows, val) for name in BASELINES}
     log_p.update({name: baseline.log_prob(rows) for name, baseline in baselines.items()})
     versus = {name: paired_difference(log_p["model"], log_p[name]) for name in BASELINES}
     reference_nll = {name: float(-log_p[name].mean()) for name in BASELINES}

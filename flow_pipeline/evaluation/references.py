@@ -52,9 +52,17 @@ def reference_samples(name: str, train_rows, val: np.ndarray, n: int, seed: int)
         rows = subsample(val, n, np.random.default_rng(seed))
         note = "" if rows.shape[0] == n else f"val has {rows.shape[0]} rows < n = {n}: scored at that size"
         return np.asarray(rows, dtype=np.float64), note
-    baseline = fit_baseline(name, train_rows)
-    note = f"Ledoit–Wolf shrinkage {baseline.shrinkage:.3f}" if baseline.shrinkage is not None else ""
+    baseline = fit_baseline(name, train_rows, val)
+    note = baseline_note(baseline)
     return baseline.sample(n, seed), note
+
+
+def baseline_note(baseline) -> str:
+    """How a fitted baseline's free choice was made, for its reference row."""
+    if baseline.shrinkage is None:
+        return ""
+    how = "chosen on the val rows' likelihood" if baseline.chosen_on_val else "Ledoit–Wolf"
+    return f"shrinkage {baseline.shrinkage:.3f} ({how})"
 
 
 def score_references(side: RealSide, val: np.ndarray) -> list[ReferenceEvaluation]:
