@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from flow_pipeline.core.metrics.real_side import evaluate_samples
-from flow_pipeline.core.metrics.real_side import RealSide
+from flow_pipeline.core.metrics.distances import TrainSpace
+from flow_pipeline.core.metrics.real_side import RealSide, evaluate_samples
+from flow_pipeline.core.metrics.two_sample import two_sample_scores
 from flow_pipeline.evaluation.references import (
     HELD_OUT_REAL,
     REFERENCES,
@@ -43,7 +44,13 @@ def test_references_are_scored_once_then_read_back(data, tmp_path):
     # Held-out real, independently: the seeded val subsample through the one-set entry point.
     val_rows = val[np.sort(np.random.default_rng(1).choice(70, size=50, replace=False))]
     expected = evaluate_samples(val_rows, data["train"], data["test"], k=3, seed=1)
-    assert first[0].metrics == pytest.approx(expected, rel=1e-9)
+    # ... and the two-sample tests against the same seeded test subsample, in the training rows' z-scored space.
+    test_rows = data["test"][np.sort(np.random.default_rng(1).choice(70, size=50, replace=False))]
+    expected.update(two_sample_scores(val_rows, test_rows, TrainSpace.fit(data["train"]), seed=1))
+    assert {"c2st_accuracy", "rbf_kid"} <= set(expected) and "n = 50 < 5 × dim = 80" in expected["prdc_note"]
+    scored = dict(first[0].metrics)
+    assert scored.pop("prdc_note") == expected.pop("prdc_note")
+    assert scored == pytest.approx(expected, rel=1e-9)
     second = cached_references(side, val, tmp_path)
     assert all(row.cached for row in second)
     assert read_cached(tmp_path, references_key(side, val)).copy_threshold == side.threshold

@@ -15,12 +15,14 @@ import pytest
 
 from flow_pipeline.defs.assets import trained_checkpoint
 from flow_pipeline.artifacts import EVALUATION_JSON
+from flow_pipeline.core.metrics.ranking import RANKING_METRIC
 from flow_pipeline.defs.evaluation_assets import EvaluationConfig, ablation_report, evaluation
 from flow_pipeline.evaluation.report import (
     COLUMN_KEYS,
     COLUMNS,
     LOSES_TO_BASELINE,
     MISSING,
+    PRIMARY_METRIC,
     build_row,
     csv_text,
     format_cell,
@@ -37,9 +39,10 @@ from flow_pipeline_tests.test_pipeline import latest_metadata, materialize_data,
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def row(partition: str, ranking_kid, **values) -> dict:
+def row(partition: str, test_nll, **values) -> dict:
+    """A model row whose held-out NLL is ``test_nll`` (nats per row); ``values`` override the other metrics."""
     arch, flow = partition.split("-")
-    evaluation_values = {"ranking_kid": ranking_kid, "kid": 0.01, "kid_se": 0.002, "fd_ratio": 2.0, "precision": 0.5,
+    evaluation_values = {"test_nll": test_nll, "ranking_kid": 0.02, "kid": 0.01, "kid_se": 0.002, "fd_ratio": 2.0, "precision": 0.5,
                          "recall": 0.25, "coverage": 0.75, "memorization_ratio": 1.0, "sampler": "dopri5", "nfe": 50,
                          "n": 64}
     training = {"num_params": 145_232, "best_val_loss": 1.25, "train_seconds": 12.34}
@@ -69,10 +72,11 @@ def column(name: str) -> int:
 
 
 def test_rows_sort_by_the_metric_with_missing_values_last():
-    rows = [row("a-x", 3.0), row("b-x", None), row("c-x", 1.5), row("d-x", math.nan), row("e-x", 1.5),
+    assert PRIMARY_METRIC == "test_nll"  # the report ranks by held-out likelihood
+    rows = [row("a-x", -3.0), row("b-x", None), row("c-x", -4.5), row("d-x", math.nan), row("e-x", -4.5),
             row("f-x", math.inf)]
     assert [r["partition"] for r in sort_rows(rows)] == ["c-x", "e-x", "a-x", "f-x", "b-x", "d-x"]
-    descending = sort_rows(rows, "ranking_kid", ascending=False)
+    descending = sort_rows(rows, PRIMARY_METRIC, ascending=False)
     assert [r["partition"] for r in descending] == ["f-x", "a-x", "c-x", "e-x", "b-x", "d-x"]
     by_recall = sort_rows([row("a-x", 1.0, recall=0.1), row("b-x", 1.0, recall=0.9)], "recall", ascending=False)
     assert [r["partition"] for r in by_recall] == ["b-x", "a-x"]
@@ -90,15 +94,19 @@ def test_cells_format_numbers_and_mark_missing_values():
 
 
 def test_markdown_states_the_metric_and_has_one_sorted_row_per_partition():
-    rows = [row("mlp-icfm", 2.5), row("dit-icfm", 1.25, precision=None), row("unet-fm", math.nan)]
+    rows = [row("mlp-icfm", -2.5, ranking_kid=0.03), row("dit-icfm", -3.125, precision=None, ranking_kid=0.01),
+            row("unet-fm", math.nan)]
     markdown = markdown_report(rows)
     header = markdown.splitlines()[0]
-    assert "**ranking_kid**" in header and "ascending" in header
-    assert "Ranking rule" in markdown and "memorising" in markdown  # the copy rule is stated in the header
+    assert "**test_nll**" in header and "ascending" in header and "negative log-likelihood" in header
+    # The rule, the protocol (nothing tuned on test) and the meaning of the references are stated above the table.
+    assert "Ranking rule" in markdown and "ranks its row last" in markdown
+    assert "test rows are scored once" in markdown and "too lenient to judge" in markdown
     body = table_rows(markdown)
     assert [cells[0] for cells in body] == ["dit-icfm", "mlp-icfm", "unet-fm"]
     assert all(len(cells) == len(COLUMNS) for cells in body)
-    assert [cells[column("ranking KID")] for cells in body] == ["1.25", "2.5", MISSING]
+    assert [cells[column("test NLL (nats/row)")] for cells in body] == ["-3.12", "-2.50", MISSING]
+    assert [cells[column("ranking KID")] for cells in body] == ["0.01", "0.03", "0.02"]  # shown, not ranked by
     assert body[0][column("precision")] == MISSING
     assert body[1][column("params")] == "145,232"
     assert body[1][column("train time (s)")] == "12.3"
@@ -109,8 +117,8 @@ def test_csv_holds_the_same_rows_unrounded():
     read = list(csv.DictReader(io.StringIO(csv_text(rows))))
     assert list(read[0]) == list(COLUMN_KEYS)
     assert [r["partition"] for r in read] == ["mlp-icfm", "dit-icfm"]
-    assert float(read[0]["ranking_kid"]) == 2.123456789
-    assert read[1]["ranking_kid"] == ""
+    assert float(read[0]["test_nll"]) == 2.123456789
+    assert read[1]["test_nll"] == ""
     assert int(read[0]["num_params"]) == 145_232
 
 
@@ -125,7 +133,8 @@ def test_figure_is_a_png_that_opens(tmp_path):
 
 
 def test_write_report_writes_three_consistent_files(tmp_path):
-    rows = [row("mlp-icfm", 3.0), row("dit-icfm", 1.0), row("unet-fm", 2.0)]
+    rows = [row("mlp-icfm", 3.0, ranking_kid=0.01), row("dit-icfm", 1.0, ranking_kid=0.03),
+            row("unet-fm", 2.0, ranking_kid=0.02)]
     files = write_report(rows, {}, tmp_path / "reports")
     assert [r["partition"] for r in files.rows] == ["dit-icfm", "unet-fm", "mlp-icfm"]
     assert files.markdown_path.read_text() == files.markdown
@@ -286,36 +295,55 @@ def test_report_ranks_held_out_real_above_every_adversary(adversary_scores):
     """The report's sort over evaluate_samples of real data and the adversaries (shrunk, inflated, collapsed,
     train copies): held-out real comes first, and copies rank below every non-copying set."""
     rows = [build_row(name, "—", "—", metrics, {}) for name, metrics in adversary_scores.items()]
-    body = table_rows(markdown_report(rows))
+    body = table_rows(markdown_report(rows, RANKING_METRIC))
     order = [cells[0] for cells in body]
     assert order[0] == "held-out real"
     assert order[-1] == "train copies" and body[-1][column("ranking KID")] == "∞"
     assert set(order) == set(adversary_scores)
 
 
+def paired(low: float, high: float) -> dict:
+    """An evaluation's interval of model - gaussian-full (nats per row) around its midpoint."""
+    return {"loglik_vs_gaussian_full": (low + high) / 2, "loglik_vs_gaussian_full_ci_low": low,
+            "loglik_vs_gaussian_full_ci_high": high}
+
+
 def test_a_model_that_does_not_beat_gaussian_full_is_marked():
-    references = {"gaussian-full": {"ranking_kid": 0.02, "kid": 0.02, "n": 64},
-                  "held-out real (val)": {"ranking_kid": 0.0, "kid": 0.0, "n": 64}}
-    loser = build_row("mlp-icfm", "mlp", "icfm", {"ranking_kid": 0.05, "references": references}, {})
-    winner = build_row("dit-icfm", "dit", "icfm", {"ranking_kid": 0.01, "references": references}, {})
-    tie = build_row("unet-fm", "unet", "fm", {"ranking_kid": 0.02, "references": references}, {}, note="stale")
-    unknown = build_row("unet-vp", "unet", "vp", {"ranking_kid": 0.5}, {})
-    assert loser["note"].startswith(LOSES_TO_BASELINE) and tie["note"] == f"{LOSES_TO_BASELINE}; stale"
+    """The mark comes from the interval of the difference, not from two point values: beaten only when its lower
+    end lies above 0."""
+    loser = build_row("mlp-icfm", "mlp", "icfm", {"test_nll": -10.0, **paired(-3.5, -0.25)}, {})
+    winner = build_row("dit-icfm", "dit", "icfm", {"test_nll": -12.0, **paired(0.125, 4.0)}, {})
+    # A better mean whose interval reaches 0 is no detectable difference: not a win.
+    undecided = build_row("unet-fm", "unet", "fm", {"test_nll": -11.0, **paired(-0.5, 3.0)}, {}, note="stale")
+    touching = build_row("unet-icfm", "unet", "icfm", {"test_nll": -11.0, **paired(0.0, 3.0)}, {})
+    unknown = build_row("unet-vp", "unet", "vp", {"test_nll": -9.0}, {})
+    assert loser["note"].startswith(LOSES_TO_BASELINE) and undecided["note"] == f"{LOSES_TO_BASELINE}; stale"
+    assert touching["note"].startswith(LOSES_TO_BASELINE)
     assert winner["note"] == "" and unknown["note"] == ""
-    markdown = markdown_report([loser, winner, tie])
+    # A study row's interval (over replicates) stands over the first replicate's own paired interval.
+    pooled = build_row("mlp-icfm", "mlp", "icfm", paired(0.5, 2.0), {}, study=paired(-1.0, 2.5))
+    assert pooled["note"].startswith(LOSES_TO_BASELINE)
+    assert pooled["loglik_vs_gaussian_full_ci_low"] == -1.0
+    markdown = markdown_report([loser, winner, undecided])
     assert "does not beat gaussian-full" in markdown.split("|")[0]  # the header explains the mark
+    cells = table_rows(markdown_report([pooled]))[0]
+    assert (cells[column("CI low")], cells[column("CI high")]) == ("-1.00", "+2.50")
 
 
 def test_reference_rows_appear_once_per_training_set():
-    references = {"gaussian-full": {"ranking_kid": 0.02, "coverage": 0.8, "n": 64},
+    references = {"gaussian-full": {"test_nll": -2100.5, "kl_to_truth": 610.0, "coverage": 0.8, "n": 64},
+                  "truth": {"test_nll": -2710.5, "kl_to_truth": 0.0, "n": 64},
                   "held-out real (val)": {"ranking_kid": -0.001, "coverage": 0.97, "n": 64}}
     evaluations = {"mlp-icfm": {"references": references, "dataset": "full", "seed": 0},
                    "dit-icfm": {"references": references, "dataset": "full", "seed": 0},
                    "unet-fm": {"references": references, "dataset": "1k", "seed": 0}}
     rows = reference_rows(evaluations)
     assert sorted(r["partition"] for r in rows) == ["reference: gaussian-full"] * 2 + \
-        ["reference: held-out real (val)"] * 2
+        ["reference: held-out real (val)"] * 2 + ["reference: truth"] * 2
     assert {r["note"].split(",")[0] for r in rows} == {"dataset full", "dataset 1k"}
-    ordered = sort_rows(rows + [row("mlp-icfm", 0.05)])
-    assert ordered[0]["partition"] == "reference: held-out real (val)" and ordered[-1]["partition"] == "mlp-icfm"
+    # By held-out NLL the truth is the floor; held-out real rows have no density, so they go after every model.
+    ordered = sort_rows(rows + [row("mlp-icfm", -2500.0)])
+    assert [r["partition"] for r in ordered] == ["reference: truth"] * 2 + ["mlp-icfm"] + \
+        ["reference: gaussian-full"] * 2 + ["reference: held-out real (val)"] * 2
     assert {r["coverage"] for r in rows if "gaussian" in r["partition"]} == {0.8}
+    assert {r["kl_to_truth"] for r in rows if "truth" in r["partition"]} == {0.0}
