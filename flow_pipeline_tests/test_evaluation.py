@@ -17,7 +17,9 @@ from flow_pipeline.core.data.normalization import Normalizer, floor_std
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.data.splits import split_array
 from flow_pipeline.core.data.stats import streaming_mean_std
+from flow_pipeline.core.metrics.distances import TrainSpace
 from flow_pipeline.core.metrics.real_side import evaluate_samples
+from flow_pipeline.core.metrics.two_sample import two_sample_scores
 from flow_pipeline.core.metrics.reference_stats import KidReference
 from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.evaluation.evaluate import (EvaluationData, EvaluationSettings, evaluate_checkpoint, run_training_rows,
@@ -32,6 +34,35 @@ METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "
                "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine", "n", "kid", "kid_se",
                "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope", "variance_ratio", "norm_ratio",
                "memorising"}
+# Every sample set also gets a classifier two-sample test and RBF KID (core/metrics/two_sample.py).
+TWO_SAMPLE_KEYS = {"c2st_accuracy", "c2st_accuracy_ci_low", "c2st_accuracy_ci_high", "c2st_p_value", "c2st_n_held_out",
+                   "rbf_kid", "rbf_kid_se", "rbf_kid_ci_low", "rbf_kid_ci_high", "rbf_kid_bandwidth", "prdc_note"}
+# The primary sampler's model also gets its held-out likelihood against both baselines (no truth: real-like data).
+LIKELIHOOD_KEYS = {"test_nll", "test_bits_per_dim", "test_nll_se", "likelihood_rows", "likelihood_method",
+                   "likelihood_seconds", *(f"loglik_vs_{name}{suffix}" for name in ("gaussian_full", "gaussian_diag")
+                                           for suffix in ("", "_ci_low", "_ci_high", "_verdict"))}
+SAMPLE_SET_KEYS = METRIC_KEYS | TWO_SAMPLE_KEYS
+
+
+def without_timings(metrics: dict) -> dict:
+    """The metrics but the wall-clock ones, which no seed fixes."""
+    return {key: value for key, value in metrics.items() if not key.endswith("seconds")}
+
+
+def assert_scores_match(scored: dict, expected: dict) -> None:
+    """Same keys; numbers equal to rel 1e-9, texts (verdicts, notes) equal."""
+    assert set(scored) == set(expected)
+    texts = {key for key, value in expected.items() if isinstance(value, str)}
+    assert {key: scored[key] for key in texts} == {key: expected[key] for key in texts}
+    assert {key: scored[key] for key in set(expected) - texts} == \
+        pytest.approx({key: expected[key] for key in set(expected) - texts}, rel=1e-9)
+
+
+def two_sample_expected(samples, train, test, n: int, seed: int) -> dict:
+    """two_sample_scores of ``samples`` against the seeded n-row test subsample, in train's z-scored space."""
+    rows = test if test.shape[0] <= n else test[np.sort(np.random.default_rng(seed).choice(test.shape[0], n,
+                                                                                             replace=False))]
+    return two_sample_scores(samples, np.asarray(rows, dtype=np.float64), TrainSpace.fit(train), seed)
 
 
 def evaluate(path, train, test, samplers, val=None, sentences=None, expected_sha256=None, reference_cache=None,
@@ -124,7 +155,11 @@ def test_auto_guidance_matches_the_val_rows_variance_and_is_reported(trained, tr
     assert guided.guidance == fit["guidance"] and guided.sampler == f"euler:8@auto={fit['guidance']:g}"
     # The samples scored are the ones a fixed guidance of the fitted w draws.
     fixed = draw_samples(ema, SamplerSpec("euler", 8, fit["guidance"]), evaluation.n, seed=0).x
-    assert guided.metrics == evaluate_samples(fixed.numpy(), np.asarray(splits.train), np.asarray(splits.test), seed=0)
+    expected = evaluate_samples(fixed.numpy(), np.asarray(splits.train), np.asarray(splits.test), seed=0)
+    expected.update(two_sample_expected(fixed.numpy(), splits.train, splits.test, evaluation.n, seed=0))
+    assert_scores_match({key: guided.metrics[key] for key in SAMPLE_SET_KEYS}, expected)
+    # ... and the held-out likelihood is the model's as that sampler draws from it: with the fitted w.
+    assert evaluation.likelihood.guidance == fit["guidance"] and LIKELIHOOD_KEYS <= set(guided.metrics)
     # Other test rows: other metrics, the same w (the test rows take no part in it).
     other = evaluate(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=val)
     assert other.results[0].guidance_fit == fit
@@ -164,8 +199,9 @@ def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
     n_test = splits.test.shape[0]
     assert evaluation.n == n_test == 64  # the whole test split: fewer rows than the cap
     metrics = evaluation.primary.metrics
-    assert set(metrics) == METRIC_KEYS
-    assert all(math.isfinite(value) for value in metrics.values())
+    assert set(metrics) == SAMPLE_SET_KEYS | LIKELIHOOD_KEYS
+    assert all(math.isfinite(value) for value in metrics.values() if not isinstance(value, str))
+    assert metrics["likelihood_rows"] == n_test and metrics["prdc_note"].startswith("too small to judge")
     assert metrics["n"] == n_test
     assert evaluation.sha256 == sha256_file(path)
     assert (evaluation.arch, evaluation.flow, evaluation.run_name) == ("mlp", "icfm", "mlp-icfm-full-none-tiny")
@@ -189,7 +225,7 @@ def test_evaluation_is_deterministic_for_a_seed(trained):
     first = evaluate(path, splits.train, splits.test, samplers, seed=3)
     again = evaluate(path, splits.train, splits.test, samplers, seed=3)
     other = evaluate(path, splits.train, splits.test, samplers, seed=4)
-    assert first.primary.metrics == again.primary.metrics
+    assert without_timings(first.primary.metrics) == without_timings(again.primary.metrics)
     assert first.primary.metrics["fd"] != other.primary.metrics["fd"]
     ema = load_ema_model(path, saved_train_config)
     torch.testing.assert_close(draw_samples(ema, samplers[0], 16, seed=3).x,
@@ -207,13 +243,14 @@ def test_several_samplers_report_their_function_evaluations(trained):
     # dopri5 (torchdiffeq): at least the first evaluation, the initial step guess and one 6-stage step.
     assert evaluation.results[3].nfe >= 8
     for result in evaluation.results:
-        assert set(result.metrics) == METRIC_KEYS and result.metrics["n"] == 20
+        assert set(result.metrics) == SAMPLE_SET_KEYS | (LIKELIHOOD_KEYS if result is evaluation.primary else set())
+        assert result.metrics["n"] == 20
         assert result.seconds > 0
     # The copy threshold (a scan of the whole train split) is computed once and is what a fresh computation gives.
     dopri_x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("dopri5"), 20, seed=0).x.numpy()
     fresh = evaluate_samples(dopri_x, np.asarray(splits.train), np.asarray(splits.test), seed=0)
     assert {r.metrics["copy_threshold"] for r in evaluation.results} == {fresh["copy_threshold"]}
-    assert evaluation.results[3].metrics == fresh
+    assert evaluation.results[3].metrics == {**fresh, **two_sample_expected(dopri_x, splits.train, splits.test, 20, 0)}
     # Same noise, same field: the ODE solutions of the different solvers agree closely in raw space.
     ema = load_ema_model(path, saved_train_config)
     rk4 = draw_samples(ema, SamplerSpec.parse("rk4:8"), 20, seed=0).x
@@ -269,11 +306,18 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
     threshold = evaluation.primary.metrics["copy_threshold"]
     # Independently: the same n (64 = all val rows), seed and copy threshold through evaluate_samples.
     real = evaluate_samples(splits.val, splits.train, splits.test, seed=1, train_copy_threshold=threshold)
-    assert references["held-out real (val)"].metrics == pytest.approx(real, rel=1e-9)
-    full = fit_baseline("gaussian-full", splits.train).sample(64, seed=1)
+    real.update(two_sample_expected(splits.val, splits.train, splits.test, 64, seed=1))
+    assert_scores_match(references["held-out real (val)"].metrics, real)
+    # gaussian-full with its shrinkage chosen on the val rows, as a model's guidance may be fitted there.
+    baseline = fit_baseline("gaussian-full", splits.train, splits.val)
+    full = baseline.sample(64, seed=1)
     expected = evaluate_samples(full, splits.train, splits.test, seed=1, train_copy_threshold=threshold)
-    assert references["gaussian-full"].metrics == pytest.approx(expected, rel=1e-9)
-    assert "Ledoit–Wolf shrinkage" in references["gaussian-full"].note
+    expected.update(two_sample_expected(full, splits.train, splits.test, 64, seed=1))
+    # Its held-out likelihood too, on the same test rows as the model's (all 64 of them).
+    likelihood = {"test_nll": -float(baseline.log_prob(np.asarray(splits.test, dtype=np.float64)).mean())}
+    likelihood["test_bits_per_dim"] = likelihood["test_nll"] / (1024 * math.log(2))
+    assert_scores_match(references["gaussian-full"].metrics, {**expected, **likelihood})
+    assert "chosen on the val rows' likelihood" in references["gaussian-full"].note
     # Nearest sentences of the first 3 samples, checked by brute force.
     x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("euler:4"), 64, seed=1).x.numpy().astype(np.float64)
     assert len(evaluation.nearest_sentences) == 3
@@ -299,5 +343,5 @@ def test_a_second_evaluation_reads_the_reference_rows_threshold_and_real_side_ba
     assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.real-side.npz"))) == 1
     assert not any(ref.cached for ref in first.references) and all(ref.cached for ref in second.references)
     for evaluation in (first, second):
-        assert evaluation.primary.metrics == fresh.primary.metrics
+        assert without_timings(evaluation.primary.metrics) == without_timings(fresh.primary.metrics)
         assert [ref.metrics for ref in evaluation.references] == [ref.metrics for ref in fresh.references]

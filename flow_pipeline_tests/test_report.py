@@ -152,7 +152,10 @@ PARTITIONS = ("mlp-icfm", "mlp-vp", "unet-fm")
 EVAL_CONFIG = {"solver": "euler", "steps": 4, "extra_samplers": ["rk4:2"], "n_samples": 1000}
 METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
            "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine",
-           "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "variance_ratio", "norm_ratio")
+           "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "variance_ratio", "norm_ratio",
+           "test_nll", "test_bits_per_dim", "loglik_vs_gaussian_full", "loglik_vs_gaussian_full_ci_low",
+           "loglik_vs_gaussian_full_ci_high", "loglik_vs_gaussian_diag", "kl_to_truth", "kl_closed_fraction",
+           "c2st_accuracy", "rbf_kid")
 
 
 def train_and_evaluate(instance, partition: str, **kwargs):
@@ -199,6 +202,8 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
             assert set(METRICS) <= set(values)
             assert all(isinstance(values[key], float) for key in METRICS)
             assert values["fd_ratio"] == pytest.approx(values["fd"] / values["fd_floor"])
+            assert values["test_bits_per_dim"] == pytest.approx(values["test_nll"] / (1024 * math.log(2)))
+            assert values["likelihood_rows"] == 64  # every test row of the tiny split
             assert (values["sampler"], values["nfe"], values["n"]) == ("euler:4", 4, 64)
             assert values["seconds"] > 0
             # Raw space, not z-scores: SONAR-like norms are ~0.2, z-scored 1024-d vectors ~32.
@@ -214,11 +219,16 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
             # Memorisation against the rows trained on, the sample-size note next to the numbers, the references.
             assert (values["dataset"], values["n_training_rows"], values["n_target"]) == ("full", 512, 5120)
             assert values["n_note"].startswith("n = 64 < 5 x dim = 5120 (the test split has only 64 rows)")
-            assert set(values["references"]) == {"held-out real (val)", "gaussian-full", "gaussian-diag"}
+            # The built-in data records its truth: a reference row for it, at KL 0 and the lowest NLL.
+            assert set(values["references"]) == {"held-out real (val)", "gaussian-full", "gaussian-diag", "truth"}
+            truth, full = values["references"]["truth"], values["references"]["gaussian-full"]
+            assert truth["kl_to_truth"] == 0.0 and truth["test_nll"] < full["test_nll"]
+            assert values["loglik_vs_gaussian_full"] == pytest.approx(full["test_nll"] - values["test_nll"])
             assert "kid" in values["metric_spaces"]["train-normalised (z-scored with the training rows' mean and "
                                                     "floored std)"]
             check = checks[partition]["evaluation_beats_gaussian_full"]
-            assert check.passed == (values["ranking_kid"] < values["references"]["gaussian-full"]["ranking_kid"])
+            assert check.passed == (values["loglik_vs_gaussian_full_ci_low"] > 0)
+            assert check.metadata["ci_low"].value == values["loglik_vs_gaussian_full_ci_low"]
             evaluations[partition] = (values, {key: value.value for key, value in training.items()})
             with open(values["samples_figure_png"], "rb") as handle:
                 assert embedded_png(values["samples_figure"]) == handle.read()
@@ -241,20 +251,21 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
         stale_markdown = latest_metadata(instance, "ablation_report")["report"].value
     # One row per materialized partition, sorted by the primary metric the header line names.
     markdown = meta["report"]
-    assert re.search(r"Sorted by \*\*ranking_kid\*\*.*ascending", markdown.splitlines()[0])
+    assert re.search(r"Sorted by \*\*test_nll\*\*.*ascending", markdown.splitlines()[0])
     all_rows = table_rows(markdown)
     # All three partitions trained on the same rows: one row per reference.
     assert sorted(cells[0] for cells in all_rows if cells[0].startswith("reference")) == [
-        "reference: gaussian-diag", "reference: gaussian-full", "reference: held-out real (val)"]
+        "reference: gaussian-diag", "reference: gaussian-full", "reference: held-out real (val)", "reference: truth"]
     body = [cells for cells in all_rows if not cells[0].startswith("reference")]
     assert sorted(cells[0] for cells in body) == sorted(PARTITIONS)
-    expected_order = sorted(PARTITIONS, key=lambda p: (evaluations[p][0]["ranking_kid"], p))
+    expected_order = sorted(PARTITIONS, key=lambda p: (evaluations[p][0]["test_nll"], p))
     assert [cells[0] for cells in body] == expected_order == meta["partitions"]
     assert meta["best_partition"] == expected_order[0] and meta["n_partitions"] == 3
     for cells in body:
         values, training = evaluations[cells[0]]
         assert cells[column("FD / floor")] == f"{values['fd_ratio']:.3f}"
         assert cells[column("ranking KID")] == format_cell(values["ranking_kid"], ".4g")
+        assert cells[column("test NLL (nats/row)")] == f"{values['test_nll']:.2f}"
         assert cells[column("params")] == f"{training['num_params']:,}"
         assert cells[column("best val loss")] == f"{training['best_val_loss']:.4f}"
         loses = not checks[cells[0]]["evaluation_beats_gaussian_full"].passed
@@ -273,7 +284,8 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
 
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
     assert image.ndim == 3 and image.shape[0] > 100
-    assert embedded_png(markdown) == png  # the figure below the table, inline in the UI
+    assert embedded_png(meta["summary"]) == png  # the figure below the summary, inline in the UI
+    assert expected_order[0] in meta["summary"].split("\n")[2]  # the summary's first row: the best test NLL
     assert str(artifacts_root / "reports") in meta["markdown_path"]
 
     notes = {cells[0]: cells[column("note")] for cells in table_rows(stale_markdown)}
