@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -123,3 +124,17 @@ def fill(directory: Path, leave_bytes: int = 0) -> Path:
             handle.write(b"\0" * min(4096, max(free - leave_bytes, 1)))
     return filler
 
+
+# --- the dagster CLI ------------------------------------------------------------------------------------------------
+
+
+def materialize(cwd: Path, select: str, config: dict, partition: str | None = None, check: bool = True):
+    command = [dagster_cli(), "asset", "materialize", "-m", "flow_pipeline.definitions", "--select", select,
+               "--config-json", json.dumps(config)]
+    if partition:
+        command += ["--partition", partition]
+    return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, check=False, timeout=600)
+
+
+def assert_ok(process: subprocess.CompletedProcess) -> None:
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]

@@ -12,21 +12,10 @@ import numpy as np
 import pytest
 
 from flow_pipeline.core.checkpoint import load_checkpoint, sha256_file
-from flow_pipeline_tests.helpers import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
+from flow_pipeline_tests.helpers import (REPO_ROOT, TINY_DATASET, TINY_TRAIN, assert_ok, cli_env, dagster_cli,
+                                         materialize, run_config)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def materialize(cwd: Path, select: str, config: dict, partition: str | None = None, check: bool = True):
-    command = [dagster_cli(), "asset", "materialize", "-m", "flow_pipeline.definitions", "--select", select,
-               "--config-json", json.dumps(config)]
-    if partition:
-        command += ["--partition", partition]
-    return subprocess.run(command, cwd=cwd, env=cli_env(), capture_output=True, text=True, check=False, timeout=600)
-
-
-def assert_ok(process: subprocess.CompletedProcess) -> None:
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
 
 
 def test_cli_materialize_then_partition_then_dg_launch(dagster_home, artifacts_root, tmp_path):
