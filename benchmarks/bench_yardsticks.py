@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 
-from bench_distances import built_in_rows, size_arguments, timed
+from bench_distances import size_arguments, timed
 from common import command_line, finish_run, format_table, start_run, write_result
 from flow_pipeline.core.baselines import fit_baseline
+from flow_pipeline.core.data.synthetic import synthetic_sonar_mixture
 from flow_pipeline.core.metrics.c2st import c2st
 from flow_pipeline.core.metrics.distances import TrainSpace, kid
 from flow_pipeline.core.metrics.rbf_kid import rbf_kid
@@ -26,7 +27,9 @@ NAME = "bench_yardsticks"
 def main() -> int:
     args = size_arguments(__doc__.splitlines()[0])
     machine = start_run(args)
-    train, held_out, test = built_in_rows(args)
+    # The product's built-in data (the calibrated mixture), split as train / held-out / test.
+    x = synthetic_sonar_mixture(args.n_train + 2 * args.n, dim=args.dim, seed=0)
+    train, held_out, test = x[: args.n_train], x[args.n_train : args.n_train + args.n], x[args.n_train + args.n :]
     space = TrainSpace.fit(train)
     sets = {"held-out real": held_out, "copies of train": train[: args.n],
             **{name: fit_baseline(name, train).sample(args.n, seed=1) for name in ("gaussian-full", "gaussian-diag")}}
