@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -61,8 +63,27 @@ def test_the_shipped_recipe_studied_with_replicates_ends_in_a_report(tmp_path):
          "--flows", "icfm", "vp", "--replicates", "2", "--max-steps", "200", "--n-synthetic", "6400",
          "--n-samples", "256"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = next((tmp_path / "artifacts" / "reports").glob("*.md")).read_text()
+    reports = tmp_path / "artifacts" / "reports"
+    report = next(reports.glob("*.md")).read_text()
     for partition in ("mlp-icfm", "mlp-vp"):
         assert partition in report
-    assert "whiten" in report or "pd64" in report  # the recipe's identity, not the tiny default
+    assert "-matched#" in report and "-small#" not in report  # the recipe's identity (its size), not the default
     assert "study: 2 partitions x 2 replicates" in done.stdout
+    # Ranked by held-out likelihood, each row over its 2 replicates, beside gaussian-full and the truth.
+    assert "Sorted by **test_nll**" in report and "comparison with the baseline (test_nll)" in report
+    with open(next(reports.glob("*.csv")), newline="") as handle:
+        rows = {row["partition"]: row for row in csv.DictReader(handle)}
+    for partition in ("mlp-icfm", "mlp-vp"):
+        row = {key: float(rows[partition][key]) for key in ("n_replicates", "test_nll", "loglik_vs_gaussian_full",
+                                                             "loglik_vs_gaussian_full_ci_low",
+                                                             "loglik_vs_gaussian_full_ci_high", "kl_to_truth",
+                                                             "c2st_accuracy")}
+        assert row["n_replicates"] == 2 and math.isfinite(row["test_nll"]) and row["kl_to_truth"] > 0
+        assert row["loglik_vs_gaussian_full_ci_low"] < row["loglik_vs_gaussian_full"] < \
+            row["loglik_vs_gaussian_full_ci_high"]
+        assert 0 <= row["c2st_accuracy"] <= 1
+        # Each replicate samples with its own seed: evaluation seed 0 + replicate index.
+        saved = [json.loads(path.read_text()) for path in (tmp_path / "artifacts" / "evaluation").glob(
+            f"{partition}-*/evaluation.json")]
+        assert sorted(evaluation["seed"] for evaluation in saved) == [0, 1]
+    assert rows["reference: truth"]["kl_to_truth"] == "0.0"
