@@ -43,7 +43,7 @@ def main() -> None:
                 replicates = []
                 for seed in range(args.seeds):
                     config = TrainConfig(arch=arch, flow=flow, model_size="tiny", max_steps=args.max_steps,
-                                         eval_every_steps=max(1, args.max_steps // 3), warmup_steps=10, lr=2e-3,
+                                         eval_every_steps=max(1, args.max_steps // 3), lr=2e-3,
                                          batch_size=256, device="cpu", seed=seed, log_every=1000)
                     result = train(config, data, Path(root) / config.run_name)
                     replicates.append(({"seed": seed, "run_name": config.run_name, "checkpoint_path": "",
