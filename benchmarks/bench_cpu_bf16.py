@@ -8,7 +8,7 @@ val); steps/s comes from the trainer's own log stamps (every 10 steps), so the s
 checkpoint at the end are not in it. Precisions alternate fp32, bf16, bf16, fp32, ... so a drift in the machine's
 speed hits both. Only CPUs that multiply bf16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo) are
 expected to gain; elsewhere autocast emulates bf16 and is slower. The learning-parity side (best validation loss and
-the ranking KID over seeds) is ``research/recipe_search.py --trainer project --precision bf16``.
+the ranking KID over seeds) is ``research/recipe_search.py --precision bf16``.
 """
 
 from __future__ import annotations
