@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flow_pipeline.core.models.skip import LinearSkip, gaussian_velocity_gain
 from flow_pipeline.core.models.subspace import PrincipalSubspace
@@ -149,7 +150,9 @@ def _velocity_and_divergence(field: _Field, x: Tensor, t: float, dtype: torch.dt
 
     chunk = max(1, PRODUCTS_PER_PASS // batch)
     velocity, products = None, []
-    with torch.no_grad():  # forward-mode only: no graph is kept
+    # Forward-mode only: no graph is kept. Attention runs on its math kernel: the fused ones (flash, memory-efficient)
+    # have no forward-mode derivative, so a DiT's products would raise.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         for start in range(0, directions.shape[0], chunk):
             u = directions[start:start + chunk]
             out, ju = torch.func.vmap(value_and_product, out_dims=(None, 0))(u)
