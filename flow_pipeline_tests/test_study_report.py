@@ -10,9 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from flow_pipeline.config import TrainConfig
-from flow_pipeline.core.study_stats import NO_DIFFERENCE, NOT_TESTABLE, SIGN_NONFINITE, WORSE
+from flow_pipeline.core.study_stats import BETTER, NO_DIFFERENCE, NOT_TESTABLE, SIGN_NONFINITE, WORSE
 from flow_pipeline.core.trainer import train
 from flow_pipeline.core.run_identity import identity_key
 from flow_pipeline.evaluation.study_report import (
@@ -182,3 +183,110 @@ def test_older_metadata_with_none_for_a_non_finite_value_still_counts_the_replic
     metadata["replicates"][0]["metrics"]["ranking_kid"] = None
     row = study_rows([("mlp-icfm", metadata)])[0]
     assert row["ranking_kid"] == math.inf and row["ranking_kid_replicates_note"] == "1 of 3 replicates NaN"
+
+
+# --------------------------------------------------------------------------------------------- a study ranked by likelihood
+
+GAUSSIAN_FULL_NLL, TRUTH_NLL = -2400.0, -3000.0  # nats per row on the test rows every replicate scores
+STUDY_REFERENCES = {"gaussian-full": {"test_nll": GAUSSIAN_FULL_NLL, "kl_to_truth": GAUSSIAN_FULL_NLL - TRUTH_NLL,
+                                      "c2st_accuracy": 0.9, "n": 64},
+                    "truth": {"test_nll": TRUTH_NLL, "kl_to_truth": 0.0, "n": 64},
+                    "held-out real (val)": {"c2st_accuracy": 0.51, "ranking_kid": 1e-4, "n": 64}}
+STUDY_ORDER = ["mlp-icfm", "mlp-vp", "dit-icfm", "unet-icfm", "unet-fm"]
+
+
+def likelihood_replicate(rng: np.random.Generator, mean_nll: float, copying: bool = False) -> dict:
+    """One replicate's primary metrics as an evaluation reports them: its test NLL (random around ``mean_nll``),
+    model - gaussian-full with its own per-row interval, KL to the truth and the share closed, C2ST, ranking KID.
+    A copying replicate gives a test row zero density: +inf NLL and KL, -inf likelihood gain, +inf ranking KID."""
+    nll = math.inf if copying else mean_nll + rng.normal(scale=4.0)
+    gain, half = GAUSSIAN_FULL_NLL - nll, rng.uniform(1.0, 3.0)
+    kl, accuracy = nll - TRUTH_NLL, rng.uniform(0.6, 0.95)
+    return {"test_nll": nll, "test_bits_per_dim": nll / (1024 * math.log(2)), "loglik_vs_gaussian_full": gain,
+            "loglik_vs_gaussian_full_ci_low": gain - half, "loglik_vs_gaussian_full_ci_high": gain + half,
+            "kl_to_truth": kl, "kl_to_truth_ci_low": kl - half, "kl_to_truth_ci_high": kl + half,
+            "kl_closed_fraction": 1 - kl / (GAUSSIAN_FULL_NLL - TRUTH_NLL), "c2st_accuracy": accuracy,
+            "c2st_accuracy_ci_low": accuracy - 0.1, "c2st_accuracy_ci_high": accuracy + 0.05,
+            "ranking_kid": math.inf if copying else rng.uniform(1e-3, 1e-2)}
+
+
+def likelihood_evaluation(partition: str, replicates: list[dict]) -> dict:
+    """The evaluation metadata of one partition (the report reads it back as strict JSON): the first replicate's
+    keys, the references, and the study over every replicate."""
+    arch, flow = partition.split("-")
+    values = TrainConfig(dim=16, model_size="tiny", arch=arch, flow=flow).model_dump()
+    entries = [({"seed": seed, "run_name": f"{partition}-{seed}", "checkpoint_path": f"/c/{partition}/{seed}",
+                 "sha256": f"{partition}{seed}", "best_val_loss": 1.0 + 0.01 * seed, "global_step": 10,
+                 "stopped_early": False, "train_seconds": 1.0}, metrics) for seed, metrics in enumerate(replicates)]
+    study = evaluation_study_metadata(values, entries)
+    return through_strict_json({**replicates[0], "references": STUDY_REFERENCES, "dataset": "full", "seed": 0,
+                                **study})
+
+
+def replicate_t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of the 95% Student-t interval over replicates."""
+    values = np.asarray(values)
+    half = stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+    return values.mean(), values.mean() - half, values.mean() + half
+
+
+def test_a_small_studys_report_ranks_by_held_out_likelihood_with_a_copying_replicate_last(tmp_path):
+    from flow_pipeline.evaluation.ablation_report import build_ablation_report
+    from flow_pipeline.evaluation.report import COLUMNS, LOSES_TO_BASELINE
+    from flow_pipeline_tests.test_report import table_rows
+
+    rng = np.random.default_rng(2027)
+    replicates = {"mlp-icfm": [likelihood_replicate(rng, -2450.0) for _ in range(3)],
+                  "mlp-vp": [likelihood_replicate(rng, -2401.0) for _ in range(3)],  # about gaussian-full's level
+                  "dit-icfm": [likelihood_replicate(rng, -2550.0) for _ in range(3)],
+                  "unet-icfm": [likelihood_replicate(rng, -2600.0) for _ in range(2)]
+                  + [likelihood_replicate(rng, 0.0, copying=True)],  # the best two, and one that copies
+                  "unet-fm": [likelihood_replicate(rng, -2500.0)]}
+    evaluations = [(partition, likelihood_evaluation(partition, values)) for partition, values in replicates.items()]
+    report = build_ablation_report(evaluations, lambda partition: None, STUDY_ORDER, "mlp-icfm", tmp_path)
+    rows = {row["partition"]: row for row in report.rows}
+
+    # Every row keeps every replicate; its numbers are intervals over them (the replicates' own per-row
+    # intervals are not pooled), except a one-replicate row, which keeps its own paired interval.
+    for partition in ("mlp-icfm", "mlp-vp", "dit-icfm"):
+        row = rows[partition]
+        for key in ("test_nll", "loglik_vs_gaussian_full", "kl_to_truth", "c2st_accuracy"):
+            expected = replicate_t_interval([values[key] for values in replicates[partition]])
+            assert (row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"]) == pytest.approx(expected, rel=1e-9)
+        assert row["loglik_vs_gaussian_full"] == pytest.approx(GAUSSIAN_FULL_NLL - row["test_nll"], rel=1e-9)
+        marked = row["note"].startswith(LOSES_TO_BASELINE)
+        assert marked == (row["loglik_vs_gaussian_full_ci_low"] <= 0)  # the verdict from the interval
+    assert not rows["dit-icfm"]["note"].startswith(LOSES_TO_BASELINE) and rows["mlp-vp"]["note"].startswith(
+        LOSES_TO_BASELINE)
+    single, own = rows["unet-fm"], replicates["unet-fm"][0]
+    assert (single["loglik_vs_gaussian_full_ci_low"], single["loglik_vs_gaussian_full_ci_high"]) == \
+        pytest.approx((own["loglik_vs_gaussian_full_ci_low"], own["loglik_vs_gaussian_full_ci_high"]), rel=1e-12)
+
+    # The copying replicate: counted, its row's NLL the worst value, never called better, marked against gaussian-full.
+    copying = rows["unet-icfm"]
+    assert copying["n_replicates"] == 3 and copying["test_nll"] == math.inf
+    assert copying["test_nll_replicates_note"] == "1 of 3 replicates infinite (+inf)"
+    assert copying["ranking_kid_replicates_note"] == "1 of 3 replicates copying (+inf)"
+    assert copying["vs_baseline"] == NO_DIFFERENCE and copying["test"] == SIGN_NONFINITE
+    assert copying["note"].startswith(LOSES_TO_BASELINE) and "unet-icfm" in report.losing
+    assert rows["dit-icfm"]["vs_baseline"] == BETTER and rows["dit-icfm"]["test"] == "paired t"
+
+    # The table: sorted by test NLL, the truth first, the copying row below every row with a finite NLL.
+    markdown = report.files.markdown
+    assert markdown.startswith("Sorted by **test_nll**")
+    order = [cells[0] for cells in table_rows(markdown)]
+    assert order == ["reference: truth", "dit-icfm", "unet-fm", "mlp-icfm", "mlp-vp", "reference: gaussian-full",
+                     "unet-icfm", "reference: held-out real (val)"]
+    headers = [column.header for column in COLUMNS]
+    cells = {row[0]: row for row in table_rows(markdown)}
+    for partition in ("dit-icfm", "mlp-vp"):
+        row = rows[partition]
+        assert cells[partition][headers.index("test NLL (nats/row)")] == f"{row['test_nll']:.2f}"
+        assert cells[partition][headers.index("CI low")] == f"{row['loglik_vs_gaussian_full_ci_low']:+.2f}"
+        assert cells[partition][headers.index("KL to truth")] == f"{row['kl_to_truth']:.1f}"
+        assert cells[partition][headers.index("C2ST acc.")] == f"{row['c2st_accuracy']:.3f}"
+    assert cells["unet-icfm"][headers.index("test NLL (nats/row)")] == "∞"
+    assert cells["reference: truth"][headers.index("KL to truth")] == "0.0"
+    statistics = markdown[markdown.index("### Replicates and comparison with the baseline (test_nll)"):]
+    line = next(line for line in statistics.splitlines() if line.startswith(f"| `{copying['identity']}`"))
+    assert "∞ (1 of 3 replicates infinite (+inf))" in line and line.endswith("| no detectable difference |")

@@ -98,8 +98,11 @@ TRAINING_KEYS = ("num_params", "best_val_loss", "train_seconds")
 def beats_baseline(values: dict) -> bool | None:
     """Whether the model's held-out log-likelihood beats ``gaussian-full``'s: the interval of the difference
     (``loglik_vs_gaussian_full_ci_low``: over replicates when there are several, else the paired per-row one) lies
-    above 0. None when it is missing."""
-    low = values.get("loglik_vs_gaussian_full_ci_low")
+    above 0. A difference that is not finite (a replicate that copies or failed: the row's mean is its worst value,
+    and it has no interval) never beats it. None when it is missing."""
+    mean, low = values.get("loglik_vs_gaussian_full"), values.get("loglik_vs_gaussian_full_ci_low")
+    if not is_missing(mean) and not math.isfinite(float(mean)):
+        return False
     return None if is_missing(low) else float(low) > 0
 
 
