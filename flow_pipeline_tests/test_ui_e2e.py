@@ -362,15 +362,20 @@ def test_ui_shows_evaluation_and_report_figures(stack, dit_icfm_run, page):
     page.goto(f"{stack.servers.url}/assets/evaluation?view=partitions&partition={PARTITION}")
     expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
     expect(metadata_row(page, "run_name")).to_contain_text(meta["run_name"])
+    # The page leads with the answer: the held-out likelihood against each baseline, with its verdict.
+    assert list(meta)[:2] == ["summary", "samples_figure"]
+    assert "| gaussian-full |" in meta["summary"] and meta["loglik_vs_gaussian_full_verdict"] in meta["summary"]
     open_markdown_figure(page, "samples_figure")
     screenshot(page, f"evaluation-{PARTITION}")
 
     run_id, report = latest_materialization(stack.servers, "ablation_report")
     assert run_id == dit_icfm_run["runId"] and report["partitions"] == [PARTITION]
+    assert report["primary_metric"] == "test_nll" and "Sorted by **test_nll**" in report["report"]
     page.goto(f"{stack.servers.url}/assets/ablation_report")
     expect(metadata_row(page, "best_partition")).to_contain_text(PARTITION)
-    dialog = open_markdown_figure(page, "report")
-    expect(dialog).to_contain_text(PARTITION)  # the table beside the figure
+    dialog = open_markdown_figure(page, "summary")
+    expect(dialog).to_contain_text(PARTITION)  # the summary table above the figure
+    expect(dialog).to_contain_text("test NLL")
     screenshot(page, "ablation_report")
 
 
