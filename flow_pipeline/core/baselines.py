@@ -100,7 +100,7 @@ def val_shrinkage(train_fit: LedoitWolf, val, grid=SHRINKAGE_GRID) -> float:
     candidates = np.unique(np.append(grid, a))
     eig = (1 - candidates)[:, None] * sample_eigval[None, :] + candidates[:, None] * mu  # (A, dim)
     z_sq = ((np.asarray(val, dtype=np.float64) - train_fit.mean) @ eigvec) ** 2  # (m, dim)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero eigenvalue (intensity 0, rows < dim): -inf
         scores = -0.5 * ((z_sq @ (1.0 / eig).T).mean(0) + np.log(eig).sum(1) + dim * _LOG_2PI)
     return float(candidates[int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)))])
 

@@ -123,6 +123,21 @@ def _network_parts(ema: EMAModel, model: LogLikelihood, rows: np.ndarray, baseli
     return found
 
 
+def _closed_fraction(log_true: np.ndarray, log_model: np.ndarray, log_reference: np.ndarray) -> dict:
+    """kl_closed_fraction with its interval; -inf when the model gives some row no density (it closes nothing and
+    loses without bound), NaN when the reference is not farther from the truth than 0."""
+    if not np.isfinite(log_model).all():
+        return {"kl_closed_fraction": -math.inf, "kl_closed_fraction_ci_low": -math.inf,
+                "kl_closed_fraction_ci_high": -math.inf}
+    try:
+        fraction = kl_closed_fraction(log_true, log_model, log_reference)
+    except ValueError:
+        return {"kl_closed_fraction": math.nan, "kl_closed_fraction_ci_low": math.nan,
+                "kl_closed_fraction_ci_high": math.nan}
+    return {"kl_closed_fraction": fraction.value, "kl_closed_fraction_ci_low": fraction.low,
+            "kl_closed_fraction_ci_high": fraction.high}
+
+
 def evaluate_likelihood(ema: EMAModel, rows: np.ndarray, train_rows, truth: GaussianMixture | None,
                         guidance: float = 1.0, val=None, **options) -> LikelihoodEvaluation:
     """Score test ``rows`` (n, dim) raw under the checkpoint's model (with ``guidance`` w, as it is sampled) and
@@ -132,7 +147,9 @@ def evaluate_likelihood(ema: EMAModel, rows: np.ndarray, train_rows, truth: Gaus
     (divergence, probes, steps, batch_size, seed)."""
     rows = np.asarray(rows, dtype=np.float64)
     model = _model_log_prob(ema, rows, guidance, options)
-    log_p = {"model": model.log_prob.double().numpy()}
+    # A row the model's ODE cannot score (NaN: a diverged trajectory) gets no density: -inf, the worst score, so the
+    # model ranks last instead of the evaluation failing.
+    log_p = {"model": np.nan_to_num(model.log_prob.double().numpy(), nan=-np.inf)}
     baselines = {name: fit_baseline(name, train_rows, val) for name in BASELINES}
     log_p.update({name: baseline.log_prob(rows) for name, baseline in baselines.items()})
     versus = {name: paired_difference(log_p["model"], log_p[name]) for name in BASELINES}
@@ -143,11 +160,10 @@ def evaluate_likelihood(ema: EMAModel, rows: np.ndarray, train_rows, truth: Gaus
         reference_nll[TRUTH] = float(-log_true.mean())
         kl = {name: kl_to_truth(log_true, values) for name, values in log_p.items()}
         kl[TRUTH] = kl_to_truth(log_true, log_true)
-        fraction = kl_closed_fraction(log_true, log_p["model"], log_p[PRIMARY_BASELINE])
-        closed = {"kl_closed_fraction": fraction.value, "kl_closed_fraction_ci_low": fraction.low,
-                  "kl_closed_fraction_ci_high": fraction.high}
+        closed = _closed_fraction(log_true, log_p["model"], log_p[PRIMARY_BASELINE])
     se = float(np.sqrt(np.sum(model.std_error.double().numpy() ** 2)) / rows.shape[0])
     return LikelihoodEvaluation(
-        n=rows.shape[0], dim=rows.shape[1], model_nll=model.nll, model_se=se, method=_method(model),
+        n=rows.shape[0], dim=rows.shape[1], model_nll=float(-log_p["model"].mean()), model_se=se,
+        method=_method(model),
         seconds=model.seconds, guidance=guidance, reference_nll=reference_nll, versus=versus, kl=kl,
         closed_fraction=closed, parts=_network_parts(ema, model, rows, baselines[PRIMARY_BASELINE]))

@@ -48,7 +48,8 @@ class PartitionEvaluation:
         result, primary = self.first, self.first.primary.metrics
         likelihood = ""
         if "test_nll" in primary:
-            likelihood = (f"test_nll={primary['test_nll']:.2f} (vs gaussian-full {primary['loglik_vs_gaussian_full']:+.2f} "
+            likelihood = (f"test_nll={primary['test_nll']:.2f} "
+                          f"(vs gaussian-full {primary['loglik_vs_gaussian_full']:+.2f} "
                           f"[{primary['loglik_vs_gaussian_full_ci_low']:+.2f}, "
                           f"{primary['loglik_vs_gaussian_full_ci_high']:+.2f}] nats/row) ")
         return (f"{partition} ({result.primary.sampler}, n={result.n}): {likelihood}kid={primary['kid']:.4g} ± "
