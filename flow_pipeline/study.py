@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from flow_pipeline.core.flows import FLOWS
+from flow_pipeline.core.knobs import knobs_of
 from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
+from flow_pipeline.core.train_config import TrainSettings
 
 # The preset studies the shipped recipe (configs/quickstart.json: whitened data, the linear skip path, the `matched`
 # networks on the top 64 principal directions) across every architecture and flow, three seeds each, every run the
@@ -27,6 +29,10 @@ PRESET = {"archs": list(ARCHITECTURES), "flows": list(FLOWS), "replicates": 3}
 KNOB_FLAGS = {"model_size": "model_size", "max_steps": "max_steps", "eval_every_steps": "eval_every_steps",
               "warmup_steps": "warmup_steps", "lr": "lr", "batch_size": "batch_size", "patience": "patience",
               "dataset": "dataset", "device": "device"}
+
+
+# Knobs a file or --set may name: every training knob (the study sets replicates and seed itself).
+KNOWN_KNOBS = tuple(knob.name for knob in knobs_of(TrainSettings))
 
 
 def read_config_file(path: str) -> dict:
@@ -64,6 +70,10 @@ def training_knobs(args: argparse.Namespace) -> dict:
         knobs.update(read_config_file(args.config))
     knobs.update({knob: getattr(args, dest) for dest, knob in KNOB_FLAGS.items() if getattr(args, dest) is not None})
     knobs.update(parse_setting(text) for text in args.set)
+    unknown = sorted(set(knobs) - set(KNOWN_KNOBS))
+    if unknown:
+        raise SystemExit(f"study: unknown training knob(s) {', '.join(unknown)} (from --config or --set); valid: "
+                         f"{', '.join(KNOWN_KNOBS)}")
     return knobs
 
 

@@ -47,6 +47,16 @@ def test_a_bad_config_file_is_named(tmp_path, content, words):
     assert str(config) in str(raised.value)
 
 
+def test_an_unknown_knob_is_named_before_anything_runs(tmp_path):
+    config = tmp_path / "typo.json"
+    config.write_text(json.dumps({"learning_rate": 0.01}))
+    with pytest.raises(SystemExit, match="unknown training knob.*learning_rate") as raised:
+        training_knobs(parse_args(["--config", str(config)]))
+    assert "lr" in str(raised.value)  # the valid names are listed
+    with pytest.raises(SystemExit, match="normalisation"):
+        training_knobs(parse_args(["--set", "normalisation=whiten"]))
+
+
 def test_a_set_without_equals_is_refused():
     with pytest.raises(SystemExit, match="expected KNOB=VALUE"):
         training_knobs(parse_args(["--set", "normalization"]))
