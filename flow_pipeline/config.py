@@ -68,6 +68,8 @@ class _ValidatedTrainSettings(BaseModel):
             if self.normalization != "whiten" or not self.linear_skip:
                 raise ValueError("principal_dims: needs normalization 'whiten' (coordinates ordered by variance) and "
                                  "linear_skip true (the other coordinates' velocity)")
+        if self.prototypes and not self.principal_dims:
+            raise ValueError("prototypes: needs principal_dims > 0 (the features are computed on those coordinates)")
         return self
 
     @property

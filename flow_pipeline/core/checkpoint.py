@@ -131,7 +131,8 @@ def model_from_config(config: Mapping[str, Any]) -> nn.Module:
     model_size, and the linear skip path and principal subspace of runs that have them."""
     # A config saved before the skip path existed describes a model without one.
     return build_model(config["arch"], dim=config["dim"], size=config["model_size"],
-                       linear_skip=config.get("linear_skip", False), principal_dims=config.get("principal_dims", 0))
+                       linear_skip=config.get("linear_skip", False), principal_dims=config.get("principal_dims", 0),
+                       prototypes=config.get("prototypes", 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

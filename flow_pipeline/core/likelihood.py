@@ -120,7 +120,7 @@ def _field(velocity: Callable[[Tensor, Tensor], Tensor], dim: int, guidance: flo
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
     variances = velocity.variances().detach().double()
     net = velocity.net
-    k, network = (net.k, net.net) if isinstance(net, PrincipalSubspace) else (dim, net)
+    k, network = (net.k, net.subspace_velocity) if isinstance(net, PrincipalSubspace) else (dim, net)
 
     def traced(x: Tensor, t: Tensor) -> Tensor:
         return guidance * network(x, t)

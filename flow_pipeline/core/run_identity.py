@@ -40,6 +40,7 @@ NAME_SUFFIXES = {
     "linear_skip": lambda value: "-skip" if value else "-noskip",
     "time_sampling": lambda value: f"-t{value.replace('_', '')}",
     "principal_dims": lambda value: f"-pd{value}",
+    "prototypes": lambda value: f"-proto{value}",
     "model_size": lambda value: f"-{value}",
     "seed": lambda value: f"-seed{value}",
 }

@@ -47,6 +47,11 @@ class TrainSettings:
         0, "k > 0: the network models only the first k whitened coordinates (the top k principal directions, where "
         "the data's cluster structure lives); the rest follow the linear skip path's Gaussian velocity. Needs "
         "normalization whiten and linear_skip true; 0: the network models every coordinate", group=MODEL, ge=0)
+    prototypes: int = knob(
+        0, "n > 0: the network also reads the soft assignment of its k coordinates to n prototypes (started at n "
+        "training rows; the posterior of each under an isotropic cluster on the path): lets it see cluster "
+        "structure spread over k of a few hundred coordinates, which it cannot find from the coordinates alone. "
+        "Needs principal_dims > 0 and at least n training rows", group=MODEL, ge=0)
     time_sampling: str = knob(
         "uniform", "training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more steps "
         "mid-path); validation always uses uniform t", group=MODEL, choices=TIME_SAMPLINGS)

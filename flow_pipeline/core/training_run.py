@@ -23,6 +23,7 @@ from flow_pipeline.core.distributed import DistInfo
 from flow_pipeline.core.early_stopping import EarlyStopping
 from flow_pipeline.core.ema import EMA
 from flow_pipeline.core.flows import Flow, get_flow
+from flow_pipeline.core.models import start_prototypes
 from flow_pipeline.core.models.skip import LinearSkip
 from flow_pipeline.core.precision import uses_bf16
 from flow_pipeline.core.schedule import StepPlan, plan_steps, warmup_cosine_schedule
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Seeds of the dedicated generators derive from the run seed with fixed offsets so the streams never coincide.
 NOISE_SEED_OFFSET = 1
+PROTOTYPE_SEED_OFFSET = 2
 VAL_SEED_OFFSET = 2
 
 
@@ -145,6 +147,7 @@ def set_up(config: TrainSettings, data: TrainData, run_dir: Path, tracker: Track
     model = ckpt.model_from_config(config.to_dict()).to(device)
     if isinstance(model, LinearSkip):
         model.start_at(train_z.var(dim=0))
+    start_prototypes(model, train_z, config.seed + PROTOTYPE_SEED_OFFSET)
     ema = EMA(model, decay=config.ema_decay)  # after .to(device): the shadow lives where the weights live
     ema_model = ckpt.model_from_config(config.to_dict()).to(device).eval()
     train_model = dist.wrap(model)

@@ -6,9 +6,11 @@ velocity ``v_t`` (batch, dim). Build one with :func:`build_model`.
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from . import dit, mlp, unet
+from .prototypes import PrototypeFeatures
 from .skip import LinearSkip
 from .subspace import PrincipalSubspace
 
@@ -27,15 +29,29 @@ PRESET_PARAM_COUNTS: dict[tuple[str, str], int] = {
 
 
 def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bool = False,
-                principal_dims: int = 0) -> nn.Module:
+                principal_dims: int = 0, prototypes: int = 0) -> nn.Module:
     """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``; ``principal_dims`` k > 0
-    builds it on the first k coordinates only (:class:`PrincipalSubspace`, zero velocity on the rest);
-    ``linear_skip`` wraps the result in :class:`LinearSkip` (adds ``dim`` parameters)."""
+    builds it on the first k coordinates only (:class:`PrincipalSubspace`, zero velocity on the rest), and
+    ``prototypes`` n > 0 adds n soft-assignment features to its input (:class:`PrototypeFeatures`, n * k + 1
+    parameters); ``linear_skip`` wraps the result in :class:`LinearSkip` (adds ``dim`` parameters)."""
+    if prototypes and not principal_dims:
+        raise ValueError("prototypes: needs principal_dims > 0 (the features are computed on those coordinates)")
     if principal_dims:
-        model = PrincipalSubspace(_build_preset(arch, principal_dims, size), dim, principal_dims)
+        features = PrototypeFeatures(principal_dims, prototypes) if prototypes else None
+        network = _build_preset(arch, principal_dims + prototypes, size)
+        model = PrincipalSubspace(network, dim, principal_dims, features)
     else:
         model = _build_preset(arch, dim, size)
     return LinearSkip(model, dim) if linear_skip else model
+
+
+def start_prototypes(model: nn.Module, rows: Tensor, seed: int) -> None:
+    """Start a model's prototype features (if it has any) at its normalised training rows (n_rows, dim), drawn with a
+    generator seeded by ``seed``; any other model is left as it is."""
+    net = model.net if isinstance(model, LinearSkip) else model
+    if isinstance(net, PrincipalSubspace) and net.features is not None:
+        generator = torch.Generator(device=rows.device).manual_seed(seed)
+        net.features.start_at(rows[:, : net.k], generator)
 
 
 def _build_preset(arch: str, dim: int, size: str) -> nn.Module:
@@ -78,4 +94,5 @@ __all__ = [
     "build_model",
     "count_parameters",
     "flops_per_sample",
+    "start_prototypes",
 ]

@@ -74,7 +74,7 @@ class LinearSkip(nn.Module):
         if not isinstance(self.net, PrincipalSubspace):
             return None
         k, var = self.net.k, self.variances()
-        network = self.net.net
+        network = self.net.subspace_velocity
 
         def velocity(x_k: Tensor, t: Tensor) -> Tensor:
             t_col = torch.as_tensor(t, dtype=x_k.dtype, device=x_k.device).reshape(-1, 1)
