@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flow_pipeline.core.data.stats import (DEFAULT_CHUNK_ROWS, ledoit_wolf_shrinkage, streaming_mean_std,
-                                           streaming_scatter)
+from flow_pipeline.core.data.stats import (DEFAULT_CHUNK_ROWS, SHRINKAGE_GRID, ledoit_wolf_shrinkage,
+                                           streaming_mean_std, streaming_scatter, val_chosen_shrinkage)
 
 BASELINES = ("gaussian-full", "gaussian-diag")
 
@@ -81,28 +81,17 @@ class GaussianBaseline:
         return -0.5 * (np.einsum("ij,ij->i", z, z) + dim * np.log(2 * np.pi)) - log_det
 
 
-# Shrinkage intensities tried on val (with Ledoit–Wolf's own): 0 (the sample covariance) to 1 (a multiple of I).
-SHRINKAGE_GRID = np.linspace(0.0, 1.0, 41)
-_LOG_2PI = float(np.log(2 * np.pi))
-
-
 def val_shrinkage(train_fit: LedoitWolf, val, grid=SHRINKAGE_GRID) -> float:
     """The shrinkage intensity whose Gaussian gives the val rows (m, dim) the highest mean log-likelihood, among
-    ``grid`` and Ledoit–Wolf's own. Every candidate covariance (1 - a) S + a (tr S / dim) I shares S's eigenvectors,
-    so one eigendecomposition scores the whole grid: with z the val rows in that basis, the log-likelihood is
-    -(sum_i z_i^2 / e_i + log e_i + log 2 pi) / 2 with e_i = (1 - a) s_i + a tr S / dim."""
+    ``grid`` and Ledoit–Wolf's own (:func:`~flow_pipeline.core.data.stats.val_chosen_shrinkage` on the spectrum of
+    the sample covariance S under the fit)."""
     a = train_fit.shrinkage
     dim = train_fit.mean.shape[0]
     # Undo Ledoit–Wolf's shrinkage to get S's spectrum: its covariance is (1 - a) S + a mu I.
     lw_eigval, eigvec = np.linalg.eigh(train_fit.covariance)
     mu = float(np.trace(train_fit.covariance)) / dim  # the shrinkage keeps the trace
     sample_eigval = np.clip((lw_eigval - a * mu) / max(1.0 - a, 1e-12), 0.0, None)
-    candidates = np.unique(np.append(grid, a))
-    eig = (1 - candidates)[:, None] * sample_eigval[None, :] + candidates[:, None] * mu  # (A, dim)
-    z_sq = ((np.asarray(val, dtype=np.float64) - train_fit.mean) @ eigvec) ** 2  # (m, dim)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a zero eigenvalue (intensity 0, rows < dim): -inf
-        scores = -0.5 * ((z_sq @ (1.0 / eig).T).mean(0) + np.log(eig).sum(1) + dim * _LOG_2PI)
-    return float(candidates[int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)))])
+    return val_chosen_shrinkage(sample_eigval, eigvec, train_fit.mean, val, np.unique(np.append(grid, a)))
 
 
 def fit_baseline(name: str, train, val=None) -> GaussianBaseline:

@@ -132,7 +132,8 @@ def model_from_config(config: Mapping[str, Any]) -> nn.Module:
     # A config saved before the skip path existed describes a model without one.
     return build_model(config["arch"], dim=config["dim"], size=config["model_size"],
                        linear_skip=config.get("linear_skip", False), principal_dims=config.get("principal_dims", 0),
-                       prototypes=config.get("prototypes", 0))
+                       prototypes=config.get("prototypes", 0),
+                       rest_variance=config.get("rest_variance", "learned"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

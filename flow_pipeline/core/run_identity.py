@@ -29,9 +29,10 @@ IDENTITY_FIELDS = ("arch", "flow", "dataset", "aug", "model_size")
 
 # Config fields that must match for a resume to continue the same trajectory.
 RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug", "normalization",
-                     "max_steps", "eval_every_steps")
+                     "max_steps", "eval_every_steps", "rest_variance", "prototypes")
 # What a knob was, in effect, for checkpoints written before it existed.
-BEFORE_THE_KNOB_EXISTED = {"normalization": "zscore", "max_steps": 0, "eval_every_steps": 0}
+BEFORE_THE_KNOB_EXISTED = {"normalization": "zscore", "max_steps": 0, "eval_every_steps": 0,
+                           "rest_variance": "learned", "prototypes": 0}
 
 
 # The knobs a run name carries when they differ from their defaults, and how.
@@ -41,6 +42,7 @@ NAME_SUFFIXES = {
     "time_sampling": lambda value: f"-t{value.replace('_', '')}",
     "principal_dims": lambda value: f"-pd{value}",
     "prototypes": lambda value: f"-proto{value}",
+    "rest_variance": lambda value: f"-rest{value}",
     "model_size": lambda value: f"-{value}",
     "seed": lambda value: f"-seed{value}",
 }

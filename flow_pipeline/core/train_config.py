@@ -14,7 +14,7 @@ from flow_pipeline.core.data.normalization import NORMALIZATIONS
 from flow_pipeline.core.data.splits import DATASET_SIZES
 from flow_pipeline.core.flows import FLOWS
 from flow_pipeline.core.knobs import knob
-from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES
+from flow_pipeline.core.models import ARCHITECTURES, MODEL_SIZES, REST_VARIANCES
 from flow_pipeline.core.precision import PRECISIONS
 from flow_pipeline.core.schedule import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_PERCENT
 from flow_pipeline.core.time_sampling import TIME_SAMPLINGS
@@ -47,6 +47,11 @@ class TrainSettings:
         0, "k > 0: the network models only the first k whitened coordinates (the top k principal directions, where "
         "the data's cluster structure lives); the rest follow the linear skip path's Gaussian velocity. Needs "
         "normalization whiten and linear_skip true; 0: the network models every coordinate", group=MODEL, ge=0)
+    rest_variance: str = knob(
+        "whitening", "with principal_dims k: the variance the linear skip path keeps in the other dim - k whitened "
+        "coordinates. whitening: 1, the whitening's Gaussian (its shrinkage chosen on the val rows' likelihood, as "
+        "gaussian-full's is); learned: the training rows' variance, 0 in every direction fewer rows than dimensions "
+        "do not span", group=MODEL, choices=REST_VARIANCES)
     prototypes: int = knob(
         0, "n > 0: the network also reads the soft assignment of its k coordinates to n prototypes (started at n "
         "training rows; the posterior of each under an isotropic cluster on the path): lets it see cluster "

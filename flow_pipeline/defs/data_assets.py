@@ -59,7 +59,8 @@ def dataset_splits(context: dg.AssetExecutionContext, config: DatasetConfig, art
 @dg.asset(deps=[dataset_splits], group_name="data", owners=OWNERS, kinds={"numpy"})
 def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsResource) -> dg.MaterializeResult:
     """One Normalizer per training subset and method (zscore, whiten), fitted on exactly the training rows a run
-    with that ``dataset`` uses (streamed in chunks; std floored; whitening eigenvalues shrunk, Ledoit-Wolf)."""
+    with that ``dataset`` uses (streamed in chunks; std floored; whitening eigenvalues shrunk with the intensity the val
+    rows' likelihood prefers)."""
     layout = artifacts.layout
     written, skipped = [], {}
     try:
@@ -73,7 +74,7 @@ def normalization_stats(context: dg.AssetExecutionContext, artifacts: ArtifactsR
             rows = run.splits.train
             validate_embeddings(rows, rows.shape[1], f"{run.set_dir / 'train.npy'}", min_rows=2)
             for method in NORMALIZATIONS:
-                normalizer = Normalizer.fit(rows, method)
+                normalizer = Normalizer.fit(rows, method, val=run.splits.val)
                 path = layout.stats_path(dataset, method)
                 save_normalizer(path, normalizer, {"dataset": dataset, "subset": run.subset})
                 written.append({"dataset": dataset, "normalization": method, "subset": run.subset,

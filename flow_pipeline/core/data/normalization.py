@@ -11,8 +11,11 @@ Two methods, fitted on the training rows a run uses (:meth:`Normalizer.fit`):
   noise. The eigenvalues are therefore shrunk towards their mean with Ledoit & Wolf's data-driven weight ``a``
   (:func:`flow_pipeline.core.data.stats.ledoit_wolf_shrinkage`): ``lambda' = (1 - a) lambda + a mean(lambda)``, the
   eigenvalues of the Ledoit-Wolf covariance estimate. It makes every eigenvalue at least ``a mean(lambda)`` > 0, is
-  large when rows are few and vanishes as rows grow, and needs no tuning. The same std floor as z-scoring
-  (:func:`floor_std`) is applied on top, to the per-direction scales ``s``.
+  large when rows are few and vanishes as rows grow, and needs no tuning. Given held-out val rows, the weight is
+  instead the one their likelihood prefers (:func:`~flow_pipeline.core.data.stats.val_chosen_shrinkage`, among a
+  grid and Ledoit-Wolf's), as ``gaussian-full``'s is: the Gaussian the whitening describes, which a
+  ``principal_dims`` model keeps outside its network's coordinates, is then the best one on held-out rows. The same
+  std floor as z-scoring (:func:`floor_std`) is applied on top, to the per-direction scales ``s``.
 
 Losses measured in the two spaces are different quantities: a run's normalisation is part of its identity.
 """
@@ -29,7 +32,9 @@ import torch
 from torch import Tensor
 
 from flow_pipeline.core.atomic import write_bytes_atomic
-from flow_pipeline.core.data.stats import ledoit_wolf_shrinkage, streaming_mean_std, streaming_scatter
+from flow_pipeline.core.data import DataError
+from flow_pipeline.core.data.stats import (SHRINKAGE_GRID, ledoit_wolf_shrinkage, streaming_mean_std, streaming_scatter,
+                                           val_chosen_shrinkage)
 
 NORMALIZATIONS = ("zscore", "whiten")
 
@@ -72,8 +77,9 @@ class Normalizer:
         return self.mean.shape[0]
 
     @classmethod
-    def fit(cls, rows, method: str = "zscore") -> "Normalizer":
+    def fit(cls, rows, method: str = "zscore", val=None) -> "Normalizer":
         """Fit on (n, dim) training rows (NumPy array, memory map or CPU tensor; n >= 2, finite), streamed in chunks.
+        ``val`` (m, dim) held-out rows, used by ``whiten`` only: its shrinkage is the one their likelihood prefers.
 
         Raises ValueError for an unknown method and DataError (from the stats) for fewer than 2 rows or NaN/inf.
         """
@@ -82,9 +88,10 @@ class Normalizer:
         mean, std, n = streaming_mean_std(rows)
         components, details = None, {"rows": n}
         if method == "whiten":
-            eigenvalues, eigenvectors, shrinkage = whitening_spectrum(rows, mean)
+            eigenvalues, eigenvectors, shrinkage = whitening_spectrum(rows, mean, val)
             std, components = np.sqrt(eigenvalues), torch.from_numpy(eigenvectors).float()
-            details["shrinkage"] = shrinkage
+            details.update(shrinkage=shrinkage, shrinkage_from="val rows' likelihood" if val is not None and len(val)
+                           else "Ledoit-Wolf")
         floored = floor_std(std)
         details.update(min_std=float(std.min()), median_std=float(np.median(std)),
                        n_floored=int((floored > std).sum()))
@@ -132,16 +139,25 @@ class Normalizer:
         return cls(torch.as_tensor(state["mean"]), torch.as_tensor(state["std"]), components)
 
 
-def whitening_spectrum(rows, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def whitening_spectrum(rows, mean: np.ndarray, val=None) -> tuple[np.ndarray, np.ndarray, float]:
     """Shrunk covariance spectrum of (n, dim) rows around ``mean``: (eigenvalues (dim,) float64 descending,
-    eigenvectors (dim, dim) float64 as columns, the Ledoit-Wolf weight used). The covariance is the unbiased one
-    (``scatter / (n - 1)``); see the module docstring for the shrinkage."""
+    eigenvectors (dim, dim) float64 as columns, the weight used: Ledoit-Wolf's, or with ``val`` rows (m, dim) the one
+    their likelihood prefers). The covariance is the unbiased one (``scatter / (n - 1)``); see the module docstring
+    for the shrinkage."""
     scatter, fourth, n = streaming_scatter(rows, mean)
     shrinkage = ledoit_wolf_shrinkage(scatter, fourth, n)
     eigenvalues, eigenvectors = np.linalg.eigh(scatter / (n - 1))
     eigenvalues = np.clip(eigenvalues[::-1], 0.0, None)  # rounding can leave tiny negatives on a singular matrix
+    eigenvectors = eigenvectors[:, ::-1]
+    if val is not None and len(val):
+        val = np.asarray(val, dtype=np.float64)
+        if val.ndim != 2 or val.shape[1] != mean.shape[0] or not np.isfinite(val).all():
+            raise DataError(f"val rows: need finite rows of {mean.shape[0]} columns (the training rows'), got shape "
+                            f"{val.shape}{'' if val.ndim != 2 or np.isfinite(val).all() else ' with NaN or inf'}")
+        shrinkage = val_chosen_shrinkage(eigenvalues, eigenvectors, mean, val, np.unique(np.append(SHRINKAGE_GRID,
+                                                                                                   shrinkage)))
     eigenvalues = (1.0 - shrinkage) * eigenvalues + shrinkage * eigenvalues.mean()
-    return eigenvalues, np.ascontiguousarray(eigenvectors[:, ::-1]), shrinkage
+    return eigenvalues, np.ascontiguousarray(eigenvectors), shrinkage
 
 
 def floor_std(

@@ -155,3 +155,24 @@ def ledoit_wolf_shrinkage(scatter: np.ndarray, fourth: float, rows: int) -> floa
     if d2 <= 0.0:
         return 0.0  # already isotropic: nothing to shrink towards
     return min(b2, d2) / d2
+
+
+# Shrinkage intensities tried on val (with Ledoit–Wolf's own): 0 (the sample covariance) to 1 (a multiple of I).
+SHRINKAGE_GRID = np.linspace(0.0, 1.0, 41)
+
+
+def val_chosen_shrinkage(eigenvalues: np.ndarray, eigenvectors: np.ndarray, mean: np.ndarray, val,
+                         candidates=SHRINKAGE_GRID) -> float:
+    """The intensity ``a`` among ``candidates`` whose Gaussian N(mean, V diag((1 - a) e + a mu) V^T) gives the val
+    rows (m, dim) the highest mean log-likelihood; e (dim,) the unshrunk covariance's eigenvalues, V (dim, dim) its
+    eigenvectors as columns, mu = mean(e) (shrinkage keeps the trace). One eigendecomposition scores every candidate:
+    with z the val rows in V's basis, the log-likelihood is -(sum_i z_i^2 / e'_i + log e'_i + log 2 pi) / 2. A
+    candidate with a zero eigenvalue (intensity 0 with fewer rows than dimensions) scores -inf."""
+    eigenvalues = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
+    candidates = np.asarray(candidates, dtype=np.float64)
+    mu = float(eigenvalues.mean())
+    shrunk = (1 - candidates)[:, None] * eigenvalues[None, :] + candidates[:, None] * mu  # (A, dim)
+    z_sq = ((np.asarray(val, dtype=np.float64) - mean) @ eigenvectors) ** 2  # (m, dim)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = -0.5 * ((z_sq @ (1.0 / shrunk).T).mean(0) + np.log(shrunk).sum(1) + eigenvalues.size * np.log(2 * np.pi))
+    return float(candidates[int(np.nanargmax(np.where(np.isfinite(scores), scores, -np.inf)))])

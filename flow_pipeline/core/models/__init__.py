@@ -18,6 +18,8 @@ ARCHITECTURES = ("mlp", "dit", "unet")
 # "matched": the three architectures within ±15% of one parameter count (the presets say how close), so an
 # architecture comparison is not a capacity comparison; "small" differs 4.6x between them.
 MODEL_SIZES = ("tiny", "small", "base", "matched")
+# What the linear skip path's variances are outside a principal_dims network's coordinates (see LinearSkip).
+REST_VARIANCES = ("whitening", "learned")
 
 # Parameter counts of every (architecture, size) preset at dim=1024, as stated
 # in each module's preset comments.
@@ -29,11 +31,14 @@ PRESET_PARAM_COUNTS: dict[tuple[str, str], int] = {
 
 
 def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bool = False,
-                principal_dims: int = 0, prototypes: int = 0) -> nn.Module:
+                principal_dims: int = 0, prototypes: int = 0, rest_variance: str = "learned") -> nn.Module:
     """Build the velocity field ``arch`` at preset ``size`` for vectors of length ``dim``; ``principal_dims`` k > 0
     builds it on the first k coordinates only (:class:`PrincipalSubspace`, zero velocity on the rest), and
     ``prototypes`` n > 0 adds n soft-assignment features to its input (:class:`PrototypeFeatures`, n * k + 1
-    parameters); ``linear_skip`` wraps the result in :class:`LinearSkip` (adds ``dim`` parameters)."""
+    parameters); ``linear_skip`` wraps the result in :class:`LinearSkip` (adds ``dim`` parameters), whose variances
+    outside the k coordinates are learned (``rest_variance`` "learned") or stay 1 ("whitening")."""
+    if rest_variance not in REST_VARIANCES:
+        raise ValueError(f"rest_variance: unknown value {rest_variance!r}; valid: {', '.join(REST_VARIANCES)}")
     if prototypes and not principal_dims:
         raise ValueError("prototypes: needs principal_dims > 0 (the features are computed on those coordinates)")
     if principal_dims:
@@ -42,7 +47,10 @@ def build_model(arch: str, dim: int = 1024, size: str = "small", linear_skip: bo
         model = PrincipalSubspace(network, dim, principal_dims, features)
     else:
         model = _build_preset(arch, dim, size)
-    return LinearSkip(model, dim) if linear_skip else model
+    if not linear_skip:
+        return model
+    fixed = principal_dims if principal_dims and rest_variance == "whitening" else None
+    return LinearSkip(model, dim, fixed_from=fixed)
 
 
 def start_prototypes(model: nn.Module, rows: Tensor, seed: int) -> None:
@@ -91,6 +99,7 @@ __all__ = [
     "ARCHITECTURES",
     "MODEL_SIZES",
     "PRESET_PARAM_COUNTS",
+    "REST_VARIANCES",
     "build_model",
     "count_parameters",
     "flops_per_sample",

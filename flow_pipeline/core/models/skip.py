@@ -35,12 +35,20 @@ class LinearSkip(nn.Module):
     """v(x, t) = net(x, t) + g(t) * x with g the diagonal-Gaussian gain of learned per-dimension variances
     (``dim`` parameters, variance 1 at initialisation; :meth:`start_at` sets them to the data's).
 
+    ``fixed_from`` k: coordinates k.. keep variance 1 instead (their entries of ``log_var`` stay 0 and unused). On
+    whitened data that is the whitening's Gaussian, whose shrinkage the val rows chose; the training rows' own
+    variance there, which the skip path would learn, is 0 in every direction they do not span (fewer rows than
+    dimensions) and a held-out row would cost millions of nats.
+
     forward: x_t (batch, dim), t (batch,) or scalar -> (batch, dim).
     """
 
-    def __init__(self, net: nn.Module, dim: int) -> None:
+    def __init__(self, net: nn.Module, dim: int, fixed_from: int | None = None) -> None:
         super().__init__()
+        if fixed_from is not None and not 0 <= fixed_from <= dim:
+            raise ValueError(f"fixed_from must be in 0..{dim}, got {fixed_from}")
         self.net = net
+        self.fixed_from = fixed_from
         self.log_var = nn.Parameter(torch.zeros(dim))
 
     @torch.no_grad()
@@ -54,10 +62,15 @@ class LinearSkip(nn.Module):
         if variance.shape != self.log_var.shape:
             raise ValueError(f"variance has shape {tuple(variance.shape)}, expected {tuple(self.log_var.shape)}")
         self.log_var.copy_(variance.to(self.log_var).log().clamp_min(_MIN_LOG_VAR))
+        if self.fixed_from is not None:
+            self.log_var[self.fixed_from:] = 0.0
 
     def variances(self) -> Tensor:
-        """The learned per-dimension variances s^2 (dim,), as the velocity uses them."""
-        return self.log_var.clamp_min(_MIN_LOG_VAR).exp()
+        """The per-dimension variances s^2 (dim,), as the velocity uses them: learned, 1 from ``fixed_from`` on."""
+        variance = self.log_var.clamp_min(_MIN_LOG_VAR).exp()
+        if self.fixed_from is None:
+            return variance
+        return torch.cat([variance[: self.fixed_from], torch.ones_like(variance[self.fixed_from:])])
 
     def forward(self, x_t: Tensor, t: Tensor, guidance: float = 1.0) -> Tensor:
         """The velocity; ``guidance`` w scales the network's part: g(t) x + w net(x, t) (1: the model as trained).
