@@ -96,8 +96,8 @@ def test_sampler_spec_parses(text, solver, steps, label):
     ("euler:ten", "'euler:STEPS'"),
     ("rk4:0", "steps must be >= 1"),
     ("dopri5:20", "adaptive"),
-    ("dopri5@much", "guidance must be 'auto' or a number"),
-    ("euler:4@-1", "guidance must be 'auto' or a number"),
+    ("dopri5@much", "guidance must be 'likelihood', 'auto' or a number"),
+    ("euler:4@-1", "guidance must be 'likelihood', 'auto' or a number"),
 ])
 def test_sampler_spec_rejects_bad_text(text, fragment):
     with pytest.raises(ValueError, match=fragment) as info:

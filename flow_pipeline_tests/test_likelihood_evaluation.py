@@ -151,3 +151,27 @@ def test_the_check_passes_exactly_when_the_interval_lies_above_zero():
     touching = {"loglik_vs_gaussian_full": 2.0, "loglik_vs_gaussian_full_ci_low": 0.0,
                 "loglik_vs_gaussian_full_ci_high": 4.0}
     assert not beats_gaussian_full(touching).passed
+
+
+@pytest.mark.slow
+def test_a_likelihood_guidance_is_chosen_on_val_and_both_samples_and_likelihood_use_it(built_in):
+    """'@likelihood': the w with the highest mean val log-likelihood (recomputed here on the val rows at each w of
+    the fit's grid), shown in the sampler's label, and the test NLL is the model's at that w."""
+    path, splits = built_in
+    data = EvaluationData(splits.train, splits.test, val=splits.val, truth=splits.truth)
+    evaluation = evaluate_checkpoint(path, data, EvaluationSettings([SamplerSpec.parse("euler:4@likelihood")],
+                                                                    n_samples=64, likelihood_options=EXACT))
+    primary = evaluation.primary
+    fit = primary.guidance_fit
+    ema = load_ema_model(path, saved_train_config)
+    val = torch.from_numpy(np.asarray(splits.val, dtype=np.float32))
+    recomputed = [float(model_log_likelihood(ema.model, ema.flow, ema.normalizer, val, guidance=w,
+                                             **EXACT).log_prob.mean()) for w in fit["grid"]]
+    assert fit["rule"] == "val likelihood" and fit["rows"] == val.shape[0]
+    np.testing.assert_allclose(fit["val_log_likelihood"], recomputed, rtol=1e-9)
+    assert primary.guidance == fit["grid"][int(np.argmax(recomputed))]
+    assert primary.sampler == f"euler:4@likelihood={primary.guidance:g}"
+    scored = np.sort(np.random.default_rng(0).choice(splits.test.shape[0], size=64, replace=False))
+    test_rows = torch.from_numpy(np.asarray(splits.test[scored], dtype=np.float32))
+    at_w = model_log_likelihood(ema.model, ema.flow, ema.normalizer, test_rows, guidance=primary.guidance, **EXACT)
+    assert primary.metrics["test_nll"] == pytest.approx(-float(at_w.log_prob.mean()), rel=1e-9)

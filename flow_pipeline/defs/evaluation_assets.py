@@ -17,7 +17,7 @@ from flow_pipeline.core.likelihood import DEFAULT_PROBES, DEFAULT_STEPS, DIVERGE
 from flow_pipeline.evaluation.evaluate import LIKELIHOOD_ROWS, EvaluationSettings
 from flow_pipeline.evaluation.partition import PartitionEvaluation, evaluate_partition
 from flow_pipeline.evaluation.results import SAMPLES_PER_DIM, Evaluation
-from flow_pipeline.evaluation.samplers import ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SamplerSpec, parse_guidance
+from flow_pipeline.evaluation.samplers import ADAPTIVE_SOLVERS, DOPRI5_ATOL, DOPRI5_RTOL, SamplerSpec
 from flow_pipeline.evaluation.report import PRIMARY_METRIC, REFERENCE_METRIC_KEYS, reference_table, sampler_table
 from flow_pipeline.evaluation.sentences import sentences_markdown
 from flow_pipeline.evaluation.summary import evaluation_summary, report_summary
@@ -33,13 +33,15 @@ class EvaluationConfig(dg.Config):
     solver: str = Field(default="dopri5", description=f"ODE solver of the headline numbers: dopri5 (adaptive, rtol "
                         f"{DOPRI5_RTOL:g}, atol {DOPRI5_ATOL:g}), euler, midpoint, rk4")
     steps: int = Field(default=50, description="fixed steps of that solver (ignored by the adaptive dopri5)")
-    guidance: str = Field(default="auto", description="guidance of a linear_skip model's primary sampler: 'auto' "
+    guidance: str = Field(default="likelihood", description="guidance of a linear_skip model's primary sampler, "
+                          "which its likelihood is scored with too: 'likelihood' (the w in 0, 0.5, ..., 1.5 whose "
+                          "model gives the val rows the highest likelihood; 0 is the model's own Gaussian), 'auto' "
                           "(w >= 1 matching the val rows' variance over the network's coordinates, the training "
                           "rows' below 100 val rows; w = 1 for a model that is not under-dispersed or has no skip "
                           "path), a number w (network part x w), or 1 for the model as trained")
     extra_samplers: list[str] = Field(
         default_factory=list, description="more settings to compare, each reported with its NFE, e.g. "
-        "['euler:50', 'rk4:10', 'dopri5@1'] ('@W' / '@auto': that sampler's guidance; none: 1)"
+        "['euler:50', 'rk4:10', 'dopri5@1'] ('@W' / '@likelihood' / '@auto': that sampler's guidance; none: 1)"
     )
     n_samples: int = Field(default=SAMPLES_PER_DIM * 1024, description="cap on the number of samples: n = "
                            "min(test rows, n_samples); 5 x dim by default (FD and k-NN metrics are biased at n ~ dim)")
@@ -72,7 +74,7 @@ class EvaluationConfig(dg.Config):
             except ValueError as exc:
                 raise ValueError(f"{field}: {exc}") from exc
         try:
-            specs[0] = specs[0].resolved(parse_guidance(self.guidance))
+            specs[0] = specs[0].with_guidance(self.guidance)
         except ValueError as exc:
             raise ValueError(f"guidance: {exc}") from exc
         return specs

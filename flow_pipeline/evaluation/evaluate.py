@@ -27,6 +27,7 @@ from flow_pipeline.core.metrics.distances import TrainSpace
 from flow_pipeline.core.data.truth import truth_of
 from flow_pipeline.core.metrics.real_side import RealSide
 from flow_pipeline.core.metrics.two_sample import two_sample_scores
+from flow_pipeline.core.likelihood_guidance import LikelihoodGuidanceFit
 from flow_pipeline.evaluation.guidance import fit_sampler_guidance
 from flow_pipeline.evaluation.likelihood import TRUTH, LikelihoodEvaluation, evaluate_likelihood
 from flow_pipeline.evaluation.references import (
@@ -147,9 +148,9 @@ def _score_sampler(ema: EMAModel, spec: SamplerSpec, fit: GuidanceFit | None, si
     """One sampler setting's metrics (its guidance already resolved), and its samples (n, dim)."""
     drawn = draw_samples(ema, spec, n, settings.seed, settings.batch_size)
     samples = drawn.x.numpy()
-    # An "auto" setting shows the w it chose; on a model without a skip path it is the plain sampler.
+    # A fitted setting shows the w it chose; on a model without a skip path it is the plain sampler.
     guided = fit is not None and fit.draws > 0
-    label = f"{spec.resolved(1.0).label}@auto={spec.guidance:g}" if guided else spec.label
+    label = f"{spec.resolved(1.0).label}@{spec.rule}={spec.guidance:g}" if guided else spec.label
     metrics = {**side.score(samples), **two_sample_scores(samples, side.test_n, side.space, settings.seed)}
     return SamplerEvaluation(sampler=label, solver=spec.solver, steps=spec.steps, nfe=drawn.nfe,
                              seconds=drawn.seconds, metrics=metrics, guidance=float(spec.guidance),
@@ -179,15 +180,17 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: EvaluationData
     train_rows, test = run_training_rows(data.train, ema.config), np.asarray(data.test)
     real = _prepare_real_side(train_rows, test, data.val, n, settings, reference_cache)
     results, shown, primary_samples = [], [], None
-    fits: dict[tuple[str, int], GuidanceFit] = {}
+    fits: dict[tuple, GuidanceFit | LikelihoodGuidanceFit] = {}
     for spec in settings.samplers:
         fit = None
         if spec.guidance is None:
             # Its own noise (seed + 1): the choice of w never sees the draw it is scored on.
-            if (spec.solver, spec.steps) not in fits:
-                fits[spec.solver, spec.steps] = fit_sampler_guidance(ema, spec, train_rows, data.val,
-                                                                     settings.seed + 1)
-            fit = fits[spec.solver, spec.steps]
+            # A likelihood-chosen w is the same for every solver; a variance-matched one is the solver's own.
+            key = (spec.rule,) if spec.rule == "likelihood" else (spec.rule, spec.solver, spec.steps)
+            if key not in fits:
+                fits[key] = fit_sampler_guidance(ema, spec, train_rows, data.val, settings.seed + 1,
+                                                 settings.likelihood_options)
+            fit = fits[key]
             spec = spec.resolved(fit.guidance)
         result, samples = _score_sampler(ema, spec, fit, real.side, n, settings)
         if primary_samples is None:
