@@ -135,6 +135,7 @@ def test_too_few_training_rows_leave_the_mixture_row_empty_with_the_reason(data)
     rows = {row.name: row for row in score_references(side, data["val"])}
     assert list(rows) == list(REFERENCES)
     assert (rows[MIXTURE].n, rows[MIXTURE].metrics) == (0, {})
-    assert rows[MIXTURE].note == f"skipped: {MIXTURE}: needs at least 100 training rows (50 per component for 2), got 80"
+    assert rows[MIXTURE].note == \
+        f"skipped: {MIXTURE}: needs at least 100 training rows (50 per component for 2), got 80"
     assert rows["gaussian-full"].n == 50 and "c2st_accuracy" in rows["gaussian-full"].metrics
     assert mixture_reference(data["train"], None).note == f"skipped: {MIXTURE}: no val rows to choose its components on"

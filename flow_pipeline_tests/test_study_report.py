@@ -207,7 +207,8 @@ def likelihood_replicate(rng: np.random.Generator, mean_nll: float, copying: boo
     kl, accuracy = nll - TRUTH_NLL, rng.uniform(0.6, 0.95)
     return {"test_nll": nll, "test_bits_per_dim": nll / (1024 * math.log(2)), "loglik_vs_gaussian_full": gain,
             "loglik_vs_gaussian_full_ci_low": gain - half, "loglik_vs_gaussian_full_ci_high": gain + half,
-            "loglik_vs_gaussian_mixture": MIXTURE_NLL - nll, "loglik_vs_gaussian_mixture_ci_low": MIXTURE_NLL - nll - half,
+            "loglik_vs_gaussian_mixture": MIXTURE_NLL - nll,
+            "loglik_vs_gaussian_mixture_ci_low": MIXTURE_NLL - nll - half,
             "loglik_vs_gaussian_mixture_ci_high": MIXTURE_NLL - nll + half,
             "kl_to_truth": kl, "kl_to_truth_ci_low": kl - half, "kl_to_truth_ci_high": kl + half,
             "kl_closed_fraction": 1 - kl / (GAUSSIAN_FULL_NLL - TRUTH_NLL), "c2st_accuracy": accuracy,

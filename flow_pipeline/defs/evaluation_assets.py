@@ -195,12 +195,12 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
                     artifacts: ArtifactsResource) -> dg.MaterializeResult:
     """All evaluated run identities side by side, one row per identity (config minus seed; replicates pooled as
     mean and 95% t-interval, never across identities), with the reference rows (held-out real, gaussian-full,
-    gaussian-diag, gaussian-mixture): a Markdown table (arch, flow, data, size, params, FLOPs, steps, best val loss and its ratio to
-    the zero predictor, ranking KID, KID ± se and CI, FD∞, variance and norm ratios, precision, recall, density,
-    coverage, memorisation, train copies, train time) sorted by the ranking metric, with models that do not beat
-    gaussian-full marked; a statistics section comparing every row with the baseline row (paired or Welch t,
-    Holm-corrected); the same rows as CSV, and a PNG with every row's validation-loss curve (on the zero-predictor
-    scale) and a bar chart of the ranking metric."""
+    gaussian-diag, gaussian-mixture): a Markdown table (arch, flow, data, size, params, FLOPs, steps, best val loss
+    and its ratio to the zero predictor, ranking KID, KID ± se and CI, FD∞, variance and norm ratios, precision,
+    recall, density, coverage, memorisation, train copies, train time) sorted by the ranking metric, with models that
+    do not beat gaussian-full marked; a statistics section comparing every row with the baseline row (paired or Welch
+    t, Holm-corrected); the same rows as CSV, and a PNG with every row's validation-loss curve (on the
+    zero-predictor scale) and a bar chart of the ranking metric."""
     from flow_pipeline.evaluation.ablation_report import NothingToReport, build_ablation_report  # matplotlib
 
     records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=evaluation.key),
