@@ -21,9 +21,11 @@ from flow_pipeline.core.metrics.distances import TrainSpace
 from flow_pipeline.core.metrics.real_side import evaluate_samples
 from flow_pipeline.core.metrics.two_sample import two_sample_scores
 from flow_pipeline.core.metrics.reference_stats import KidReference
+from flow_pipeline.core.mixture_baseline import fit_mixture_baseline
 from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.evaluation.evaluate import (EvaluationData, EvaluationSettings, evaluate_checkpoint, run_training_rows,
                                                saved_train_config)
+from flow_pipeline.evaluation import mixture_reference
 from flow_pipeline.evaluation.guidance import GUIDANCE_MIN_VAL_ROWS
 from flow_pipeline.evaluation.results import sample_count, sample_count_note
 from flow_pipeline.evaluation.samplers import SamplerSpec, draw_samples
@@ -37,10 +39,13 @@ METRIC_KEYS = {"fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "
 # Every sample set also gets a classifier two-sample test and RBF KID (core/metrics/two_sample.py).
 TWO_SAMPLE_KEYS = {"c2st_accuracy", "c2st_accuracy_ci_low", "c2st_accuracy_ci_high", "c2st_p_value", "c2st_n_held_out",
                    "rbf_kid", "rbf_kid_se", "rbf_kid_ci_low", "rbf_kid_ci_high", "rbf_kid_bandwidth", "prdc_note"}
-# The primary sampler's model also gets its held-out likelihood against both baselines (no truth: real-like data).
+# The primary sampler's model also gets its held-out likelihood against both Gaussians (no truth: real-like data),
+# and against the gaussian-mixture when val rows choose its components (else a note says why it is missing).
 LIKELIHOOD_KEYS = {"test_nll", "test_bits_per_dim", "test_nll_se", "likelihood_rows", "likelihood_method",
                    "likelihood_seconds", *(f"loglik_vs_{name}{suffix}" for name in ("gaussian_full", "gaussian_diag")
                                            for suffix in ("", "_ci_low", "_ci_high", "_verdict"))}
+MIXTURE_KEYS = {f"loglik_vs_gaussian_mixture{suffix}" for suffix in ("", "_ci_low", "_ci_high", "_verdict")}
+NO_MIXTURE_KEYS = {"gaussian_mixture_note"}
 SAMPLE_SET_KEYS = METRIC_KEYS | TWO_SAMPLE_KEYS
 
 
@@ -159,7 +164,7 @@ def test_auto_guidance_matches_the_val_rows_variance_and_is_reported(trained, tr
     expected.update(two_sample_expected(fixed.numpy(), splits.train, splits.test, evaluation.n, seed=0))
     assert_scores_match({key: guided.metrics[key] for key in SAMPLE_SET_KEYS}, expected)
     # ... and the held-out likelihood is the model's as that sampler draws from it: with the fitted w.
-    assert evaluation.likelihood.guidance == fit["guidance"] and LIKELIHOOD_KEYS <= set(guided.metrics)
+    assert evaluation.likelihood.guidance == fit["guidance"] and LIKELIHOOD_KEYS | MIXTURE_KEYS <= set(guided.metrics)
     # Other test rows: other metrics, the same w (the test rows take no part in it).
     other = evaluate(trained_skip, splits.train, splits.test[::-1], specs[:1], n_samples=50, val=val)
     assert other.results[0].guidance_fit == fit
@@ -199,7 +204,8 @@ def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
     n_test = splits.test.shape[0]
     assert evaluation.n == n_test == 64  # the whole test split: fewer rows than the cap
     metrics = evaluation.primary.metrics
-    assert set(metrics) == SAMPLE_SET_KEYS | LIKELIHOOD_KEYS
+    assert set(metrics) == SAMPLE_SET_KEYS | LIKELIHOOD_KEYS | NO_MIXTURE_KEYS
+    assert metrics["gaussian_mixture_note"] == "skipped: gaussian-mixture: no val rows to choose its components on"
     assert all(math.isfinite(value) for value in metrics.values() if not isinstance(value, str))
     assert metrics["likelihood_rows"] == n_test and metrics["prdc_note"].startswith("too small to judge")
     assert metrics["n"] == n_test
@@ -243,7 +249,8 @@ def test_several_samplers_report_their_function_evaluations(trained):
     # dopri5 (torchdiffeq): at least the first evaluation, the initial step guess and one 6-stage step.
     assert evaluation.results[3].nfe >= 8
     for result in evaluation.results:
-        assert set(result.metrics) == SAMPLE_SET_KEYS | (LIKELIHOOD_KEYS if result is evaluation.primary else set())
+        primary = LIKELIHOOD_KEYS | NO_MIXTURE_KEYS
+        assert set(result.metrics) == SAMPLE_SET_KEYS | (primary if result is evaluation.primary else set())
         assert result.metrics["n"] == 20
         assert result.seconds > 0
     # The copy threshold (a scan of the whole train split) is computed once and is what a fresh computation gives.
@@ -302,7 +309,7 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
     evaluation = evaluate(path, splits.train, splits.test, [SamplerSpec.parse("euler:4")], seed=1,
                                      val=splits.val, sentences=(train_sentences, test_sentences), n_sentences=3)
     references = {ref.name: ref for ref in evaluation.references}
-    assert list(references) == ["held-out real (val)", "gaussian-full", "gaussian-diag"]
+    assert list(references) == ["held-out real (val)", "gaussian-full", "gaussian-diag", "gaussian-mixture"]
     threshold = evaluation.primary.metrics["copy_threshold"]
     # Independently: the same n (64 = all val rows), seed and copy threshold through evaluate_samples.
     real = evaluate_samples(splits.val, splits.train, splits.test, seed=1, train_copy_threshold=threshold)
@@ -318,6 +325,18 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
     likelihood["test_bits_per_dim"] = likelihood["test_nll"] / (1024 * math.log(2))
     assert_scores_match(references["gaussian-full"].metrics, {**expected, **likelihood})
     assert "chosen on the val rows' likelihood" in references["gaussian-full"].note
+    # The gaussian-mixture fitted to the same training rows (K chosen on val): its draws scored the same way, its
+    # density on the model's test rows, and the model's paired difference against it.
+    mixture = fit_mixture_baseline(splits.train, splits.val)
+    drawn = mixture.sample(64, seed=1)
+    expected = evaluate_samples(drawn, splits.train, splits.test, seed=1, train_copy_threshold=threshold)
+    expected.update(two_sample_expected(drawn, splits.train, splits.test, 64, seed=1))
+    log_p = mixture.log_prob(np.asarray(splits.test, dtype=np.float64))
+    likelihood = {"test_nll": -float(log_p.mean()), "test_bits_per_dim": -float(log_p.mean()) / (1024 * math.log(2))}
+    assert_scores_match(references["gaussian-mixture"].metrics, {**expected, **likelihood})
+    assert references["gaussian-mixture"].note.startswith(f"K = {mixture.components} diagonal components")
+    model = evaluation.primary.metrics
+    assert model["loglik_vs_gaussian_mixture"] == pytest.approx(likelihood["test_nll"] - model["test_nll"], rel=1e-9)
     # Nearest sentences of the first 3 samples, checked by brute force.
     x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("euler:4"), 64, seed=1).x.numpy().astype(np.float64)
     assert len(evaluation.nearest_sentences) == 3
@@ -332,14 +351,20 @@ def test_references_and_sentences_are_scored_like_the_model(trained):
 def test_a_second_evaluation_reads_the_reference_rows_threshold_and_real_side_back(trained, tmp_path, monkeypatch):
     path, splits = trained
     args = (path, splits.train, splits.test, [SamplerSpec.parse("euler:4")])
-    fresh = evaluate(*args, seed=2, val=splits.val)  # no cache: everything scored
+    fits = []
+    monkeypatch.setattr(mixture_reference, "fit_mixture_baseline",
+                        lambda *rows: fits.append(1) or fit_mixture_baseline(*rows))
+    fresh = evaluate(*args, seed=2, val=splits.val)  # no cache: everything scored, the mixture fitted once for both
+    assert len(fits) == 1                            # its reference row and its likelihood
     first = evaluate(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+    assert len(fits) == 2 and len(list(tmp_path.glob("*.gaussian-mixture.npz"))) == 1
 
     def refit(*_, **__):
         raise AssertionError("the real side's K_yy was computed again")
 
     monkeypatch.setattr(KidReference, "fit", refit)
     second = evaluate(*args, seed=2, val=splits.val, reference_cache=tmp_path)
+    assert len(fits) == 2  # the mixture read back, for its likelihood too
     assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.real-side.npz"))) == 1
     assert not any(ref.cached for ref in first.references) and all(ref.cached for ref in second.references)
     for evaluation in (first, second):

@@ -69,7 +69,8 @@ def test_replicates_sample_with_their_own_seed_and_a_failed_one_stays_in_its_row
         assert int(row["n_replicates"]) == 2 and float(row["test_nll"]) == math.inf
         assert row["note"].startswith(LOSES_TO_BASELINE) and report["not_beating_gaussian_full"] == [PARTITION]
         scored = [r["partition"] for r in rows if r["test_nll"] and math.isfinite(float(r["test_nll"]))]
-        assert sorted(scored) == ["reference: gaussian-diag", "reference: gaussian-full", "reference: truth"]
+        assert sorted(scored) == ["reference: gaussian-diag", "reference: gaussian-full", "reference: gaussian-mixture",
+                                  "reference: truth"]
         assert order.index(PARTITION) == len(scored)
         assert "1 of 2 replicates failed" in report["report"]
 

@@ -20,6 +20,7 @@ from flow_pipeline.core.data.normalization import Normalizer
 from flow_pipeline.core.data.sources import build_splits
 from flow_pipeline.core.data.synthetic import sonar_mixture
 from flow_pipeline.core.likelihood import model_log_likelihood
+from flow_pipeline.core.mixture_baseline import MIXTURE, fit_mixture_baseline
 from flow_pipeline.core.trainer import TrainData, train
 from flow_pipeline.defs.checks import beats_gaussian_full
 from flow_pipeline.evaluation.evaluate import EvaluationData, EvaluationSettings, evaluate_checkpoint, saved_train_config
@@ -30,7 +31,8 @@ DIM = TINY_DATASET["dim"]
 N_ROWS = 2000  # 1,600 training rows > dim: the whitening is well conditioned
 EXACT = {"divergence": "exact"}  # the network's 8 coordinates: no Hutchinson noise, so a recomputation agrees
 LIKELIHOOD_KEYS = ("test_nll", "test_bits_per_dim", "loglik_vs_gaussian_full", "loglik_vs_gaussian_diag",
-                   "kl_to_truth", "kl_closed_fraction")
+                   "loglik_vs_gaussian_mixture", "kl_to_truth", "kl_closed_fraction")
+REFERENCE_BASELINES = (*BASELINES, MIXTURE)
 
 
 def mixture_log_density(truth, x: np.ndarray) -> np.ndarray:
@@ -80,21 +82,22 @@ def test_every_likelihood_number_is_recomputed_from_the_same_test_rows(built_in)
     rows = np.asarray(splits.test[scored], dtype=np.float64)
     assert model["likelihood_rows"] == rows.shape[0] == 64 and splits.test.shape[0] == 200
     assert splits.truth == {"generator": "sonar_mixture", "dim": DIM, "seed": TINY_DATASET["seed"]}
-    # Each density on the same rows: the baselines fitted to train (gaussian-full's shrinkage chosen on val), the
-    # generator's mixture, and the model's ODE density recomputed through the core.
+    # Each density on the same rows: the baselines fitted to train (gaussian-full's shrinkage chosen on val, the
+    # gaussian-mixture's K on val), the generator's mixture, and the model's ODE density recomputed through the core.
     log_p = {name: fit_baseline(name, splits.train, splits.val).log_prob(rows) for name in BASELINES}
+    log_p[MIXTURE] = fit_mixture_baseline(splits.train, splits.val).log_prob(rows)
     log_p["truth"] = mixture_log_density(sonar_mixture(dim=DIM, seed=TINY_DATASET["seed"]), rows)
     ema = load_ema_model(path, saved_train_config)
     log_p["model"] = model_log_likelihood(ema.model, ema.flow, ema.normalizer, torch.from_numpy(rows).float(),
                                           **EXACT).log_prob.double().numpy()
     assert model["test_nll"] == pytest.approx(-log_p["model"].mean(), rel=1e-9)
     assert model["test_bits_per_dim"] == pytest.approx(model["test_nll"] / (DIM * math.log(2)), rel=1e-12)
-    for name in (*BASELINES, "truth"):
+    for name in (*REFERENCE_BASELINES, "truth"):
         assert references[name]["test_nll"] == pytest.approx(-log_p[name].mean(), rel=1e-9)
         assert references[name]["test_bits_per_dim"] == pytest.approx(-log_p[name].mean() / (DIM * math.log(2)))
 
     # model - baseline per row: the mean is the difference of the NLLs; interval and verdict from the rows.
-    for name in BASELINES:
+    for name in REFERENCE_BASELINES:
         key = f"loglik_vs_{name.replace('-', '_')}"
         low, high = t_interval(log_p["model"] - log_p[name])
         assert model[key] == pytest.approx(references[name]["test_nll"] - model["test_nll"], rel=1e-9)
@@ -105,11 +108,16 @@ def test_every_likelihood_number_is_recomputed_from_the_same_test_rows(built_in)
     # KL to the truth: 0 for the truth itself; the model's minus gaussian-full's is the likelihood gap, sign flipped.
     truth = references["truth"]
     assert (truth["kl_to_truth"], truth["kl_to_truth_ci_low"], truth["kl_to_truth_ci_high"]) == (0.0, 0.0, 0.0)
-    kl = {name: float(np.mean(log_p["truth"] - log_p[name])) for name in ("model", *BASELINES)}
+    kl = {name: float(np.mean(log_p["truth"] - log_p[name])) for name in ("model", *REFERENCE_BASELINES)}
     assert model["kl_to_truth"] == pytest.approx(kl["model"], rel=1e-9)
-    for name in BASELINES:
+    for name in REFERENCE_BASELINES:
         assert references[name]["kl_to_truth"] == pytest.approx(kl[name], rel=1e-9)
         assert references[name]["kl_to_truth_ci_low"] == pytest.approx(t_interval(log_p["truth"] - log_p[name])[0])
+        # The share of gaussian-full's distance each reference closes: 0 for gaussian-full itself.
+        assert references[name]["kl_closed_fraction"] == pytest.approx(1 - kl[name] / kl["gaussian-full"],
+                                                                       rel=1e-9, abs=1e-12)
+    assert references["gaussian-mixture"]["kl_to_truth"] < references["gaussian-full"]["kl_to_truth"]
+    assert references["truth"]["kl_closed_fraction"] == 1.0
     assert model["kl_to_truth"] - references["gaussian-full"]["kl_to_truth"] == \
         pytest.approx(-model["loglik_vs_gaussian_full"], rel=1e-6)
     assert model["kl_closed_fraction"] == pytest.approx(1 - kl["model"] / kl["gaussian-full"], rel=1e-9)
@@ -131,7 +139,7 @@ def test_likelihood_rows_0_scores_no_density_and_the_check_says_why(built_in):
     evaluation = evaluated(path, splits, likelihood_rows=0)
     assert evaluation.likelihood is None
     assert not set(LIKELIHOOD_KEYS) & set(evaluation.primary.metrics)
-    assert [ref.name for ref in evaluation.references] == ["held-out real (val)", *BASELINES]  # no truth row
+    assert [ref.name for ref in evaluation.references] == ["held-out real (val)", *REFERENCE_BASELINES]  # no truth
     assert all("test_nll" not in ref.metrics for ref in evaluation.references)
     assert "c2st_accuracy" in evaluation.primary.metrics  # the sample-set scores stay
     check = beats_gaussian_full(evaluation.primary.metrics)

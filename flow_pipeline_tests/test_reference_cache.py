@@ -1,4 +1,5 @@
-"""The reference rows are scored once per inputs and read back from a file named by the inputs' sha256."""
+"""The reference rows are scored once per inputs and read back from a file named by the inputs' sha256; so is the
+gaussian-mixture's EM fit."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 from flow_pipeline.core.metrics.distances import TrainSpace
 from flow_pipeline.core.metrics.real_side import RealSide, evaluate_samples
 from flow_pipeline.core.metrics.two_sample import two_sample_scores
+from flow_pipeline.core.mixture_baseline import MIXTURE, fit_mixture_baseline
+from flow_pipeline.evaluation import mixture_reference as mixture_module
+from flow_pipeline.evaluation.mixture_reference import mixture_reference
 from flow_pipeline.evaluation.references import (
     HELD_OUT_REAL,
     REFERENCES,
@@ -95,3 +99,43 @@ def test_the_real_sides_statistics_are_kept_and_a_damaged_file_reads_as_missing(
     path = next(tmp_path.glob("*.npz"))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # torn
     assert read_side_statistics(tmp_path, key) is None
+
+
+def test_the_mixture_row_scores_its_draws_and_its_fit_is_kept_under_the_same_key(data, tmp_path, monkeypatch):
+    side, val = data["side"], data["val"]
+    fits = []
+    monkeypatch.setattr(mixture_module, "fit_mixture_baseline",
+                        lambda *rows: fits.append(1) or fit_mixture_baseline(*rows))
+    rows = {row.name: row for row in cached_references(side, val, tmp_path)}
+    key = references_key(side, val)
+    assert len(fits) == 1 and (tmp_path / f"{key}.{MIXTURE}.npz").is_file()
+    # Independently: the mixture fitted to the side's training rows (K chosen on val), n draws with the side's
+    # seed, scored by the one-set entry point and the two-sample tests against the seeded test subsample.
+    mixture = fit_mixture_baseline(data["train"], val)
+    drawn = mixture.sample(50, seed=1)
+    expected = evaluate_samples(drawn, data["train"], data["test"], k=3, seed=1)
+    test_rows = data["test"][np.sort(np.random.default_rng(1).choice(70, size=50, replace=False))]
+    expected.update(two_sample_scores(drawn, test_rows, TrainSpace.fit(data["train"]), seed=1))
+    scored = dict(rows[MIXTURE].metrics)
+    assert scored.pop("prdc_note") == expected.pop("prdc_note")
+    assert scored == pytest.approx(expected, rel=1e-9)
+    assert rows[MIXTURE].n == 50 and rows[MIXTURE].note.startswith(f"K = {mixture.components} diagonal components")
+    # Read back for the next evaluation on the same inputs (its likelihood needs the density): no second fit.
+    kept = mixture_reference(data["train"], val, tmp_path, key)
+    assert len(fits) == 1 and kept.note == rows[MIXTURE].note
+    np.testing.assert_array_equal(kept.baseline.log_prob(data["test"]), mixture.log_prob(data["test"]))
+    # A torn file is fitted again.
+    path = tmp_path / f"{key}.{MIXTURE}.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert mixture_reference(data["train"], val, tmp_path, key).baseline is not None and len(fits) == 2
+
+
+def test_too_few_training_rows_leave_the_mixture_row_empty_with_the_reason(data):
+    side = RealSide.prepare(data["train"][:80], data["test"], 50, k=3, seed=1)
+    rows = {row.name: row for row in score_references(side, data["val"])}
+    assert list(rows) == list(REFERENCES)
+    assert (rows[MIXTURE].n, rows[MIXTURE].metrics) == (0, {})
+    assert rows[MIXTURE].note == \
+        f"skipped: {MIXTURE}: needs at least 100 training rows (50 per component for 2), got 80"
+    assert rows["gaussian-full"].n == 50 and "c2st_accuracy" in rows["gaussian-full"].metrics
+    assert mixture_reference(data["train"], None).note == f"skipped: {MIXTURE}: no val rows to choose its components on"

@@ -154,8 +154,9 @@ METRICS = ("fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "cove
            "train_copy_fraction", "copy_threshold", "norm_mean", "norm_std", "real_norm_mean", "real_norm_std", "nn_cosine",
            "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "variance_ratio", "norm_ratio",
            "test_nll", "test_bits_per_dim", "loglik_vs_gaussian_full", "loglik_vs_gaussian_full_ci_low",
-           "loglik_vs_gaussian_full_ci_high", "loglik_vs_gaussian_diag", "kl_to_truth", "kl_closed_fraction",
-           "c2st_accuracy", "rbf_kid")
+           "loglik_vs_gaussian_full_ci_high", "loglik_vs_gaussian_diag", "loglik_vs_gaussian_mixture",
+           "loglik_vs_gaussian_mixture_ci_low", "loglik_vs_gaussian_mixture_ci_high", "kl_to_truth",
+           "kl_closed_fraction", "c2st_accuracy", "rbf_kid")
 
 
 def train_and_evaluate(instance, partition: str, **kwargs):
@@ -220,7 +221,8 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
             assert (values["dataset"], values["n_training_rows"], values["n_target"]) == ("full", 512, 5120)
             assert values["n_note"].startswith("n = 64 < 5 x dim = 5120 (the test split has only 64 rows)")
             # The built-in data records its truth: a reference row for it, at KL 0 and the lowest NLL.
-            assert set(values["references"]) == {"held-out real (val)", "gaussian-full", "gaussian-diag", "truth"}
+            assert set(values["references"]) == {"held-out real (val)", "gaussian-full", "gaussian-diag",
+                                                 "gaussian-mixture", "truth"}
             truth, full = values["references"]["truth"], values["references"]["gaussian-full"]
             assert truth["kl_to_truth"] == 0.0 and truth["test_nll"] < full["test_nll"]
             assert values["loglik_vs_gaussian_full"] == pytest.approx(full["test_nll"] - values["test_nll"])
@@ -255,7 +257,8 @@ def test_report_over_three_partitions(artifacts_root, tmp_path):
     all_rows = table_rows(markdown)
     # All three partitions trained on the same rows: one row per reference.
     assert sorted(cells[0] for cells in all_rows if cells[0].startswith("reference")) == [
-        "reference: gaussian-diag", "reference: gaussian-full", "reference: held-out real (val)", "reference: truth"]
+        "reference: gaussian-diag", "reference: gaussian-full", "reference: gaussian-mixture",
+        "reference: held-out real (val)", "reference: truth"]
     body = [cells for cells in all_rows if not cells[0].startswith("reference")]
     assert sorted(cells[0] for cells in body) == sorted(PARTITIONS)
     expected_order = sorted(PARTITIONS, key=lambda p: (evaluations[p][0]["test_nll"], p))

@@ -187,9 +187,12 @@ def test_older_metadata_with_none_for_a_non_finite_value_still_counts_the_replic
 
 # --------------------------------------------------------------------------------------------- a study ranked by likelihood
 
-GAUSSIAN_FULL_NLL, TRUTH_NLL = -2400.0, -3000.0  # nats per row on the test rows every replicate scores
+GAUSSIAN_FULL_NLL, MIXTURE_NLL, TRUTH_NLL = -2400.0, -2520.0, -3000.0  # nats per row on the test rows scored
+MIXTURE_NOTE = "K = 64 diagonal components on the leading r = 512 of 1024 gaussian-full-whitened coordinates"
 STUDY_REFERENCES = {"gaussian-full": {"test_nll": GAUSSIAN_FULL_NLL, "kl_to_truth": GAUSSIAN_FULL_NLL - TRUTH_NLL,
                                       "c2st_accuracy": 0.9, "n": 64},
+                    "gaussian-mixture": {"test_nll": MIXTURE_NLL, "kl_to_truth": MIXTURE_NLL - TRUTH_NLL,
+                                         "kl_closed_fraction": 0.2, "n": 64, "note": MIXTURE_NOTE},
                     "truth": {"test_nll": TRUTH_NLL, "kl_to_truth": 0.0, "n": 64},
                     "held-out real (val)": {"c2st_accuracy": 0.51, "ranking_kid": 1e-4, "n": 64}}
 STUDY_ORDER = ["mlp-icfm", "mlp-vp", "dit-icfm", "unet-icfm", "unet-fm"]
@@ -204,6 +207,9 @@ def likelihood_replicate(rng: np.random.Generator, mean_nll: float, copying: boo
     kl, accuracy = nll - TRUTH_NLL, rng.uniform(0.6, 0.95)
     return {"test_nll": nll, "test_bits_per_dim": nll / (1024 * math.log(2)), "loglik_vs_gaussian_full": gain,
             "loglik_vs_gaussian_full_ci_low": gain - half, "loglik_vs_gaussian_full_ci_high": gain + half,
+            "loglik_vs_gaussian_mixture": MIXTURE_NLL - nll,
+            "loglik_vs_gaussian_mixture_ci_low": MIXTURE_NLL - nll - half,
+            "loglik_vs_gaussian_mixture_ci_high": MIXTURE_NLL - nll + half,
             "kl_to_truth": kl, "kl_to_truth_ci_low": kl - half, "kl_to_truth_ci_high": kl + half,
             "kl_closed_fraction": 1 - kl / (GAUSSIAN_FULL_NLL - TRUTH_NLL), "c2st_accuracy": accuracy,
             "c2st_accuracy_ci_low": accuracy - 0.1, "c2st_accuracy_ci_high": accuracy + 0.05,
@@ -250,7 +256,8 @@ def test_a_small_studys_report_ranks_by_held_out_likelihood_with_a_copying_repli
     # intervals are not pooled), except a one-replicate row, which keeps its own paired interval.
     for partition in ("mlp-icfm", "mlp-vp", "dit-icfm"):
         row = rows[partition]
-        for key in ("test_nll", "loglik_vs_gaussian_full", "kl_to_truth", "c2st_accuracy"):
+        for key in ("test_nll", "loglik_vs_gaussian_full", "loglik_vs_gaussian_mixture", "kl_to_truth",
+                    "c2st_accuracy"):
             expected = replicate_t_interval([values[key] for values in replicates[partition]])
             assert (row[key], row[f"{key}_ci_low"], row[f"{key}_ci_high"]) == pytest.approx(expected, rel=1e-9)
         assert row["loglik_vs_gaussian_full"] == pytest.approx(GAUSSIAN_FULL_NLL - row["test_nll"], rel=1e-9)
@@ -275,18 +282,24 @@ def test_a_small_studys_report_ranks_by_held_out_likelihood_with_a_copying_repli
     markdown = report.files.markdown
     assert markdown.startswith("Sorted by **test_nll**")
     order = [cells[0] for cells in table_rows(markdown)]
-    assert order == ["reference: truth", "dit-icfm", "unet-fm", "mlp-icfm", "mlp-vp", "reference: gaussian-full",
-                     "unet-icfm", "reference: held-out real (val)"]
+    assert order == ["reference: truth", "dit-icfm", "reference: gaussian-mixture", "unet-fm", "mlp-icfm", "mlp-vp",
+                     "reference: gaussian-full", "unet-icfm", "reference: held-out real (val)"]
     headers = [column.header for column in COLUMNS]
     cells = {row[0]: row for row in table_rows(markdown)}
     for partition in ("dit-icfm", "mlp-vp"):
         row = rows[partition]
         assert cells[partition][headers.index("test NLL (nats/row)")] == f"{row['test_nll']:.2f}"
         assert cells[partition][headers.index("CI low")] == f"{row['loglik_vs_gaussian_full_ci_low']:+.2f}"
+        assert cells[partition][headers.index("vs gaussian-mixture (nats/row)")] == \
+            f"{row['loglik_vs_gaussian_mixture']:+.2f}"
+        assert cells[partition][headers.index("mixture CI high")] == f"{row['loglik_vs_gaussian_mixture_ci_high']:+.2f}"
         assert cells[partition][headers.index("KL to truth")] == f"{row['kl_to_truth']:.1f}"
         assert cells[partition][headers.index("C2ST acc.")] == f"{row['c2st_accuracy']:.3f}"
     assert cells["unet-icfm"][headers.index("test NLL (nats/row)")] == "∞"
     assert cells["reference: truth"][headers.index("KL to truth")] == "0.0"
+    mixture = cells["reference: gaussian-mixture"]
+    assert (mixture[headers.index("KL to truth")], mixture[headers.index("KL closed")]) == ("480.0", "0.200")
+    assert mixture[headers.index("note")].endswith(f"(as dit-icfm); {MIXTURE_NOTE}")
     statistics = markdown[markdown.index("### Replicates and comparison with the baseline (test_nll)"):]
     line = next(line for line in statistics.splitlines() if line.startswith(f"| `{copying['identity']}`"))
     assert "∞ (1 of 3 replicates infinite (+inf))" in line and line.endswith("| no detectable difference |")

@@ -46,7 +46,7 @@ class EvaluationConfig(dg.Config):
     n_samples: int = Field(default=SAMPLES_PER_DIM * 1024, description="cap on the number of samples: n = "
                            "min(test rows, n_samples); 5 x dim by default (FD and k-NN metrics are biased at n ~ dim)")
     references: bool = Field(default=True, description="also score held-out real val rows and the gaussian-full / "
-                             "gaussian-diag baselines with the same metrics, n and seed")
+                             "gaussian-diag / gaussian-mixture baselines with the same metrics, n and seed")
     reuse_references: bool = Field(default=True, description="read the reference rows from <root>/evaluation/"
                                    "references when an evaluation on the same rows, n, seed, k and metric code "
                                    "scored them already (they do not depend on the model); false: score them again")
@@ -96,7 +96,7 @@ def evaluation_metadata(result: Evaluation, results_path) -> dict:
     ranking rule, the sample-size note next to the numbers, and the reference rows (held-out real, baselines)."""
     primary = result.primary
     references = {ref.name: {key: ref.metrics.get(key) for key in REFERENCE_METRIC_KEYS} | {"n": ref.n}
-                  for ref in result.references}
+                  | ({"note": ref.note} if ref.note else {}) for ref in result.references}
     metadata = {
         **{name: value if isinstance(value, str) else float(value) for name, value in primary.metrics.items()
            if name != "n"},
@@ -144,8 +144,8 @@ def evaluation(
     """Sample quality of one partition's EMA model: ODE samples (dopri5 by default) in raw embedding space against
     the held-out test split: KID ± se with a bootstrap CI and FD∞ in train-normalised space, variance and norm
     ratios, precision/recall/density/coverage, memorisation against the rows the run trained on; beside the same
-    metrics for held-out real val rows and the gaussian-full / gaussian-diag baselines, and, when the splits carry
-    sentences, the nearest train and test sentence of a few samples. Results also saved as JSON."""
+    metrics for held-out real val rows and the gaussian-full / gaussian-diag / gaussian-mixture baselines, and, when
+    the splits carry sentences, the nearest train and test sentence of a few samples. Results also saved as JSON."""
     partition = context.partition_key
     try:
         settings = config.settings()
@@ -197,12 +197,12 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
                     artifacts: ArtifactsResource) -> dg.MaterializeResult:
     """All evaluated run identities side by side, one row per identity (config minus seed; replicates pooled as
     mean and 95% t-interval, never across identities), with the reference rows (held-out real, gaussian-full,
-    gaussian-diag): a Markdown table (arch, flow, data, size, params, FLOPs, steps, best val loss and its ratio to
-    the zero predictor, ranking KID, KID ± se and CI, FD∞, variance and norm ratios, precision, recall, density,
-    coverage, memorisation, train copies, train time) sorted by the ranking metric, with models that do not beat
-    gaussian-full marked; a statistics section comparing every row with the baseline row (paired or Welch t,
-    Holm-corrected); the same rows as CSV, and a PNG with every row's validation-loss curve (on the zero-predictor
-    scale) and a bar chart of the ranking metric."""
+    gaussian-diag, gaussian-mixture): a Markdown table (arch, flow, data, size, params, FLOPs, steps, best val loss
+    and its ratio to the zero predictor, ranking KID, KID ± se and CI, FD∞, variance and norm ratios, precision,
+    recall, density, coverage, memorisation, train copies, train time) sorted by the ranking metric, with models that
+    do not beat gaussian-full marked; a statistics section comparing every row with the baseline row (paired or Welch
+    t, Holm-corrected); the same rows as CSV, and a PNG with every row's validation-loss curve (on the
+    zero-predictor scale) and a bar chart of the ranking metric."""
     from flow_pipeline.evaluation.ablation_report import NothingToReport, build_ablation_report  # matplotlib
 
     records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=evaluation.key),

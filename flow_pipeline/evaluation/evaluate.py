@@ -4,7 +4,8 @@ Pure (no Dagster): the ``evaluation`` asset and the research scripts call :func:
 
     checkpoint (best.pt) ──► EMA model + flow + normaliser ──► ODE samples (n, dim), denormalised
         ──► metrics vs test (KID ± se, FD∞, dispersion, PRDC, memorisation vs the run's training rows), one set per
-            sampler, beside the reference rows (held-out real, gaussian-full, gaussian-diag) scored the same way
+            sampler, beside the reference rows (held-out real, gaussian-full, gaussian-diag, gaussian-mixture) scored
+            the same way
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flow_pipeline.core.metrics.two_sample import two_sample_scores
 from flow_pipeline.core.likelihood_guidance import LikelihoodGuidanceFit
 from flow_pipeline.evaluation.guidance import fit_sampler_guidance
 from flow_pipeline.evaluation.likelihood import TRUTH, LikelihoodEvaluation, evaluate_likelihood
+from flow_pipeline.evaluation.mixture_reference import mixture_reference
 from flow_pipeline.evaluation.references import (
     CachedReferences,
     ReferenceEvaluation,
@@ -56,7 +58,7 @@ class EvaluationData:
     train (n_train, dim): the train split; the run's own rows of it (:func:`run_training_rows`) are what
     memorisation, the train-normalised space and the Gaussian baselines use. test (n_test, dim): the held-out rows
     the samples are scored against. val (n_val, dim) or None: with it, the reference rows (held-out real val rows,
-    gaussian-full, gaussian-diag) are scored too, and they are the target of an "auto" guidance
+    gaussian-full, gaussian-diag, gaussian-mixture) are scored too, and they are the target of an "auto" guidance
     (:func:`~flow_pipeline.evaluation.guidance.fit_sampler_guidance`). sentences: (train split's, test split's)
     row-aligned sentences, or None. truth: the record of the distribution the rows were drawn from
     (``Splits.truth``: the built-in generator), or None (real data); with it the likelihood says how far each model
@@ -202,14 +204,16 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: EvaluationData
                                           real.side.threshold)
         results.append(result)
     references: list[ReferenceEvaluation] = []
+    # The mixture's EM fit is the costly reference: fitted (or read from the cache) once, for both its rows.
+    mixture = mixture_reference(train_rows, data.val, reference_cache, real.key)
     if data.val is not None:
         references = (real.cached.rows if real.cached is not None
-                      else cached_references(real.side, data.val, reference_cache, real.key))
+                      else cached_references(real.side, data.val, reference_cache, real.key, mixture))
     likelihood = None
     if settings.likelihood_rows > 0:
         likelihood = evaluate_likelihood(ema, real.side.test_n[: settings.likelihood_rows], train_rows,
                                          truth_of(data.truth), guidance=results[0].guidance, val=data.val,
-                                         **settings.likelihood_options)
+                                         mixture=mixture, **settings.likelihood_options)
         results[0].metrics.update(likelihood.metrics())
         references = _with_likelihood(references, likelihood)
     return Evaluation(checkpoint_path=str(ema.checkpoint_path), sha256=ema.sha256, run_name=ema.config.run_name,

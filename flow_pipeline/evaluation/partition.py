@@ -48,10 +48,10 @@ class PartitionEvaluation:
         result, primary = self.first, self.first.primary.metrics
         likelihood = ""
         if "test_nll" in primary:
-            likelihood = (f"test_nll={primary['test_nll']:.2f} "
-                          f"(vs gaussian-full {primary['loglik_vs_gaussian_full']:+.2f} "
-                          f"[{primary['loglik_vs_gaussian_full_ci_low']:+.2f}, "
-                          f"{primary['loglik_vs_gaussian_full_ci_high']:+.2f}] nats/row) ")
+            versus = [f"vs {name.replace('_', '-')} {primary[key]:+.2f} [{primary[f'{key}_ci_low']:+.2f}, "
+                      f"{primary[f'{key}_ci_high']:+.2f}]" for name in ("gaussian_full", "gaussian_mixture")
+                      if (key := f"loglik_vs_{name}") in primary]
+            likelihood = f"test_nll={primary['test_nll']:.2f} ({', '.join(versus)} nats/row) "
         return (f"{partition} ({result.primary.sampler}, n={result.n}): {likelihood}kid={primary['kid']:.4g} ± "
                 f"{primary['kid_se']:.2g} fd_inf={primary['fd_inf']:.4g} "
                 f"variance_ratio={primary['variance_ratio']:.3f} coverage={primary['coverage']:.3f}"

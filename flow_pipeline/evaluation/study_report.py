@@ -18,7 +18,8 @@ DEFAULT_BASELINE = "mlp-icfm"
 # Metrics pooled over replicates (keys of each replicate's ``metrics``, plus the training's values); lower is better
 # for all but these.
 HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "loglik_vs_gaussian_full",
-                              "loglik_vs_gaussian_diag", "kl_closed_fraction", "network_over_own_gaussian",
+                              "loglik_vs_gaussian_diag", "loglik_vs_gaussian_mixture", "kl_closed_fraction",
+                              "network_over_own_gaussian",
                               "loglik_vs_gaussian_full_network_coords", "loglik_vs_gaussian_full_other_coords"})
 VAL_LOSS_RATIO = "val_loss_ratio"  # best EMA val loss / the flow's zero-predictor loss: comparable across flows
 EVALUATION_ERROR = "evaluation_error"  # a replicate entry's key: why its evaluation failed (its metrics: none)

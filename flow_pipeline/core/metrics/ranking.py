@@ -23,8 +23,8 @@ METRIC_SPACES = {
         "kid", "kid_se", "kid_ci_low", "kid_ci_high", "ranking_kid", "fd_inf", "fd_inf_slope", "c2st_accuracy",
         "rbf_kid"),
     "raw embedding space": (
-        "test_nll", "test_bits_per_dim", "loglik_vs_gaussian_full", "loglik_vs_gaussian_diag", "kl_to_truth",
-        "kl_closed_fraction",
+        "test_nll", "test_bits_per_dim", "loglik_vs_gaussian_full", "loglik_vs_gaussian_diag",
+        "loglik_vs_gaussian_mixture", "kl_to_truth", "kl_closed_fraction",
         "fd", "fd_floor", "fd_ratio", "precision", "recall", "density", "coverage", "memorization_ratio",
         "train_copy_fraction", "copy_threshold", "variance_ratio", "norm_ratio", "norm_mean", "norm_std",
         "real_norm_mean", "real_norm_std", "nn_cosine"),
