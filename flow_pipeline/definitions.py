@@ -16,7 +16,7 @@ from flow_pipeline.defs.retries import build_retry_schedule, retrain_job, retry_
 from flow_pipeline.defs.tracking import WandbResource
 
 sleep_while_waiting_for_a_pool_slot()  # Dagster 1.13's run worker spins while it waits (see defs/pool_wait.py)
-serialise_pool_claims()  # Dagster 1.13 lets two simultaneous claims on SQLite share one slot (see defs/pool_claims.py)
+serialise_pool_claims()  # Dagster 1.13 lets simultaneous claims share one slot (see defs/pool_claims.py)
 
 # FLOW_PIPELINE_RERUN_CRON / FLOW_PIPELINE_MAX_ATTEMPTS: when failed partitions are retried, and how often.
 retry_schedule = build_retry_schedule(retry_settings_from_env(os.environ))
