@@ -162,7 +162,7 @@ def _python_path() -> str:
     return os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
-# --- rounds ------------------------------------------------------------------------------------------------------------
+# --- rounds -----------------------------------------------------------------------------------------------------------
 
 
 def round_config(settings: StressSettings, directory: Path) -> dict:
