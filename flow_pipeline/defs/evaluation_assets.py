@@ -215,6 +215,8 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
             ablation_partitions.get_partition_keys(), config.baseline, artifacts.layout.reports_dir)
     except NothingToReport as exc:
         raise dg.Failure(description=f"ablation_report: {exc}") from exc
+    except OSError as exc:  # a file that cannot be written (a full disk: disk_full), named in the message
+        raise tagged_failure(context, evaluation_failure_kind(exc), f"ablation_report: {exc}") from exc
     context.log.info(f"ablation report over {len(report.rows)} run identities in {artifacts.layout.reports_dir}")
     return dg.MaterializeResult(metadata=report_metadata(report))
 

@@ -66,8 +66,9 @@ def data_failure_kind(error: DataError) -> str:
 
 
 def evaluation_failure_kind(error: Exception) -> str:
-    """The kind of an evaluation's failure: an unreadable checkpoint or bad data (``data``, or the kinds of
-    :func:`data_failure_kind`), an invalid setting (``ValueError``: ``config``), a full disk, or anything else."""
+    """The kind of an evaluation's (or the report's) failure: an unreadable checkpoint or bad data (``data``, or the
+    kinds of :func:`data_failure_kind`), an invalid setting (``ValueError``: ``config``), a full disk, or anything
+    else."""
     if isinstance(error, CheckpointError):
         return DATA
     if isinstance(error, DataError):
