@@ -11,6 +11,10 @@ a throwaway PostgreSQL server) with the ``gpu`` pool at ``limit``, each round st
 The runs meet at a barrier, then claim the pool in the same instant and hold it ``hold_s``. From the spans each run
 writes while it holds the pool, a round's figure is the most runs holding it at one moment; it must never exceed
 the limit, and every run must succeed.
+
+A third path, ``threads``, claims from ``runs`` threads of this process released by one barrier (microseconds apart,
+where separate processes on a loaded machine are tens of milliseconds apart): its figure is how many claims were told
+they hold a slot.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,13 +32,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from flow_pipeline.defs.pool_claims import SERIALISED_METHODS, locked_storages
 from flow_pipeline_tests.pool_stress_defs import (READY_PREFIX, SPANS_NAME, WITHOUT_LOCK_ENV, gpu_pool_stress,
                                                   hold_the_gpu)
 from flow_pipeline_tests.postgres_server import start_postgres
 from flow_pipeline_tests.servers import BIN, FINISHED_RUN_STATUSES, REPO_ROOT, DagsterServers, dagster_servers
 
 STORAGES = ("sqlite", "postgres")
-PATHS = ("cli", "queue")
+PATHS = ("cli", "queue", "threads")
 INSTANCE_YAML = {"sqlite": REPO_ROOT / "dagster_home" / "dagster.yaml",
                  "postgres": REPO_ROOT / "deploy" / "dagster-postgres.yaml"}
 STRESS_WORKSPACE = Path(__file__).with_name("pool_stress_workspace.yaml")
@@ -46,7 +52,7 @@ class StressSettings:
     runs: int = 6  # launched at once per round
     limit: int = 2  # the gpu pool's limit
     rounds: int = 20  # per path
-    paths: Sequence[str] = PATHS
+    paths: Sequence[str] = ("cli", "queue")
     hold_s: float = 1.0
     round_timeout_s: float = 300.0
     with_lock: bool = True  # False: Dagster's claims alone (POOL_STRESS_WITHOUT_LOCK=1 in every process)
@@ -71,7 +77,7 @@ class RoundResult:
     round: int
     runs: int
     succeeded: int
-    max_holding: int  # most runs holding the pool at one moment
+    max_holding: int  # most runs holding the pool at one moment (threads: told they hold a slot)
     claim_spread_s: float  # from the first run's first claim to the last run's first claim
     seconds: float
 
@@ -225,6 +231,44 @@ def queue_round(settings: StressSettings, servers: DagsterServers, directory: Pa
     return sum(status == "SUCCESS" for status in statuses.values())
 
 
+@contextmanager
+def claims_left_to_dagster(left: bool) -> Iterator[None]:
+    """Within the block, this process's claims go without the project's lock when ``left`` (restored afterwards)."""
+    saved = {(storage, name): getattr(storage, name) for storage in locked_storages() for name in SERIALISED_METHODS}
+    try:
+        if left:
+            for (storage, name), method in saved.items():
+                setattr(storage, name, getattr(method, "__wrapped__", method))
+        yield
+    finally:
+        for (storage, name), method in saved.items():
+            setattr(storage, name, method)
+
+
+def thread_round(settings: StressSettings, env: dict[str, str], index: int) -> RoundResult:
+    """``runs`` threads claim the pool at one barrier, one run id each, then free it again."""
+    run_ids = [f"threads-{index}-{i}" for i in range(settings.runs)]
+    barrier, told, asked_at = threading.Barrier(settings.runs), {}, {}
+    started = time.monotonic()
+    with instance_in(env) as instance, claims_left_to_dagster(not settings.with_lock):
+        storage = instance.event_log_storage
+
+        def claim(run_id: str) -> None:
+            barrier.wait()
+            asked_at[run_id] = time.time()
+            told[run_id] = storage.claim_concurrency_slot("gpu", run_id, hold_the_gpu.name).is_claimed
+
+        threads = [threading.Thread(target=claim, args=(run_id,)) for run_id in run_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for run_id in run_ids:
+            storage.free_concurrency_slots_for_run(run_id)
+    return RoundResult("threads", index, settings.runs, len(told), sum(told.values()),
+                       round(max(asked_at.values()) - min(asked_at.values()), 4), round(time.monotonic() - started, 1))
+
+
 def _play(settings: StressSettings, report: StressReport, path: str, workdir: Path, env: dict[str, str],
           start_round) -> None:
     for index in range(settings.rounds):
@@ -249,4 +293,6 @@ def run_stress(settings: StressSettings, workdir: Path) -> StressReport:
                                  workspace=STRESS_WORKSPACE) as servers:
                 _play(settings, report, "queue", workdir, env,
                       lambda directory: queue_round(settings, servers, directory))
+        if "threads" in settings.paths:
+            report.rounds += [thread_round(settings, env, index) for index in range(settings.rounds)]
     return report
