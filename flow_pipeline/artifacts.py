@@ -27,6 +27,8 @@ RESULT_NAME = "result.json"  # a finished training's metadata
 FAILURE_NAME = "failure.json"  # why a training process failed
 LOSS_CURVE_NAME = "loss_curve.png"
 # Inside an evaluation directory (``ArtifactLayout.evaluation_dir``).
+# A temp file this old in a directory that several processes write into is a killed write's, never a live one.
+STALE_TEMP_AGE_S = 3600.0
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_PNG = "samples.png"
 # Inside ``ArtifactLayout.reports_dir``.

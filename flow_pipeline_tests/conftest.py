@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from flow_pipeline_tests.helpers import REPO_ROOT, dagster_cli
+from flow_pipeline_tests.postgres_server import PostgresUnavailable, start_postgres
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,26 @@ def dagster_home(tmp_path, monkeypatch) -> Path:
                    capture_output=True)
     return home
 
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server for the module (postgres_server.py); the test is skipped without the binaries."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_home(postgres, tmp_path, monkeypatch) -> Path:
+    """DAGSTER_HOME holding deploy/dagster-postgres.yaml verbatim, its DAGSTER_PG_* variables pointing at the server."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO_ROOT / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    for name, value in postgres.dagster_env().items():
+        monkeypatch.setenv(name, value)
+    return home

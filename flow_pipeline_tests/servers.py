@@ -236,8 +236,9 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 @contextmanager
 def dagster_servers(home: Path, log_dir: Path, env: Mapping[str, str] | None = None,
-                    startup_timeout_s: float = 240.0) -> Iterator[DagsterServers]:
-    """Run ``dagster-webserver`` and ``dagster-daemon`` (workspace.yaml of the repo) with DAGSTER_HOME=``home``.
+                    startup_timeout_s: float = 240.0, workspace: Path = WORKSPACE) -> Iterator[DagsterServers]:
+    """Run ``dagster-webserver`` and ``dagster-daemon`` on ``workspace`` (default: workspace.yaml of the repo) with
+    DAGSTER_HOME=``home``.
 
     ``env``: the servers' environment (default: this process's), e.g. with FLOW_PIPELINE_ROOT set; DAGSTER_HOME is
     always ``home``. Both are stopped on exit, whatever happens; logs stay in ``log_dir``.
@@ -247,9 +248,9 @@ def dagster_servers(home: Path, log_dir: Path, env: Mapping[str, str] | None = N
     servers = DagsterServers(port=free_port(HOST), home=home, log_dir=log_dir)
     try:
         servers.processes["webserver"] = _start("webserver", [
-            str(BIN / "dagster-webserver"), "-w", str(WORKSPACE), "-h", HOST, "-p", str(servers.port),
+            str(BIN / "dagster-webserver"), "-w", str(workspace), "-h", HOST, "-p", str(servers.port),
         ], env, log_dir)
-        servers.processes["daemon"] = _start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(WORKSPACE)],
+        servers.processes["daemon"] = _start("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
                                              env, log_dir)
         servers.wait_until_ready(startup_timeout_s)
         yield servers

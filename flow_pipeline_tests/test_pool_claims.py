@@ -1,9 +1,14 @@
-"""Two runs claiming the last gpu slot at the same moment: one gets it, the other waits (defs/pool_claims.py)."""
+"""Two runs claiming the last gpu slot at the same moment: one gets it, the other waits (defs/pool_claims.py), on
+SQLite and on a real PostgreSQL server."""
 
+import contextlib
 import threading
+from dataclasses import dataclass
 
 import dagster as dg
 import pytest
+import sqlalchemy
+from dagster_postgres import PostgresEventLogStorage
 
 import flow_pipeline.definitions  # noqa: F401  (installs the fix, as every run worker does by loading the code)
 from flow_pipeline.defs.pool_claims import SERIALISED_METHODS
@@ -76,13 +81,68 @@ def test_without_the_lock_the_pinned_dagster_assigns_one_slot_to_both(monkeypatc
         assert assigned_runs(storage, runs) == runs
 
 
+@contextlib.contextmanager
+def meeting_after_the_free_slot_is_picked(storage, parties: int):
+    """Each claiming thread waits for the others (up to 2 s) right after the statement that picks a free slot row
+    (``FOR UPDATE SKIP LOCKED``). Without a lock around the claim, all of them have then picked the same row before
+    any takes it: PostgreSQL storage runs in autocommit, so the row lock ends with that statement."""
+    meet = threading.Barrier(parties)
+
+    def after_execute(conn, cursor, statement, parameters, context, executemany):
+        if "SKIP LOCKED" in statement:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet.wait(timeout=2)
+
+    sqlalchemy.event.listen(storage._engine, "after_cursor_execute", after_execute)
+    try:
+        yield
+    finally:
+        sqlalchemy.event.remove(storage._engine, "after_cursor_execute", after_execute)
+
+
+@dataclass
+class PostgresClaims:
+    told_claimed: dict[str, bool]  # run -> what its claim returned
+    holders: list[str]  # the runs the slot table names afterwards
+
+
+def postgres_claims_at_the_same_moment(home, run_ids: list[str]) -> PostgresClaims:
+    """The runs claim the one slot of the pool on the PostgreSQL instance at ``home``, then free it again."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, PostgresEventLogStorage)
+        storage.set_concurrency_slots("gpu", 1)
+        with meeting_after_the_free_slot_is_picked(storage, len(run_ids)):
+            claimed = claim_at_the_same_moment(storage, run_ids)
+        holders = [r for r in run_ids if storage.check_concurrency_claim("gpu", r, STEP).is_claimed]
+        for run_id in run_ids:  # the module's server is shared by its tests
+            storage.free_concurrency_slots_for_run(run_id)
+    return PostgresClaims(claimed, holders)
+
+
+def test_simultaneous_claims_on_postgres_give_the_one_slot_to_one_run(postgres_home):
+    claims = postgres_claims_at_the_same_moment(postgres_home, ["run-a", "run-b"])
+    assert sorted(claims.told_claimed.values()) == [False, True]
+    assert claims.holders == [run for run, claimed in claims.told_claimed.items() if claimed]
+
+
+def test_without_the_lock_the_pinned_dagster_on_postgres_lets_both_runs_claim_one_slot(postgres_home, monkeypatch):
+    """The race is real on PostgreSQL too: both runs are told they hold the slot, so both would train."""
+    for name in SERIALISED_METHODS:
+        monkeypatch.setattr(PostgresEventLogStorage, name, getattr(PostgresEventLogStorage, name).__wrapped__)
+    claims = postgres_claims_at_the_same_moment(postgres_home, ["run-a", "run-b"])
+    assert claims.told_claimed == {"run-a": True, "run-b": True}
+    assert len(claims.holders) == 1  # the later update overwrote the earlier one's row
+
+
 @pytest.mark.parametrize("calls", [1, 2])
 def test_install_wraps_each_method_once(calls):
     from flow_pipeline.defs.pool_claims import install
 
     for _ in range(calls):
         install()
-    for name in SERIALISED_METHODS:
-        method = getattr(SqliteEventLogStorage, name)
-        assert method.serialised_by_flow_pipeline
-        assert not getattr(method.__wrapped__, "serialised_by_flow_pipeline", False)
+    for storage_class in (SqliteEventLogStorage, PostgresEventLogStorage):
+        for name in SERIALISED_METHODS:
+            method = getattr(storage_class, name)
+            assert method.serialised_by_flow_pipeline
+            assert not getattr(method.__wrapped__, "serialised_by_flow_pipeline", False)

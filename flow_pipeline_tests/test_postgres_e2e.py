@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,37 +23,13 @@ from flow_pipeline.defs.resources import ArtifactsResource, default_root
 from flow_pipeline.defs.retries import RETRAIN_JOB_NAME
 from flow_pipeline.definitions import defs
 from flow_pipeline_tests.helpers import REPO_ROOT, TINY_DATASET, TINY_TRAIN, cli_env, dagster_cli, run_config
-from flow_pipeline_tests.postgres_server import PostgresUnavailable, start_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-INSTANCE_YAML = REPO_ROOT / "deploy" / "dagster-postgres.yaml"
 WORKSPACE = REPO_ROOT / "workspace.yaml"
 # partition -> training processes of its run; the pool counts the 2-process run as one slot like the others.
 PARTITIONS = {"mlp-icfm": 2, "mlp-fm": 1, "mlp-vp": 1}
 RUNS_TIMEOUT_S = 420
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    try:
-        server = start_postgres()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def postgres_home(postgres, tmp_path, monkeypatch) -> Path:
-    """DAGSTER_HOME holding deploy/dagster-postgres.yaml verbatim, its DAGSTER_PG_* variables pointing at the server."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(INSTANCE_YAML, home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    for name, value in postgres.dagster_env().items():
-        monkeypatch.setenv(name, value)
-    return home
 
 
 def launch_command(partition: str, processes: int) -> list[str]:

@@ -31,7 +31,6 @@ import yaml
 from flow_pipeline.core.checkpoint import BEST_NAME, LAST_NAME, TEMP_PREFIX, load_checkpoint, save_checkpoint, sha256_file
 from flow_pipeline.core.trainer import train
 from flow_pipeline.defs.assets import (
-    RUN_HOST_TAG,
     TrainRunConfig,
     dataset_splits,
     normalization_stats,
@@ -39,7 +38,8 @@ from flow_pipeline.defs.assets import (
 )
 from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.failures import DIVERGED, FAILURE_KIND_TAG, KILLED
-from flow_pipeline.defs.orphans import ORPHAN_CHECK_INTERVAL_S, RunWorker, fail_orphaned_runs, process_alive
+from flow_pipeline.defs.orphans import (ORPHAN_CHECK_INTERVAL_S, RUN_HOST_TAG, RunWorker, fail_orphaned_runs,
+                                        process_alive)
 from flow_pipeline.defs.retries import RERUN_CRON_ENV, RETRAIN_JOB_NAME, RetrySettings, build_retry_schedule
 from flow_pipeline.definitions import defs
 from flow_pipeline.artifacts import RESULT_NAME, TrainJob

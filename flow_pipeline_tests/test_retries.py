@@ -11,12 +11,14 @@ import pytest
 from flow_pipeline.artifacts import ArtifactLayout
 from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
 from flow_pipeline.definitions import defs
-from flow_pipeline.defs.assets import RUN_HOST_TAG, trained_checkpoint
+from flow_pipeline.defs.assets import trained_checkpoint
+from flow_pipeline.defs.orphans import RUN_HOST_TAG
 from flow_pipeline.defs.checks import verify_trained_checkpoint
 from flow_pipeline.defs.failures import (CONFIG, DATA, DISK_FULL, DIVERGED, ERROR, FAILURE_KIND_TAG, KILLED,
                                          MISSING_INPUT, classify_training_failure)
-from flow_pipeline.defs.retries import (ATTEMPT_TAG, DEFAULT_MAX_ATTEMPTS, DEFAULT_RERUN_CRON, MAX_ATTEMPTS_ENV,
-                                        RERUN_CRON_ENV, RETRAIN_JOB_NAME, Retry, RetrySettings, build_retry_schedule,
+from flow_pipeline.defs.retries import (ATTEMPT_TAG, DEFAULT_MAX_ATTEMPTS, DEFAULT_RERUN_CRON, EVALUATION_ATTEMPT_TAG,
+                                        MAX_ATTEMPTS_ENV, REEVALUATE_JOB_NAME, RERUN_CRON_ENV, RETRAIN_JOB_NAME, Retry,
+                                        RetrySettings, build_evaluation_retry_schedule, build_retry_schedule,
                                         plan_retries, retry_settings_from_env)
 from flow_pipeline_tests.helpers import TINY_TRAIN, resources, run_config
 
@@ -223,3 +225,86 @@ def test_the_kind_of_a_data_problem_comes_from_its_exception_type(tmp_path):
     assert data_failure_kind(DataError("x.npy: cannot read .npy file (truncated or corrupt)")) == DATA
     # The same kinds in a training process's failure.json keep meaning bad data there (not retried).
     assert {classify_training_failure({"error": name}) for name in ("MissingDataError", "DatasetChoiceError")} == {DATA}
+
+
+# --- evaluation retries --------------------------------------------------------------------------------------------
+
+
+def test_failure_kinds_of_evaluation_errors(tmp_path):
+    from flow_pipeline.core.atomic import write_atomic_with
+    from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
+    from flow_pipeline.core.data import MissingDataError
+    from flow_pipeline.core.data.split_store import load_run_splits
+    from flow_pipeline.defs.failures import evaluation_failure_kind
+
+    def raised(call) -> Exception:
+        with pytest.raises(Exception) as caught:
+            call()
+        return caught.value
+
+    torn = tmp_path / "best.pt"
+    torn.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+
+    def no_space(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    errors = {  # each raised by the code that raises it in an evaluation
+        DATA: raised(lambda: load_checkpoint(torn)),
+        MISSING_INPUT: raised(lambda: load_run_splits(tmp_path / "never_written", "full")),
+        DISK_FULL: raised(lambda: write_atomic_with(tmp_path / "evaluation.json", no_space)),
+        CONFIG: ValueError("n_samples: must be at least 2"),
+        ERROR: RuntimeError("anything else"),
+    }
+    assert isinstance(errors[DATA], CheckpointError) and isinstance(errors[MISSING_INPUT], MissingDataError)
+    assert {kind: evaluation_failure_kind(error) for kind, error in errors.items()} == {kind: kind for kind in errors}
+    assert evaluation_failure_kind(OSError(errno.EIO, "I/O error")) == ERROR
+
+
+def test_plan_retries_leaves_waiting_partitions_and_says_for_what():
+    plan = plan_retries({"a": FAILED, "b": FAILED}, {}, max_attempts=3,
+                        waiting={"b": "trained_checkpoint[b] is failed"})
+    assert plan.retries == [Retry("a", 2)]
+    assert plan.skipped == {"b": "failed, waiting (trained_checkpoint[b] is failed)"}
+
+
+def killed_evaluation(instance, partition: str, config: dict, tags: dict | None = None) -> None:
+    """An evaluation run whose worker died: STARTED, then failed without a failure kind (as a lost worker leaves it)."""
+    run = instance.create_run_for_job(defs.resolve_job_def(REEVALUATE_JOB_NAME), status=dg.DagsterRunStatus.STARTED,
+                                      run_config={"ops": {"evaluation": {"config": config}}},
+                                      tags={"dagster/partition": partition, **(tags or {})})
+    instance.report_run_failed(run, message="run worker gone")
+
+
+def test_the_evaluation_schedule_retries_a_killed_evaluation_once_its_training_is_materialized(tmp_path):
+    evaluate_config = {"solver": "euler", "steps": 4, "seed": 3}
+    schedule = build_evaluation_retry_schedule(RetrySettings(max_attempts=3))
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        report_materialized(instance, "mlp-icfm")  # trained
+        for attempt in (None, "2"):  # the first run and its first retry were both killed
+            killed_evaluation(instance, "mlp-icfm", evaluate_config, {EVALUATION_ATTEMPT_TAG: attempt} if attempt else {})
+        failing_run(instance, "dit-fm", TINY_TRAIN)  # its training failed: the evaluation waits for it
+        killed_evaluation(instance, "dit-fm", evaluate_config)
+        report_materialized(instance, "unet-fm")
+        killed_evaluation(instance, "unet-fm", evaluate_config)
+        instance.add_run_tags(instance.get_runs(limit=1)[0].run_id, {FAILURE_KIND_TAG: CONFIG})  # not retried
+        # Training retries of the same partition do not count as evaluation attempts.
+        failing_run(instance, "mlp-icfm", TINY_TRAIN, tags={ATTEMPT_TAG: "3"})
+        report_materialized(instance, "mlp-icfm")
+
+        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance,
+                                                                repository_def=defs.get_repository_def()))
+        assert [request.partition_key for request in tick.run_requests] == ["mlp-icfm"]
+        request = tick.run_requests[0]
+        assert request.run_config == {"ops": {"evaluation": {"config": evaluate_config}}}  # no resume key
+        assert request.tags[EVALUATION_ATTEMPT_TAG] == "3" and ATTEMPT_TAG not in request.tags
+        assert schedule.job_name == REEVALUATE_JOB_NAME
+        capped = build_evaluation_retry_schedule(RetrySettings(max_attempts=2)).evaluate_tick(
+            dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def()))
+        lines = capped.skip_message.splitlines()
+        assert "failed, gave up after 2 of 2 attempts: mlp-icfm" in lines, lines
+        assert "failed, waiting (trained_checkpoint[dit-fm] is failed): dit-fm" in lines, lines
+        assert any(line.startswith("failed, not retried (bad config") and line.endswith(": unet-fm")
+                   for line in lines), lines
+    job = defs.resolve_job_def(REEVALUATE_JOB_NAME)
+    assert {node.name for node in job.graph.node_defs} == {"evaluation"}
+    assert defs.resolve_schedule_def("retry_failed_evaluation").default_status == dg.DefaultScheduleStatus.RUNNING

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -78,12 +79,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return write_atomic_with(path, lambda handle: handle.write(data))
 
 
-def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
-    """Delete temp files left in ``directory`` by writes that were killed midway; returns what was removed."""
+def remove_stale_temp_files(directory: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Delete temp files left in ``directory`` by writes that were killed midway; returns what was removed.
+
+    ``older_than_s``: only those last modified that long ago, for a directory that other processes may be writing
+    into right now (their temp files are young: no write of one file takes anywhere near an hour)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = sorted(directory.glob(TEMP_PREFIX + "*"))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    now = time.time()
+    stale = []
+    for path in sorted(directory.glob(TEMP_PREFIX + "*")):
+        try:
+            if now - path.stat().st_mtime >= older_than_s:
+                path.unlink()
+                stale.append(path)
+        except FileNotFoundError:  # its own writer renamed or removed it meanwhile
+            continue
     return stale

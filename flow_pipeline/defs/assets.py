@@ -3,7 +3,6 @@
 
 import json
 import math
-import socket
 import sys
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from flow_pipeline.core.data import DataError
 from flow_pipeline.core.data.split_store import load_run_splits
 from flow_pipeline.core.run_identity import data_identity
 from flow_pipeline.defs.data_assets import OWNERS, DatasetConfig, dataset_splits, normalization_stats  # noqa: F401
-from flow_pipeline.defs.failures import (CONFIG, FAILURE_KIND_TAG, MISSING_INPUT, classify_training_failure,
-                                         data_failure_kind)
+from flow_pipeline.defs.failures import (CONFIG, MISSING_INPUT, classify_training_failure, data_failure_kind,
+                                         tagged_failure)
+from flow_pipeline.defs.orphans import tag_run_host
 from flow_pipeline.replicates import train_replicates
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.defs.run_config import TrainRunConfig
@@ -28,8 +28,6 @@ from flow_pipeline.artifacts import FAILURE_NAME, TrainJob
 
 ablation_partitions = dg.StaticPartitionsDefinition(PARTITION_KEYS)
 GPU_POOL = "gpu"  # limits concurrent trainings; its limit is the number of GPUs (1 on a CPU machine)
-# Run tag naming the host that trains: the fail_orphaned_runs sensor judges a run worker's pid only on that host.
-RUN_HOST_TAG = "flow_pipeline/host"
 DIM_NOT_YET_KNOWN = 2**31 - 1  # the probe's embedding dimension: no dimension-bounded field fails on it
 # Run tag read by dagster-k8s's K8sRunLauncher: extra Kubernetes config for the run's pod.
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -83,12 +81,6 @@ def _read_failure(run_dir: Path) -> tuple[str, str]:
     return kind, f"{failure['error']}: {failure['message']}"
 
 
-def _fail(context: dg.AssetExecutionContext, kind: str, description: str) -> dg.Failure:
-    """A Failure whose run carries the failure kind as a tag (read by the retry schedule)."""
-    context.instance.add_run_tags(context.run.run_id, {FAILURE_KIND_TAG: kind})
-    return dg.Failure(description=f"{description} [failure: {kind}]")
-
-
 @dg.asset(
     partitions_def=ablation_partitions,
     deps=[normalization_stats],
@@ -108,7 +100,7 @@ def trained_checkpoint(
     """Flow-matching model of one ablation partition ({arch}-{flow}), trained in its own process via Dagster Pipes;
     best.pt (EMA selected on validation loss) with its sha256, training metadata and the tracking link."""
     layout = artifacts.layout
-    context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
+    tag_run_host(context)
     train_config, stats_path = _resolve_training(context, config, layout, compute)
     result = train_replicates(
         train_config, config.replicates, layout.run_dir,
@@ -133,12 +125,12 @@ def _resolve_training(context: dg.AssetExecutionContext, config: TrainRunConfig,
         try:
             load_run_splits(layout.splits_dir, probe.dataset)  # a subset the splits lack: names the ones they have
         except DataError as exc:
-            raise _fail(context, data_failure_kind(exc), f"partition {partition}: {exc}") from exc
+            raise tagged_failure(context, data_failure_kind(exc), f"partition {partition}: {exc}") from exc
         stats_path = layout.stats_path(probe.dataset, probe.normalization)
         if not stats_path.exists():
-            raise _fail(context, MISSING_INPUT, f"normalization stats for dataset={probe.dataset!r}, normalization="
-                        f"{probe.normalization!r} not found at {stats_path}: materialize normalization_stats "
-                        f"(it writes one file per training subset the splits hold)")
+            raise tagged_failure(context, MISSING_INPUT, f"normalization stats for dataset={probe.dataset!r}, "
+                                 f"normalization={probe.normalization!r} not found at {stats_path}: materialize "
+                                 f"normalization_stats (it writes one file per training subset the splits hold)")
         train_config = config.to_train_config(partition, load_normalizer(stats_path).dim, device)
         if train_config.batch_size % config.gpus_per_run:
             raise ValueError(f"batch_size: {train_config.batch_size} is not a multiple of gpus_per_run="
@@ -146,9 +138,9 @@ def _resolve_training(context: dg.AssetExecutionContext, config: TrainRunConfig,
         if train_config.device.startswith("cuda") and _visible_gpus(compute) < config.gpus_per_run:
             raise ValueError(f"gpus_per_run: {config.gpus_per_run} GPUs requested, {_visible_gpus(compute)} visible")
     except ValidationError as exc:
-        raise _fail(context, CONFIG, f"partition {partition}: {format_validation_error(exc)}") from exc
+        raise tagged_failure(context, CONFIG, f"partition {partition}: {format_validation_error(exc)}") from exc
     except ValueError as exc:
-        raise _fail(context, CONFIG, f"partition {partition}: {exc}") from exc
+        raise tagged_failure(context, CONFIG, f"partition {partition}: {exc}") from exc
     return train_config, stats_path
 
 
@@ -197,5 +189,5 @@ def _train_one(context, config: TrainRunConfig, train_config: TrainConfig, stats
         )
     except Exception as exc:  # the process failed: report its own error, not Pipes' exit-code message
         kind, message = _read_failure(run_dir)
-        raise _fail(context, kind, f"partition {partition} ({train_config.run_name}): {message}") from exc
+        raise tagged_failure(context, kind, f"partition {partition} ({train_config.run_name}): {message}") from exc
     return dict(invocation.get_materialize_result().metadata)

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
-from flow_pipeline.core.checkpoint import CheckpointError
-from flow_pipeline.core.data import DataError
 from flow_pipeline.core.metrics.ranking import LIKELIHOOD_RULE, METRIC_SPACES
 from flow_pipeline.defs.assets import OWNERS, ablation_partitions, trained_checkpoint
 from flow_pipeline.defs.checks import EVALUATION_CHECK_SPECS, beats_gaussian_full
+from flow_pipeline.defs.failures import CONFIG, MISSING_INPUT, evaluation_failure_kind, tagged_failure
 from flow_pipeline.defs.materializations import latest_metadata, plain_metadata
+from flow_pipeline.defs.orphans import tag_run_host
 from flow_pipeline.defs.resources import ArtifactsResource, ComputeResource
 from flow_pipeline.core.likelihood import DEFAULT_PROBES, DEFAULT_STEPS, DIVERGENCES
 from flow_pipeline.evaluation.evaluate import LIKELIHOOD_ROWS, EvaluationSettings
@@ -147,19 +147,21 @@ def evaluation(
     metrics for held-out real val rows and the gaussian-full / gaussian-diag / gaussian-mixture baselines, and, when
     the splits carry sentences, the nearest train and test sentence of a few samples. Results also saved as JSON."""
     partition = context.partition_key
+    tag_run_host(context)
     try:
         settings = config.settings()
     except ValueError as exc:
-        raise dg.Failure(description=f"evaluation of {partition}: config: {exc}") from exc
+        raise tagged_failure(context, CONFIG, f"evaluation of {partition}: config: {exc}") from exc
     training = latest_metadata(context.instance, trained_checkpoint.key, partition)
     if training is None or "checkpoint_path" not in training:
-        raise dg.Failure(description=f"evaluation of {partition}: no trained_checkpoint materialization with a "
-                         f"checkpoint_path for this partition; materialize trained_checkpoint[{partition}] first")
+        raise tagged_failure(context, MISSING_INPUT, f"evaluation of {partition}: no trained_checkpoint "
+                             f"materialization with a checkpoint_path for this partition; materialize "
+                             f"trained_checkpoint[{partition}] first")
     try:
         outcome = evaluate_partition(partition, training, artifacts.layout, settings, config.references,
                                      config.reuse_references, compute.resolve_device(context.log))
-    except (CheckpointError, DataError, ValueError) as exc:
-        raise dg.Failure(description=f"evaluation of {partition}: {exc}") from exc
+    except Exception as exc:  # every failure tagged with its kind, for the retry schedule
+        raise tagged_failure(context, evaluation_failure_kind(exc), f"evaluation of {partition}: {exc}") from exc
     context.log.info(outcome.summary_line(partition))
     return dg.MaterializeResult(metadata=partition_metadata(partition, outcome),
                                 check_results=[beats_gaussian_full(outcome.first.primary.metrics)])
@@ -205,6 +207,7 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
     zero-predictor scale) and a bar chart of the ranking metric."""
     from flow_pipeline.evaluation.ablation_report import NothingToReport, build_ablation_report  # matplotlib
 
+    tag_run_host(context)
     records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=evaluation.key),
                                                       limit=10_000).records  # newest first
     evaluations = [(record.partition_key, plain_metadata(record)) for record in records]
@@ -214,6 +217,8 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig,
             ablation_partitions.get_partition_keys(), config.baseline, artifacts.layout.reports_dir)
     except NothingToReport as exc:
         raise dg.Failure(description=f"ablation_report: {exc}") from exc
+    except OSError as exc:  # a file that cannot be written (a full disk: disk_full), named in the message
+        raise tagged_failure(context, evaluation_failure_kind(exc), f"ablation_report: {exc}") from exc
     context.log.info(f"ablation report over {len(report.rows)} run identities in {artifacts.layout.reports_dir}")
     return dg.MaterializeResult(metadata=report_metadata(report))
 

@@ -1,8 +1,9 @@
 """Why a training run failed, as a run tag, so the retry schedule re-runs only what a retry can fix.
 
 The kind is written as the run tag ``flow_pipeline/failure`` by ``trained_checkpoint`` (from the training process's
-``failure.json``, or from its own validation) and by the ``fail_orphaned_runs`` sensor (``killed``). A run failed
-with no tag (the run worker itself died, the instance database went away) counts as ``killed``.
+``failure.json``, or from its own validation), by ``evaluation`` (from the exception it caught) and by the
+``fail_orphaned_runs`` sensor (``killed``). A run failed with no tag (the run worker itself died, the instance database
+went away) counts as ``killed``.
 
 Not retried — the same config on the same data fails the same way (and resume is bit-exact, so a diverged run
 diverges again): ``config``, ``data``, ``diverged``. Retried up to the attempt cap: everything else.
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import errno
 
+import dagster as dg
+
+from flow_pipeline.core.checkpoint import CheckpointError
 from flow_pipeline.core.data import DataError, DatasetChoiceError, MissingDataError
 
 FAILURE_KIND_TAG = "flow_pipeline/failure"
@@ -59,6 +63,27 @@ def data_failure_kind(error: DataError) -> str:
     if isinstance(error, DatasetChoiceError):
         return CONFIG
     return MISSING_INPUT if isinstance(error, MissingDataError) else DATA
+
+
+def evaluation_failure_kind(error: Exception) -> str:
+    """The kind of an evaluation's (or the report's) failure: an unreadable checkpoint or bad data (``data``, or the
+    kinds of :func:`data_failure_kind`), an invalid setting (``ValueError``: ``config``), a full disk, or anything
+    else."""
+    if isinstance(error, CheckpointError):
+        return DATA
+    if isinstance(error, DataError):
+        return data_failure_kind(error)
+    if isinstance(error, ValueError):
+        return CONFIG
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return DISK_FULL
+    return ERROR
+
+
+def tagged_failure(context: dg.AssetExecutionContext, kind: str, description: str) -> dg.Failure:
+    """A Failure whose run carries the failure kind as a tag (read by the retry schedules)."""
+    context.instance.add_run_tags(context.run.run_id, {FAILURE_KIND_TAG: kind})
+    return dg.Failure(description=f"{description} [failure: {kind}]")
 
 
 def retry_verdict(kind: str | None) -> str | None:

@@ -14,11 +14,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from flow_pipeline.defs.assets import RUN_HOST_TAG
 from flow_pipeline.defs.failures import FAILURE_KIND_TAG, KILLED
 
 PARTITION_TAG = "dagster/partition"
 ORPHAN_CHECK_INTERVAL_S = 10
+# Run tag naming the host whose process executes the run: the sensor judges a run worker's pid only on that host.
+RUN_HOST_TAG = "flow_pipeline/host"
+
+
+def tag_run_host(context: dg.AssetExecutionContext) -> None:
+    """Tag the run with this host, so that the sensor fails it if its worker process dies here."""
+    context.instance.add_run_tags(context.run.run_id, {RUN_HOST_TAG: socket.gethostname()})
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,13 @@ def process_alive(worker: RunWorker) -> bool:
     name="fail_orphaned_runs",
     minimum_interval_seconds=ORPHAN_CHECK_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Marks a STARTED training run failed when its worker process on this host is gone (SIGKILL, OOM), "
-                "so that run monitoring frees its gpu pool slot and the retry schedule can resume it.",
+    description="Marks a STARTED run (training, evaluation, report) failed when its worker process on this host is "
+                "gone (SIGKILL, OOM), so that run monitoring frees its gpu pool slot and the retry schedules can "
+                "re-run it.",
 )
 def fail_orphaned_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-    """Only runs tagged with this host by ``trained_checkpoint`` are judged: a pid means nothing on another machine."""
+    """Only runs tagged with this host (:func:`tag_run_host`, by every asset that runs long) are judged: a pid means
+    nothing on another machine."""
     instance = context.instance
     host = socket.gethostname()
     failed, alive = [], 0
@@ -100,4 +108,4 @@ def fail_orphaned_runs(context: dg.SensorEvaluationContext) -> dg.SkipReason:
     if failed:
         return dg.SkipReason(f"marked {len(failed)} orphaned run(s) failed: {'; '.join(failed)}; "
                              f"{alive} started run(s) on {host} have a live worker")
-    return dg.SkipReason(f"no orphaned runs: {alive} started training run(s) on {host}, all with a live worker")
+    return dg.SkipReason(f"no orphaned runs: {alive} started run(s) on {host}, all with a live worker")

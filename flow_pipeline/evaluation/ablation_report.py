@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flow_pipeline.ablations import ablation_for
-from flow_pipeline.artifacts import REPORT_CSV, REPORT_MARKDOWN, REPORT_PNG, write_atomic
+from flow_pipeline.artifacts import REPORT_CSV, REPORT_MARKDOWN, REPORT_PNG, STALE_TEMP_AGE_S, write_atomic
+from flow_pipeline.core.atomic import remove_stale_temp_files
 from flow_pipeline.core.checkpoint import CheckpointError, load_checkpoint
 from flow_pipeline.evaluation.plots import InlineFigure, plot_report
 from flow_pipeline.evaluation.report import (LOSES_TO_BASELINE, PRIMARY_METRIC, build_row, csv_text,
@@ -33,6 +34,7 @@ def write_report(rows: list[dict], curves: dict[str, list[dict]], reports_dir: P
                  metric: str = PRIMARY_METRIC, ascending: bool = True, statistics: str = "") -> ReportFiles:
     """Sort the rows by ``metric`` and write Markdown (with the ``statistics`` section), CSV and PNG atomically
     under ``reports_dir``."""
+    remove_stale_temp_files(reports_dir, older_than_s=STALE_TEMP_AGE_S)  # what killed reports left
     ordered = sort_rows(rows, metric, ascending)
     markdown = markdown_report(ordered, metric, ascending, statistics)
     markdown_path, csv_path = reports_dir / REPORT_MARKDOWN, reports_dir / REPORT_CSV

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flow_pipeline.artifacts import EVALUATION_JSON, EVALUATION_PNG, ArtifactLayout, write_json
+from flow_pipeline.artifacts import EVALUATION_JSON, EVALUATION_PNG, STALE_TEMP_AGE_S, ArtifactLayout, write_json
+from flow_pipeline.core.atomic import remove_stale_temp_files
 from flow_pipeline.core.checkpoint import CheckpointError
 from flow_pipeline.core.data.split_set import load_saved_splits
 from flow_pipeline.core.data.split_store import RunSplits, load_run_splits
@@ -89,12 +90,16 @@ def evaluate_partition(partition: str, training: dict, layout: ArtifactLayout, s
     noise. A replicate whose evaluation fails (a checkpoint that no longer reads or verifies) stays in the study
     with its error, and ranks its row worst; when every replicate fails, or the data cannot be read, this raises
     CheckpointError, DataError or ValueError naming what is wrong."""
+    entries = replicates_from_metadata(training)
+    run_dirs = [layout.evaluation_dir(entry["run_name"]) for entry in entries if entry.get("run_name")]
+    for directory in [layout.reference_cache_dir, *run_dirs]:
+        remove_stale_temp_files(directory, older_than_s=STALE_TEMP_AGE_S)  # what killed evaluations left
     run = load_run_splits(layout.splits_dir, (training.get("config") or {}).get("dataset", "full"))
     splits = run.splits
     data = EvaluationData(splits.train, splits.test, val=splits.val if references else None,
                           sentences=run_sentences(run, settings.n_sentences), truth=splits.truth)
     evaluated, failed = [], []
-    for index, entry in enumerate(replicates_from_metadata(training)):
+    for index, entry in enumerate(entries):
         try:
             result = evaluate_checkpoint(entry["checkpoint_path"], data, replace(settings, seed=settings.seed + index),
                                          device=device, expected_sha256=entry.get("sha256"),

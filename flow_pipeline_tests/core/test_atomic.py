@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from flow_pipeline.artifacts import write_json
-from flow_pipeline.core.atomic import TEMP_PREFIX, AtomicWriteError, write_atomic_with, write_bytes_atomic
+from flow_pipeline.core.atomic import (TEMP_PREFIX, AtomicWriteError, remove_stale_temp_files, write_atomic_with,
+                                       write_bytes_atomic)
 from flow_pipeline.core.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
 from flow_pipeline_tests.helpers import fill, small_disk
@@ -77,3 +79,21 @@ def test_an_unwritable_directory_is_named(tmp_path):
     blocked.write_text("a file where a directory should be")
     with pytest.raises(AtomicWriteError, match=str(blocked / "x.json")):
         write_json(blocked / "x.json", {"a": 1})
+
+
+def test_only_temp_files_older_than_the_age_are_removed(tmp_path):
+    rng = np.random.default_rng()
+    now = time.time()
+    # Young or old by far more than the test takes to run: which side of the hour each is on cannot be in doubt.
+    ages = {f"{TEMP_PREFIX}result-{i}.json.x{i}": float(rng.choice([rng.uniform(0, 3500), rng.uniform(3700, 7200)]))
+            for i in range(12)}
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"part of a write")
+        os.utime(tmp_path / name, (now - age, now - age))
+    (tmp_path / "result.json").write_text("{}")  # a finished file is never touched, however old
+    os.utime(tmp_path / "result.json", (now - 9999, now - 9999))
+    removed = remove_stale_temp_files(tmp_path, older_than_s=3600)
+    assert sorted(path.name for path in removed) == sorted(name for name, age in ages.items() if age > 3600)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["result.json", *(name for name, age in ages.items() if age < 3600)])
+    assert remove_stale_temp_files(tmp_path) and [path.name for path in tmp_path.iterdir()] == ["result.json"]
