@@ -11,8 +11,10 @@ just after; a kill at a reference-cache write evaluates with a new seed, so that
 After every kill: no result or cache file on disk is torn (every evaluation JSON names its run's checkpoint, every
 cache entry, npz, PNG, Markdown and CSV reads back whole); every old file is byte for byte what it was, except the
 files the killed target itself rewrites (its partition's evaluation.json and samples.png, or the report's files),
-which may instead be complete new ones; and no new materialization appeared. At the end each target runs to
-completion, and removes the temp files the kills left once they are older than ``STALE_TEMP_AGE_S``.
+which may instead be complete new ones; and a run killed at a write left no materialization (a random moment may
+come after the run recorded its materialization, while it shuts down: counted apart, its results are then the old
+ones). At the end each target runs to completion, and removes the temp files the kills left once they are older
+than ``STALE_TEMP_AGE_S``.
 """
 
 from __future__ import annotations
@@ -59,11 +61,12 @@ class FaultSettings:
 class FaultReport:
     kills: list[dict] = field(default_factory=list)  # target, point, seconds, files replaced
     finished_before_the_kill: int = 0  # random moments the run had already finished by (not counted as kills)
+    killed_after_materializing: int = 0  # random moments after the run recorded its materialization
     writes: dict = field(default_factory=dict)  # target -> the files an uninterrupted run writes, in order
     files_checked: int = 0
     torn_files: list = field(default_factory=list)
     old_files_changed: list = field(default_factory=list)
-    new_materializations: list = field(default_factory=list)
+    new_materializations: list = field(default_factory=list)  # by runs killed at a write: there must be none
     temp_files_left: int = 0  # by the kills: never read
     temp_files_after_reruns: int = 0  # those aged past STALE_TEMP_AGE_S first: the re-runs remove them
     reruns_succeeded: list = field(default_factory=list)
@@ -292,8 +295,11 @@ def check_after_kill(root: Path, old: dict[str, str], old_ids: set[int], home: P
     old.update({relative: now[relative] for relative in changed if relative in allowed and relative in now})
     with dg.DagsterInstance.from_config(str(home)) as instance:
         new = materialization_ids(instance) - old_ids
-    if new:
+    if new and "write" in kill:  # it died at a write, before its asset could return: never materialized
         report.new_materializations.append(f"{sorted(new)} (after {kill})")
+    elif new:  # a random moment after the materialization was recorded, while the process shut down
+        kill["materialized"] = True
+        report.killed_after_materializing += 1
 
 
 def snapshot(root: Path, home: Path) -> tuple[dict[str, str], set[int]]:
@@ -322,6 +328,8 @@ def run_faults(settings: FaultSettings, workdir: Path) -> FaultReport:
             continue
         check_after_kill(root, old, old_ids, home, report, kill)
         report.kills.append(kill)
+        if kill.get("materialized"):  # its results are the old ones now
+            old, old_ids = snapshot(root, home)
     left = temp_files(root)
     report.temp_files_left = len(left)
     aged = time.time() - STALE_TEMP_AGE_S - 60

@@ -50,6 +50,7 @@ def test_kills_at_random_moments_and_at_every_write_tear_nothing_and_keep_the_ol
     write_kills = [kill for kill in report.kills if "write" in kill]
     assert len(write_kills) == 2 * sum(len(files) for files in report.writes.values()), explained
     assert len(report.kills) + report.finished_before_the_kill == len(write_kills) + 3, explained
+    assert report.killed_after_materializing <= 3, explained  # only a random moment can come that late
     assert report.torn_files == [] and report.old_files_changed == [], explained
     assert report.new_materializations == [], explained
     assert report.temp_files_left >= sum(kill["point"] == "before-rename" for kill in write_kills), explained
