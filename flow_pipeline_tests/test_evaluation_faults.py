@@ -43,8 +43,8 @@ def test_kills_at_random_moments_and_at_every_write_tear_nothing_and_keep_the_ol
     # Every file each target writes was a kill point, before and after its rename.
     new, again = (f"{partition}-full-none-tiny" for partition in (PARTITIONS[1], PARTITIONS[0]))
     assert report.writes == {
-        "evaluate-new": ["references/<key>.real-side.npz", "references/<key>.json", f"{new}/{EVALUATION_JSON}",
-                         f"{new}/{EVALUATION_PNG}"],
+        "evaluate-new": ["references/<key>.real-side.npz", "references/<key>.gaussian-mixture.npz",
+                         "references/<key>.json", f"{new}/{EVALUATION_JSON}", f"{new}/{EVALUATION_PNG}"],
         "evaluate-again": [f"{again}/{EVALUATION_JSON}", f"{again}/{EVALUATION_PNG}"],
         "report": [f"reports/{name}" for name in (REPORT_MARKDOWN, REPORT_CSV, REPORT_PNG)]}, explained
     write_kills = [kill for kill in report.kills if "write" in kill]
@@ -111,8 +111,8 @@ def test_a_full_disk_fails_evaluation_and_report_naming_the_file_keeps_the_old_f
         tmp_path):
     home, root = prepare(tmp_path)
     partition = PARTITIONS[0]
-    with (dg.DagsterInstance.from_config(str(home)) as instance, small_disk(root / "evaluation", 16 * 1024),
-          small_disk(root / "reports", 16 * 1024)):
+    with (dg.DagsterInstance.from_config(str(home)) as instance, small_disk(root / "evaluation", 64 * 1024),
+          small_disk(root / "reports", 64 * 1024)):
         assert dg.materialize([evaluation], instance=instance, resources=resources(root), partition_key=partition,
                               run_config=EVALUATE_RUN_CONFIG).success
         assert dg.materialize([ablation_report], instance=instance, resources=resources(root)).success
