@@ -94,7 +94,12 @@ def test_start_prototypes_is_seeded_and_leaves_other_models_alone():
     start_prototypes(a, rows, seed=7)
     start_prototypes(b, rows, seed=7)
     assert torch.equal(a.net.features.prototypes, b.net.features.prototypes)
-    assert torch.equal(a.net.features.prototypes, rows[:, :4][torch.randperm(40, generator=torch.Generator().manual_seed(7))[:6]])
+    chosen = a.net.features.prototypes.detach()
+    assert bool((chosen[:, None, :] == rows[None, :, :4]).all(-1).any(1).all())  # each one a training row's k coords
+    assert len({tuple(row.tolist()) for row in chosen}) == 6
+    other = build_model("mlp", 10, "tiny", True, 4, prototypes=6)
+    start_prototypes(other, rows, seed=8)
+    assert not torch.equal(other.net.features.prototypes, chosen)
     plain = build_model("mlp", 10, "tiny", True, 4)
     before = [p.clone() for p in plain.parameters()]
     start_prototypes(plain, rows, seed=7)
