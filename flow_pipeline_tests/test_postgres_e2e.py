@@ -79,10 +79,13 @@ def stop_daemon(daemon: subprocess.Popen) -> None:
 def test_gpu_pool_holds_across_processes_on_postgres(postgres, postgres_home, artifacts_root, tmp_path):
     env = cli_env()
     daemon_log = tmp_path / "daemon.log"
-    daemon = start_daemon(tmp_path, env, daemon_log)  # first: its start-up overlaps the set-up below
+    # In deploy/README.md's order: the first command creates the database's tables, then the daemon starts. Both at
+    # once on an empty database can fail (Dagster 1.13 retries a "table exists" clash, not "type exists").
+    setup = subprocess.run([dagster_cli(), "instance", "concurrency", "set", "gpu", "1"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    daemon = start_daemon(tmp_path, env, daemon_log)  # its start-up overlaps the set-up below
     try:
-        subprocess.run([dagster_cli(), "instance", "concurrency", "set", "gpu", "1"], cwd=tmp_path, env=env,
-                       check=True, capture_output=True, timeout=300)
         with dg.DagsterInstance.get() as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
             assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
