@@ -58,17 +58,19 @@ class _ValidatedTrainSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_together(self) -> "_ValidatedTrainSettings":
-        if self.max_steps and self.warmup_steps is not None and self.warmup_steps >= self.max_steps:
-            raise ValueError(f"warmup_steps: {self.warmup_steps} >= max_steps {self.max_steps}: the LR would never "
+        core = self.to_core()  # unset lengths and network knobs as the run will use them
+        if core.max_steps and self.warmup_steps is not None and self.warmup_steps >= core.max_steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} >= max_steps {core.max_steps}: the LR would never "
                              f"leave warmup; lower warmup_steps (or leave it unset for a default that fits) or raise "
                              f"max_steps")
-        if self.principal_dims:
-            if self.principal_dims > self.dim:
-                raise ValueError(f"principal_dims: {self.principal_dims} > dim {self.dim}")
+        if core.principal_dims:
+            if core.principal_dims > self.dim:
+                raise ValueError(f"principal_dims: {core.principal_dims} > dim {self.dim}")
             if self.normalization != "whiten" or not self.linear_skip:
                 raise ValueError("principal_dims: needs normalization 'whiten' (coordinates ordered by variance) and "
-                                 "linear_skip true (the other coordinates' velocity)")
-        if self.prototypes and not self.principal_dims:
+                                 "linear_skip true (the other coordinates' velocity); 0 trains the network on every "
+                                 "coordinate")
+        if core.prototypes and not core.principal_dims:
             raise ValueError("prototypes: needs principal_dims > 0 (the features are computed on those coordinates)")
         return self
 
@@ -81,8 +83,9 @@ class _ValidatedTrainSettings(BaseModel):
         return flow_params(self.flow, self.sigma, self.sigma_min)
 
     def to_core(self) -> TrainSettings:
-        """The validated values as the core's frozen dataclass, with :attr:`run_name`."""
-        return TrainSettings(**self.model_dump(), run_name=self.run_name)
+        """The validated values as the core's frozen dataclass, with :attr:`run_name` and unset knobs resolved
+        (:meth:`TrainSettings.resolved`)."""
+        return TrainSettings(**self.model_dump(), run_name=self.run_name).resolved()
 
     def zero_predictor_loss(self) -> float:
         """Validation loss of a model that always predicts zero: the scale this run's losses are read on."""

@@ -31,8 +31,7 @@ The run config of `trained_checkpoint`: set it in the launchpad's YAML, with
 decide. Every value is validated before any compute starts; an error names the field.
 """
 # A run with every name-changing knob off its default, to show what the run name looks like.
-NAME_EXAMPLE = {"dataset": "10k", "normalization": "whiten", "linear_skip": True, "principal_dims": 64,
-                "model_size": "matched", "seed": 43}
+NAME_EXAMPLE = {"dataset": "10k", "principal_dims": 64, "prototypes": 0, "model_size": "matched", "seed": 43}
 
 
 def _cell(text: str) -> str:

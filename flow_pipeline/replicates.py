@@ -91,7 +91,7 @@ def train_replicates(config: Any, replicates: int, run_dir_of: Callable[[str], P
     for seed in replicate_seeds(config.seed, replicates):
         replicate = config.model_copy(update={"seed": seed})
         run_dir = run_dir_of(replicate.run_name)
-        done = completed_result(run_dir, replicate.model_dump()) if replicate.resume else None
+        done = completed_result(run_dir, replicate.to_core().to_dict()) if replicate.resume else None
         if done is not None:
             log(f"replicate seed={seed}: {run_dir / BEST_NAME} is complete and intact, skipped")
             metadata = {key: value for key, value in done.items() if key != "process"}

@@ -97,7 +97,7 @@ def result_metadata(result: TrainResult, config: TrainConfig, tracking_info: dic
         "threads": typed(torch.get_num_threads(), "int"),
         "num_params": typed(result.num_params, "int"),
         "run_name": typed(config.run_name, "text"),
-        "config": typed(config.model_dump(), "json"),
+        "config": typed(config.to_core().to_dict(), "json"),  # unset knobs as the run used them
         "loss_curve_png": typed(str(loss_curve), "path"),
         "loss_curve": typed((loss_curve_image + "\n\n" if loss_curve_image else "")
                             + loss_curve_markdown(result.history), "md"),

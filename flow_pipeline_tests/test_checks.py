@@ -31,8 +31,8 @@ def real_best(tmp_path_factory) -> tuple[Path, str]:
     """(best.pt, its sha256) of a tiny model trained here by the real trainer on SONAR-like data."""
     embeddings = torch.from_numpy(synthetic_sonar_like(640, dim=1024, seed=0))
     train_rows, val_rows = embeddings[:512], embeddings[512:576]
-    data = TrainData(train_rows, val_rows, Normalizer(train_rows.mean(0), train_rows.std(0)))
-    config = TrainRunConfig(**TINY_TRAIN).to_train_config(PARTITION, dim=1024, device="cpu")
+    data = TrainData(train_rows, val_rows, Normalizer(train_rows.mean(0), train_rows.std(0)))  # z-scores
+    config = TrainRunConfig(**TINY_TRAIN, normalization="zscore").to_train_config(PARTITION, dim=1024, device="cpu")
     result = train(config, data, tmp_path_factory.mktemp("real_best"))
     return result.checkpoint_path, result.sha256
 

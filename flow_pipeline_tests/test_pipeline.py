@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flow_pipeline.core.checkpoint import REQUIRED_KEYS, sha256_file
+from flow_pipeline.core.train_config import RECIPE_PRINCIPAL_DIMS, RECIPE_PROTOTYPES
 from flow_pipeline.defs.assets import dataset_splits, normalization_stats, trained_checkpoint
 from flow_pipeline_tests.helpers import TINY_DATASET, TINY_TRAIN, resources, run_config
 
@@ -82,8 +83,9 @@ def test_invalid_hyperparameters_fail_before_training(artifacts_root, tmp_path):
 
 def test_quickstart_config_trains_through_the_asset_and_principal_dims_is_checked_against_the_data(
         artifacts_root, tmp_path):
-    """configs/quickstart.json (README command A), cut to a few steps of a tiny model, trains through the asset;
-    ``principal_dims`` is bounded by the data's dimension, which the asset learns only from the statistics."""
+    """configs/quickstart.json (the defaults: the shipped recipe), cut to a few steps of a tiny model, trains through
+    the asset with the recipe's principal dims and prototypes; ``principal_dims`` is bounded by the data's
+    dimension, which the asset learns only from the statistics."""
     quickstart = json.loads((Path(__file__).parents[1] / "configs" / "quickstart.json").read_text())
     train = {**quickstart["ops"]["trained_checkpoint"]["config"], "model_size": "tiny", "max_steps": 6,
              "eval_every_steps": 3, "warmup_steps": 2, "batch_size": 64, "device": "cpu"}
@@ -94,7 +96,9 @@ def test_quickstart_config_trains_through_the_asset_and_principal_dims_is_checke
                                 selection=[trained_checkpoint])
         assert result.success
         meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
-        assert meta["config"].value["principal_dims"] == train["principal_dims"] > 0
+        config = meta["config"].value
+        assert (config["normalization"], config["linear_skip"]) == ("whiten", True)
+        assert (config["principal_dims"], config["prototypes"]) == (RECIPE_PRINCIPAL_DIMS, RECIPE_PROTOTYPES)
         assert meta["global_step"].value == 6
         too_many = dg.materialize([trained_checkpoint], instance=instance, resources=resources(),
                                   partition_key="mlp-icfm", run_config=run_config(train={**train, "principal_dims": 1025}),

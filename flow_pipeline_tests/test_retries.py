@@ -275,7 +275,7 @@ def killed_evaluation(instance, partition: str, config: dict, tags: dict | None 
     instance.report_run_failed(run, message="run worker gone")
 
 
-def test_the_evaluation_schedule_retries_a_killed_evaluation_once_its_training_is_materialized(tmp_path):
+def test_the_evaluation_schedule_retries_a_killed_evaluation_once_its_training_is_materialized(artifacts_root, tmp_path):
     evaluate_config = {"solver": "euler", "steps": 4, "seed": 3}
     schedule = build_evaluation_retry_schedule(RetrySettings(max_attempts=3))
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:

@@ -25,7 +25,7 @@ def test_knobs_come_from_the_preset_then_the_file_then_flags_then_set(tmp_path):
     assert knobs["max_steps"] == 120  # a flag over the file
     assert knobs["normalization"] == "whiten" and knobs["linear_skip"] is False  # --set over everything, JSON-typed
     assert knobs["time_sampling"] == "logit_normal"  # not JSON: kept as text
-    assert knobs["principal_dims"] == PRESET_KNOBS["principal_dims"]  # untouched preset knobs stay
+    assert knobs["model_size"] == PRESET_KNOBS["model_size"]  # untouched preset knobs stay
     train = study_run_config(args)["ops"]["trained_checkpoint"]["config"]
     assert train["replicates"] == 3 and train["resume"] is True
 

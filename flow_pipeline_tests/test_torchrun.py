@@ -37,7 +37,8 @@ NPROC = 2
 # fp32: bf16 autocast (precision auto on a CPU with native bf16) rounds each rank's half batch on its own, so the
 # two-process and one-process histories would differ by more than the order of a float sum.
 CONFIG = TrainConfig(arch="mlp", flow="icfm", model_size="tiny", dim=TINY_DATASET["dim"], max_epochs=4, batch_size=64,
-                     warmup_steps=4, log_every=2, device="cpu", lr=0.002, save_every_steps=1, precision="fp32")
+                     warmup_steps=4, log_every=2, device="cpu", lr=0.002, save_every_steps=1, precision="fp32",
+                     normalization="zscore", linear_skip=False)
 HISTORY_KEYS = ("epoch", "step", "train_loss", "val_loss", "ema_val_loss", "lr")
 RUN_TIMEOUT_S = 300
 

@@ -52,15 +52,28 @@ def _default(name: str) -> Any:
     return next(field.default for field in dataclasses.fields(TrainSettings) if field.name == name)
 
 
+def _unset_value(config: Any, name: str) -> Any:
+    """What knob ``name`` of ``config`` is when left unset: its default, or for a knob whose default (None) depends
+    on the others (principal_dims, prototypes) what None resolves to among ``config``'s other values. So a config
+    and its resolved copy (the one checkpoints store) have the same name."""
+    default = _default(name)
+    if default is not None:
+        return default
+    values = {field.name: getattr(config, field.name) for field in dataclasses.fields(TrainSettings)
+              if field.name != "run_name" and hasattr(config, field.name)}
+    return getattr(TrainSettings(**{**values, name: None}).resolved(), name)
+
+
 def run_name(config: Any) -> str:
     """``{arch}-{flow}-{dataset}-{aug}`` of ``config`` (any object with the knobs as attributes), plus a suffix for
-    each knob of :data:`NAME_SUFFIXES` that differs from its default (normalisation, skip path, time sampling,
-    principal dims, model size, seed), so two runs never share a checkpoint directory (losses under different
-    normalisations are not the same quantity)."""
+    each knob of :data:`NAME_SUFFIXES` set to other than what it is when unset (normalisation, skip path, time
+    sampling, principal dims, prototypes, model size, seed), so two runs never share a checkpoint directory (losses
+    under different normalisations are not the same quantity)."""
     name = f"{config.arch}-{config.flow}-{config.dataset}-{config.aug}"
     for knob, suffix in NAME_SUFFIXES.items():
-        if getattr(config, knob) != _default(knob):
-            name += suffix(getattr(config, knob))
+        value = getattr(config, knob)
+        if value is not None and value != _unset_value(config, knob):
+            name += suffix(value)
     return name
 
 

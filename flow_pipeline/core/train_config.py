@@ -7,7 +7,7 @@ converts itself with ``to_core()``), the Dagster run config and docs/configurati
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from flow_pipeline.core.data.batching import AUGMENTATIONS
 from flow_pipeline.core.data.normalization import NORMALIZATIONS
@@ -20,6 +20,16 @@ from flow_pipeline.core.schedule import DEFAULT_WARMUP_CAP, DEFAULT_WARMUP_PERCE
 from flow_pipeline.core.time_sampling import TIME_SAMPLINGS
 
 MODEL, DATA, OPTIMISATION, RUNTIME = "what is trained", "data", "optimisation", "runtime"
+
+# The recipe a run gets when it sets nothing (chosen on the built-in data's val likelihood; RESULTS.md): whitened
+# data, the linear skip path, the `small` network on the top 256 principal directions reading 512 prototype
+# features, 10,000 optimizer steps at LR 2e-3.
+RECIPE_PRINCIPAL_DIMS = 256
+RECIPE_PROTOTYPES = 512
+RECIPE_LR = 2e-3
+DEFAULT_MAX_STEPS = 10_000
+DEFAULT_MAX_EPOCHS = 50
+EVALUATIONS_PER_RUN = 10
 
 
 @dataclass(frozen=True)
@@ -40,23 +50,25 @@ class TrainSettings:
     sigma: float = knob(0.0, "icfm/otcfm path noise; 0 is rectified flow", group=MODEL, ge=0)
     sigma_min: float = knob(1e-4, "fm path minimum std", group=MODEL, ge=0, lt=1)
     linear_skip: bool = knob(
-        False, "add a linear path g(t) * x_t to the velocity field, g the exact velocity gain of a diagonal Gaussian "
+        True, "add a linear path g(t) * x_t to the velocity field, g the exact velocity gain of a diagonal Gaussian "
         "with learned per-dimension variances (dim parameters, started at the normalised training rows' "
         "variances): the network then models only what is not Gaussian (meant for whitened data)", group=MODEL)
-    principal_dims: int = knob(
-        0, "k > 0: the network models only the first k whitened coordinates (the top k principal directions, where "
+    principal_dims: int | None = knob(
+        None, "k > 0: the network models only the first k whitened coordinates (the top k principal directions, where "
         "the data's cluster structure lives); the rest follow the linear skip path's Gaussian velocity. Needs "
-        "normalization whiten and linear_skip true; 0: the network models every coordinate", group=MODEL, ge=0)
+        "normalization whiten and linear_skip true; 0: the network models every coordinate; null: "
+        f"min({RECIPE_PRINCIPAL_DIMS}, dim) with whiten and the skip path, else 0", group=MODEL, ge=0)
     rest_variance: str = knob(
         "whitening", "with principal_dims k: the variance the linear skip path keeps in the other dim - k whitened "
         "coordinates. whitening: 1, the whitening's Gaussian (its shrinkage chosen on the val rows' likelihood, as "
         "gaussian-full's is); learned: the training rows' variance, 0 in every direction fewer rows than dimensions "
         "do not span", group=MODEL, choices=REST_VARIANCES)
-    prototypes: int = knob(
-        0, "n > 0: the network also reads the soft assignment of its k coordinates to n prototypes (started at n "
+    prototypes: int | None = knob(
+        None, "n > 0: the network also reads the soft assignment of its k coordinates to n prototypes (started at n "
         "training rows; the posterior of each under an isotropic cluster on the path): lets it see cluster "
         "structure spread over k of a few hundred coordinates, which it cannot find from the coordinates alone. "
-        "Needs principal_dims > 0 and at least n training rows", group=MODEL, ge=0)
+        f"Needs principal_dims > 0; with fewer than n training rows some start at the same row. null: "
+        f"{RECIPE_PROTOTYPES} when the network has principal dims, else 0", group=MODEL, ge=0)
     time_sampling: str = knob(
         "uniform", "training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more steps "
         "mid-path); validation always uses uniform t", group=MODEL, choices=TIME_SAMPLINGS)
@@ -66,7 +78,7 @@ class TrainSettings:
         choices=tuple(DATASET_SIZES))
     aug: str = knob("none", "augmentation of the data (never of the noise)", group=DATA, choices=AUGMENTATIONS)
     normalization: str = knob(
-        "zscore", "zscore: per-dimension mean/std; whiten: PCA whitening with the training rows' full covariance "
+        "whiten", "zscore: per-dimension mean/std; whiten: PCA whitening with the training rows' full covariance "
         "(eigenvalues shrunk towards their mean with the Ledoit-Wolf weight, so it stays invertible with fewer rows "
         "than dimensions). Statistics come from the training rows the run uses, are stored in the checkpoint and "
         "inverted at sampling", group=DATA, choices=NORMALIZATIONS)
@@ -75,14 +87,19 @@ class TrainSettings:
                             group=DATA, ge=0, le=1)
     dropout_p: float = knob(0.1, "dropout augmentation: each coordinate zeroed with this probability, the rest "
                             "rescaled by 1 / (1 - dropout_p)", group=DATA, ge=0, lt=1)
-    max_epochs: int = knob(50, "training length in passes over the data when max_steps is 0 (early stopping may "
-                           "end sooner)", group=OPTIMISATION, ge=1)
-    max_steps: int = knob(0, "optimizer steps of the run and the LR schedule's total, the same for every dataset "
-                          "size (a study's budget); 0: max_epochs epochs", group=OPTIMISATION, ge=0)
-    eval_every_steps: int = knob(0, "validate, keep the best and count patience every N optimizer steps (and after "
-                                 "the last); 0: at the end of every epoch", group=OPTIMISATION, ge=0)
+    max_epochs: int | None = knob(
+        None, f"training length in passes over the data when max_steps is 0 or null (early stopping may end sooner); "
+        f"null: {DEFAULT_MAX_EPOCHS}", group=OPTIMISATION, ge=1)
+    max_steps: int | None = knob(
+        None, f"optimizer steps of the run and the LR schedule's total, the same for every dataset size (a study's "
+        f"budget); 0: max_epochs epochs; null: max_epochs epochs when max_epochs is set, else {DEFAULT_MAX_STEPS:,}",
+        group=OPTIMISATION, ge=0)
+    eval_every_steps: int | None = knob(
+        None, f"validate, keep the best and count patience every N optimizer steps (and after the last); 0: at the "
+        f"end of every epoch; null: {EVALUATIONS_PER_RUN} evaluations in a run of max_steps, every epoch in a run of "
+        f"epochs", group=OPTIMISATION, ge=0)
     batch_size: int = knob(256, "rows per optimizer step", group=OPTIMISATION, ge=1)
-    lr: float = knob(1e-3, "AdamW (fused) learning rate", group=OPTIMISATION, gt=0, le=1)
+    lr: float = knob(RECIPE_LR, "AdamW (fused) learning rate", group=OPTIMISATION, gt=0, le=1)
     weight_decay: float = knob(0.01, "AdamW weight decay", group=OPTIMISATION, ge=0)
     warmup_steps: int | None = knob(
         None, f"linear LR warmup over this many optimizer steps, then cosine decay to min_lr_ratio of lr; null: "
@@ -120,6 +137,26 @@ class TrainSettings:
     def to_dict(self) -> dict:
         """Every knob as a plain dict (``run_name`` left out): the ``config`` stored in checkpoints."""
         return {key: value for key, value in asdict(self).items() if key != "run_name"}
+
+    def resolved(self) -> "TrainSettings":
+        """These settings with every unset (None) length and network knob given the value it stands for (see each
+        knob's description). Idempotent: the trainer and checkpoints only ever see resolved settings."""
+        principal_dims = self.principal_dims
+        if principal_dims is None:
+            principal_dims = min(RECIPE_PRINCIPAL_DIMS, self.dim) if self.normalization == "whiten" and \
+                self.linear_skip else 0
+        prototypes = self.prototypes
+        if prototypes is None:
+            prototypes = RECIPE_PROTOTYPES if principal_dims else 0
+        max_steps = self.max_steps
+        if max_steps is None:
+            max_steps = 0 if self.max_epochs is not None else DEFAULT_MAX_STEPS
+        eval_every_steps = self.eval_every_steps
+        if eval_every_steps is None:
+            eval_every_steps = max(1, max_steps // EVALUATIONS_PER_RUN) if max_steps else 0
+        return replace(self, principal_dims=principal_dims, prototypes=prototypes, max_steps=max_steps,
+                       max_epochs=DEFAULT_MAX_EPOCHS if self.max_epochs is None else self.max_epochs,
+                       eval_every_steps=eval_every_steps)
 
 
 def flow_params(flow: str, sigma: float, sigma_min: float) -> dict[str, float]:

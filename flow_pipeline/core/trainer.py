@@ -75,7 +75,7 @@ def train(config: TrainSettings, data: TrainData, run_dir: str | Path, tracker: 
     restored, so an interrupted run ends bit-identical to an uninterrupted one on the CPU.
     Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm.
     """
-    config = config if isinstance(config, TrainSettings) else config.to_core()
+    config = (config if isinstance(config, TrainSettings) else config.to_core()).resolved()
     dist = dist or DistInfo()
     device = dist.device if dist.device is not None else resolve_device(config.device)
     run_dir = prepare_run_dir(Path(run_dir), dist)

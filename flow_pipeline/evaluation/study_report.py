@@ -119,7 +119,7 @@ def _mean(values) -> float | None:
 
 def _is_default(config: dict) -> bool:
     """Whether the identity is the default training config (arch, flow and the data's dim aside)."""
-    defaults = identity_of(TrainConfig().model_dump())
+    defaults = identity_of(TrainConfig().to_core().to_dict())
     return all(config.get(key) == value for key, value in defaults.items() if key not in ("arch", "flow", "dim",
                                                                                             "device"))
 

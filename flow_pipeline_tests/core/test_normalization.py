@@ -100,8 +100,8 @@ def test_unknown_method_is_rejected_naming_the_field():
 
 
 def test_run_name_carries_a_non_default_normalization():
-    assert TrainConfig().run_name == "mlp-icfm-full-none"
-    assert TrainConfig(normalization="whiten").run_name == "mlp-icfm-full-none-whiten"
+    assert TrainConfig().run_name == TrainConfig(normalization="whiten").run_name == "mlp-icfm-full-none"
+    assert TrainConfig(normalization="zscore").run_name == "mlp-icfm-full-none-zscore"
 
 
 def test_trainer_stores_the_whitening_in_the_checkpoint_and_refuses_mismatched_statistics(tmp_path, one_torch_thread):

@@ -71,9 +71,19 @@ def test_start_at_takes_distinct_training_rows_and_half_the_nearest_squared_dist
     assert 0.1 < features.log_spread.exp().item() < 0.3
 
 
-def test_start_at_refuses_fewer_rows_than_prototypes():
-    with pytest.raises(ValueError, match="need at least 8 rows"):
-        PrototypeFeatures(k=3, n=8).start_at(torch.randn(5, 3), torch.Generator().manual_seed(0))
+def test_start_at_with_fewer_rows_than_prototypes_takes_every_row_then_repeats():
+    rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    features = PrototypeFeatures(k=3, n=8)
+    features.start_at(rows, torch.Generator().manual_seed(0))
+    chosen = features.prototypes.detach()
+    index = [int(torch.nonzero((rows == prototype).all(-1))[0]) for prototype in chosen]  # each is a training row
+    assert sorted(set(index)) == list(range(5)) and len(index) == 8
+    assert torch.isfinite(features.log_spread).all()
+
+
+def test_start_at_refuses_rows_of_another_width():
+    with pytest.raises(ValueError, match="need rows of 3 coordinates"):
+        PrototypeFeatures(k=3, n=8).start_at(torch.randn(5, 4), torch.Generator().manual_seed(0))
 
 
 def test_a_model_with_prototypes_round_trips_through_its_saved_config():
@@ -123,6 +133,8 @@ def test_every_architecture_reads_the_features_and_the_likelihood_traces_them(ar
 
 def test_the_config_refuses_prototypes_without_principal_dims():
     with pytest.raises(ValueError, match="prototypes: needs principal_dims"):
-        TrainConfig(arch="mlp", prototypes=16)
+        TrainConfig(arch="mlp", principal_dims=0, prototypes=16)
+    with pytest.raises(ValueError, match="prototypes: needs principal_dims"):
+        TrainConfig(arch="mlp", normalization="zscore", prototypes=16)  # there principal_dims is 0 when unset
     with pytest.raises(ValueError, match="prototypes: needs principal_dims"):
         build_model("mlp", 8, "tiny", prototypes=3)

@@ -154,7 +154,7 @@ def test_linear_skip_starts_at_the_variances_of_the_normalised_training_rows(tmp
     expected_var = data.normalizer.normalize(train_rows).var(dim=0)
     assert expected_var[7] < 1e-3 and expected_var.max() > 0.9
     config = TrainConfig(model_size="tiny", dim=32, batch_size=32, max_steps=2, warmup_steps=1, lr=1e-8,
-                         device="cpu", linear_skip=True)
+                         device="cpu", normalization="zscore", linear_skip=True)
     result = train(config, data, tmp_path / config.run_name)
     log_var = load_checkpoint(result.checkpoint_path)["model_state_dict"]["log_var"]
     torch.testing.assert_close(log_var, expected_var.log(), atol=1e-4, rtol=0)

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from flow_pipeline.config import TrainConfig, format_validation_error
 from flow_pipeline.core.data.batching import AUGMENTATIONS
 from flow_pipeline.core.knobs import knobs_of
-from flow_pipeline.core.train_config import TrainSettings
+from flow_pipeline.core.train_config import (DEFAULT_MAX_EPOCHS, DEFAULT_MAX_STEPS, EVALUATIONS_PER_RUN, RECIPE_PRINCIPAL_DIMS,
+                                              RECIPE_PROTOTYPES, TrainSettings)
 from flow_pipeline.core.trainer import train
 from flow_pipeline_tests.core.trainer_helpers import data, one_thread, tiny_config
 
@@ -68,8 +69,16 @@ def test_to_core_carries_every_value_and_the_run_name():
                          normalization="whiten", time_sampling="logit_normal", resume=True)
     core = config.to_core()
     assert isinstance(core, TrainSettings)
-    assert core.to_dict() == config.model_dump()
+    unset = {name for name, value in config.model_dump().items() if value is None}
+    assert unset == {"principal_dims", "prototypes", "max_epochs", "max_steps", "eval_every_steps", "warmup_steps"}
+    assert {name: value for name, value in core.to_dict().items() if name not in unset} == {
+        name: value for name, value in config.model_dump().items() if name not in unset}
     assert list(core.to_dict()) == list(config.model_dump())  # same order: checkpoints store the same dict
+    # Unset knobs as the run uses them (warmup_steps stays unset: the schedule decides it from the run's steps).
+    assert (core.principal_dims, core.prototypes, core.max_steps, core.eval_every_steps, core.max_epochs,
+            core.warmup_steps) == (RECIPE_PRINCIPAL_DIMS, RECIPE_PROTOTYPES, DEFAULT_MAX_STEPS,
+                                   DEFAULT_MAX_STEPS // EVALUATIONS_PER_RUN, DEFAULT_MAX_EPOCHS, None)
+    assert TrainConfig(**core.to_dict()).run_name == config.run_name  # the stored copy keeps the run's name
     assert core.run_name == config.run_name
     assert core.flow_params() == config.flow_params() == {"sigma_min": config.sigma_min}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -77,6 +86,32 @@ def test_to_core_carries_every_value_and_the_run_name():
 
 
 # --- config and data errors name the field -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unset_knobs_resolve_from_the_knobs_that_are_set(seed):
+    """Each unset knob stands for what its description says, written here from those descriptions."""
+    rng = random.Random(seed)
+    values = {"dim": rng.choice([8, 64, 300, 1024]), "normalization": rng.choice(["zscore", "whiten"]),
+              "linear_skip": rng.choice([True, False])}
+    for name, choices in (("max_steps", [None, 0, rng.randint(1, 5000)]), ("max_epochs", [None, rng.randint(1, 9)]),
+                          ("prototypes", [None, 0, rng.randint(1, 99)])):
+        values[name] = rng.choice(choices)
+    network = values["normalization"] == "whiten" and values["linear_skip"]
+    if not network and values["prototypes"]:
+        values["prototypes"] = None
+    core = TrainConfig(**values).to_core()
+    expected_dims = min(RECIPE_PRINCIPAL_DIMS, values["dim"]) if network else 0
+    assert core.principal_dims == expected_dims
+    assert core.prototypes == (values["prototypes"] if values["prototypes"] is not None
+                               else RECIPE_PROTOTYPES if expected_dims else 0)
+    if values["max_steps"] is not None:
+        assert core.max_steps == values["max_steps"]
+    else:
+        assert core.max_steps == (0 if values["max_epochs"] is not None else DEFAULT_MAX_STEPS)
+    assert core.max_epochs == (values["max_epochs"] or DEFAULT_MAX_EPOCHS)
+    assert core.eval_every_steps == (max(1, core.max_steps // EVALUATIONS_PER_RUN) if core.max_steps else 0)
+    assert core.resolved() == core  # resolving twice changes nothing
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("lr", -1.0), ("lr", 2.0), ("patience", -1),

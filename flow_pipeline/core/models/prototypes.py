@@ -38,14 +38,19 @@ class PrototypeFeatures(nn.Module):
 
     @torch.no_grad()
     def start_at(self, rows: Tensor, generator: torch.Generator) -> None:
-        """Prototypes := n distinct training rows (m, k) drawn with ``generator``; spread := half the mean squared
-        distance from a row to its nearest prototype, per coordinate (two draws of one cluster are 2 s^2 k apart).
+        """Prototypes := n distinct training rows (m, k) drawn with ``generator`` (every row, then repeats drawn
+        at random, when m < n); spread := half the mean squared distance from a row to its nearest prototype, per
+        coordinate (two draws of one cluster are 2 s^2 k apart).
 
-        Raises ValueError when there are fewer rows than prototypes."""
-        if rows.shape[0] < self.n or rows.shape[1] != self.prototypes.shape[1]:
-            raise ValueError(f"prototypes: need at least {self.n} rows of {self.prototypes.shape[1]} coordinates to "
-                             f"start {self.n} prototypes, got {tuple(rows.shape)}")
-        chosen = torch.randperm(rows.shape[0], generator=generator, device=generator.device)[: self.n]
+        Raises ValueError when ``rows`` is empty or has another number of coordinates."""
+        m = rows.shape[0]
+        if m == 0 or rows.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(f"prototypes: need rows of {self.prototypes.shape[1]} coordinates to start {self.n} "
+                             f"prototypes, got {tuple(rows.shape)}")
+        chosen = torch.randperm(m, generator=generator, device=generator.device)[: self.n]
+        if m < self.n:
+            repeats = torch.randint(m, (self.n - m,), generator=generator, device=generator.device)
+            chosen = torch.cat([chosen, repeats])
         self.prototypes.copy_(rows[chosen.to(rows.device)])
         others = rows[torch.randperm(rows.shape[0], generator=generator, device=generator.device)[:4096]]
         nearest = torch.cdist(others.float(), self.prototypes.float()).min(dim=1).values
