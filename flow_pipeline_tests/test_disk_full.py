@@ -29,7 +29,7 @@ def step_failure(result: dg.ExecuteInProcessResult) -> str:
 def test_a_full_disk_fails_the_run_clearly_keeps_best_and_the_retry_succeeds_once_space_is_back(artifacts_root, tmp_path):
     one_epoch = {**TINY_TRAIN, "max_epochs": 1}
     run_dir = artifacts_root / "checkpoints" / f"{PARTITION}-full-none-tiny"
-    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance, small_disk(run_dir, size_kb=8 * 1024):
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance, small_disk(run_dir, size_kb=32 * 1024):
         assert materialize_data(instance).success
         first = dg.materialize([trained_checkpoint], instance=instance, resources=resources(), partition_key=PARTITION,
                                run_config=run_config(train=one_epoch))

@@ -128,7 +128,9 @@ def trained(tmp_path_factory):
     mean, std, _ = streaming_mean_std(splits.train)
     normalizer = Normalizer(torch.from_numpy(mean).float(), torch.from_numpy(floor_std(std)).float())
     data = TrainData(torch.from_numpy(splits.train), torch.from_numpy(splits.val), normalizer)
-    result = train(TrainConfig(**TINY_TRAIN), data, tmp_path_factory.mktemp("run"))
+    # z-scored rows and a plain network (the whitened skip-path model is the fixture below)
+    result = train(TrainConfig(**TINY_TRAIN, normalization="zscore", linear_skip=False), data,
+                   tmp_path_factory.mktemp("run"))
     return result.checkpoint_path, splits
 
 

@@ -74,7 +74,8 @@ def test_splits_root_trains_one_size_on_its_own_files_and_statistics(artifacts_r
         np.testing.assert_allclose(stats.mean.numpy(), pool[ids].astype(np.float64).mean(0), rtol=1e-5, atol=1e-8)
         assert not np.allclose(stats.mean.numpy(), pool[written["full"]["train"]].mean(0), rtol=1e-3, atol=1e-7)
 
-        assert materialize(instance, [trained_checkpoint], train={**TRAIN, "dataset": "1k"}, partition="mlp-icfm").success
+        assert materialize(instance, [trained_checkpoint], train={**TRAIN, "dataset": "1k", "normalization": "zscore"},
+                           partition="mlp-icfm").success
         meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
         assert "size 1k" in meta["dataset_subset"] and "160 train rows" in meta["dataset_subset"]
         assert meta["data_identity"]["train_rows"] == 160 and meta["data_identity"]["normalization"] == "zscore"
@@ -95,7 +96,7 @@ def test_splits_root_trains_one_size_on_its_own_files_and_statistics(artifacts_r
         assert materialize(instance, [trained_checkpoint], train={**TRAIN, "dataset": "1k", "normalization": "whiten"},
                            partition="mlp-icfm").success
         meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
-        assert meta["dataset_subset"].startswith("all 160 train rows") and meta["run_name"] == "mlp-icfm-1k-none-whiten-tiny"
+        assert meta["dataset_subset"].startswith("all 160 train rows") and meta["run_name"] == "mlp-icfm-1k-none-tiny"
         whiten = load_normalizer(artifacts_root / "data" / "normalization_stats" / "1k-whiten.npz")
         state = torch.load(meta["checkpoint_path"], weights_only=True)["normalization_stats"]
         assert state["method"] == "whiten" and torch.equal(state["components"], whiten.components)

@@ -38,7 +38,7 @@ def data():
 
 def config(**overrides) -> TrainConfig:
     values = dict(arch="mlp", model_size="tiny", dim=DIM, batch_size=32, max_steps=30, warmup_steps=5, patience=50,
-                  device="cpu", lr=3e-3, log_every=100)
+                  device="cpu", lr=3e-3, log_every=100, normalization="zscore", linear_skip=False)  # z-scored data
     return TrainConfig(**{**values, **overrides})
 
 

@@ -74,7 +74,8 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def make_job(tmp_path: Path, data_files, **overrides) -> TrainJob:
     config = TrainConfig(arch="mlp", flow="icfm", model_size="tiny", dim=DIM, batch_size=BATCH, max_epochs=EPOCHS,
-                         warmup_steps=4, log_every=LOG_EVERY, device="cpu", lr=3e-3, patience=50, **overrides)
+                         warmup_steps=4, log_every=LOG_EVERY, device="cpu", lr=3e-3, patience=50,
+                         **{"normalization": "zscore", **overrides})  # the stats file holds z-score statistics
     resource = WandbResource(mode="auto", group="architectures", init_timeout_s=5.0)
     return TrainJob(config=config.model_dump(), splits_dir=str(data_files[0]), stats_path=str(data_files[1]),
                     run_dir=str(tmp_path / "checkpoints" / config.run_name), partition_key="mlp-icfm",
@@ -147,10 +148,10 @@ def test_offline_run_records_metrics_summary_and_identity(tmp_path, data_files):
     # identity
     config = TrainConfig(**job.config)
     assert (run.run_id, run.name, run.group, run.project, run.job_type) == (
-        "mlp-icfm-full-none-tiny", "mlp-icfm-full-none-tiny", "architectures", "flow-matching-study", "train")
+        "mlp-icfm-full-none-zscore-tiny", "mlp-icfm-full-none-zscore-tiny", "architectures", "flow-matching-study", "train")
     assert run.tags == ["mlp", "icfm", "full", "none"]
     logged_config = {key: value for key, value in run.config.items() if key != "_wandb"}
-    assert logged_config == {**config.model_dump(), "partition": "mlp-icfm"}
+    assert logged_config == {**config.to_core().to_dict(), "partition": "mlp-icfm"}  # unset knobs as resolved
 
     # history: train rows every LOG_EVERY steps, one validation row at the end of every epoch
     train_rows = [row for row in run.history if "train/loss" in row]
@@ -200,7 +201,7 @@ def test_failed_run_is_marked_and_resume_continues_its_steps(tmp_path, data_file
     with pytest.raises(Preempted):
         run_and_close(job)
     assert (Path(job.run_dir) / FAILURE_NAME).exists()
-    [first_dir] = offline_runs(tmp_path / "wandb", "mlp-icfm-full-none-tiny")
+    [first_dir] = offline_runs(tmp_path / "wandb", "mlp-icfm-full-none-zscore-tiny")
     first = read_offline_run(first_dir)
     assert first.exit_code == 1
     assert "failed" in first.tags and set(first.tags) - {"failed"} == {"mlp", "icfm", "full", "none"}
@@ -211,7 +212,7 @@ def test_failed_run_is_marked_and_resume_continues_its_steps(tmp_path, data_file
     resumed_job = make_job(tmp_path, data_files, save_every_steps=LOG_EVERY, resume=True)
     run_and_close(resumed_job)
     second_dir = Path(json.loads((Path(job.run_dir) / RESULT_NAME).read_text())["wandb_run_dir"])
-    assert second_dir != first_dir and offline_runs(tmp_path / "wandb", "mlp-icfm-full-none-tiny") == [first_dir, second_dir]
+    assert second_dir != first_dir and offline_runs(tmp_path / "wandb", "mlp-icfm-full-none-zscore-tiny") == [first_dir, second_dir]
     second = read_offline_run(second_dir)
     assert second.run_id == first.run_id and second.exit_code == 0 and "failed" not in second.tags
     # the resumed segment starts where the checkpoint left off (step 20) and continues past the interrupted one

@@ -51,7 +51,7 @@ def test_zero_predictor_scores_two(sonar_like):
 def test_icfm_learns_sonar_like_data(arch, sonar_like, tmp_path):
     size, lr = CASES[arch]
     config = TrainConfig(arch=arch, flow="icfm", model_size=size, dim=DIM, batch_size=BATCH, max_epochs=2, lr=lr,
-                         warmup_steps=20, log_every=50, device="cpu")
+                         warmup_steps=20, log_every=50, device="cpu", normalization="zscore", linear_skip=False)
     started = time.perf_counter()
     result = train(config, sonar_like, tmp_path)
     seconds = time.perf_counter() - started
