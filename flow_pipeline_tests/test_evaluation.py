@@ -212,7 +212,7 @@ def test_evaluation_returns_every_metric_on_raw_space_samples(trained):
     assert metrics["likelihood_rows"] == n_test and metrics["prdc_note"].startswith("too small to judge")
     assert metrics["n"] == n_test
     assert evaluation.sha256 == sha256_file(path)
-    assert (evaluation.arch, evaluation.flow, evaluation.run_name) == ("mlp", "icfm", "mlp-icfm-full-none-tiny")
+    assert (evaluation.arch, evaluation.flow, evaluation.run_name) == ("mlp", "icfm", "mlp-icfm-full-none-zscore-noskip-tiny")
 
     # Raw space: z-scored 1024-d samples would have norms near sqrt(1024) = 32; raw SONAR-like ones are ~0.2.
     x = draw_samples(load_ema_model(path, saved_train_config), SamplerSpec.parse("euler:8"), n_test, seed=0).x.numpy().astype(np.float64)
