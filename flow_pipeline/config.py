@@ -82,10 +82,14 @@ class _ValidatedTrainSettings(BaseModel):
     def flow_params(self) -> dict[str, float]:
         return flow_params(self.flow, self.sigma, self.sigma_min)
 
-    def to_core(self) -> TrainSettings:
+    def to_core(self, train_rows: int | None = None) -> TrainSettings:
         """The validated values as the core's frozen dataclass, with :attr:`run_name` and unset knobs resolved
-        (:meth:`TrainSettings.resolved`)."""
-        return TrainSettings(**self.model_dump(), run_name=self.run_name).resolved()
+        (:meth:`TrainSettings.resolved`); ``train_rows`` fills an unset :attr:`train_rows` (the trainer passes the
+        rows it has)."""
+        values = self.model_dump()
+        if values["train_rows"] is None:
+            values["train_rows"] = train_rows
+        return TrainSettings(**values, run_name=self.run_name).resolved()
 
     def zero_predictor_loss(self) -> float:
         """Validation loss of a model that always predicts zero: the scale this run's losses are read on."""

@@ -7,6 +7,7 @@ converts itself with ``to_core()``), the Dagster run config and docs/configurati
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from flow_pipeline.core.data.batching import AUGMENTATIONS
@@ -26,8 +27,21 @@ MODEL, DATA, OPTIMISATION, RUNTIME = "what is trained", "data", "optimisation", 
 # features, 10,000 optimizer steps at LR 2e-3.
 RECIPE_PRINCIPAL_DIMS = 256
 RECIPE_PROTOTYPES = 512
+# Unset principal dims: one per this many training rows, at most RECIPE_PRINCIPAL_DIMS (the built-in data's 15,360
+# rows get 256). Val likelihood over gaussian-full at 3,000 steps (RESULTS.md): on 480 real SONAR rows k = 32 / 64 /
+# 128 scored +11.9 / +20.2 / +3.9 nats per row; on 1,601 rows of the built-in generator k = 64 / 128 / 256 scored
+# +45.7 / +55.8 / -0.2 (the network learned nothing). Fewer than ~7 rows per direction fails; 12 keeps clear of it.
+ROWS_PER_PRINCIPAL_DIM = 12
+# Unset prototypes: one per this many training rows, at most RECIPE_PROTOTYPES (the built-in data's 15,360 rows get
+# 512). With a prototype per training row the network memorises the rows: on 480 real SONAR rows, 512 prototypes lost
+# 11 nats per held-out row to gaussian-full (RESULTS.md).
+ROWS_PER_PROTOTYPE = 30
 RECIPE_LR = 2e-3
 DEFAULT_MAX_STEPS = 10_000
+# Unset max_steps: at most this many passes over the training rows (the built-in data's 15,360 rows reach
+# DEFAULT_MAX_STEPS after 167). On 480 real SONAR rows 3,000 steps (1,600 passes) scored +20 nats per val row over
+# gaussian-full and 10,000 steps -70: a small training set is memorised long before the default's steps are done.
+MAX_PASSES = 1_600
 DEFAULT_MAX_EPOCHS = 50
 EVALUATIONS_PER_RUN = 10
 
@@ -47,6 +61,9 @@ class TrainSettings:
         "within 4%, an architecture comparison at equal capacity; at small they differ 4.6x). DiT costs ~10x the "
         "FLOPs per parameter (every token passes its layers): the report shows both", group=MODEL, choices=MODEL_SIZES)
     dim: int = knob(1024, "embedding dimension (set by the data's statistics)", group=MODEL, gt=0)
+    train_rows: int | None = knob(
+        None, "training rows the run sees (set by the data, as dim is; the trainer fills it in when unset): sizes "
+        "the unset principal_dims, prototypes and max_steps", group=DATA, ge=1)
     sigma: float = knob(0.0, "icfm/otcfm path noise; 0 is rectified flow", group=MODEL, ge=0)
     sigma_min: float = knob(1e-4, "fm path minimum std", group=MODEL, ge=0, lt=1)
     linear_skip: bool = knob(
@@ -56,8 +73,9 @@ class TrainSettings:
     principal_dims: int | None = knob(
         None, "k > 0: the network models only the first k whitened coordinates (the top k principal directions, where "
         "the data's cluster structure lives); the rest follow the linear skip path's Gaussian velocity. Needs "
-        "normalization whiten and linear_skip true; 0: the network models every coordinate; null: "
-        f"min({RECIPE_PRINCIPAL_DIMS}, dim) with whiten and the skip path, else 0", group=MODEL, ge=0)
+        "normalization whiten and linear_skip true; 0: the network models every coordinate; null: with whiten and "
+        f"the skip path one per {ROWS_PER_PRINCIPAL_DIM} training rows, at most {RECIPE_PRINCIPAL_DIMS} and dim, "
+        "else 0", group=MODEL, ge=0)
     rest_variance: str = knob(
         "whitening", "with principal_dims k: the variance the linear skip path keeps in the other dim - k whitened "
         "coordinates. whitening: 1, the whitening's Gaussian (its shrinkage chosen on the val rows' likelihood, as "
@@ -67,8 +85,9 @@ class TrainSettings:
         None, "n > 0: the network also reads the soft assignment of its k coordinates to n prototypes (started at n "
         "training rows; the posterior of each under an isotropic cluster on the path): lets it see cluster "
         "structure spread over k of a few hundred coordinates, which it cannot find from the coordinates alone. "
-        f"Needs principal_dims > 0; with fewer than n training rows some start at the same row. null: "
-        f"{RECIPE_PROTOTYPES} when the network has principal dims, else 0", group=MODEL, ge=0)
+        f"Needs principal_dims > 0; with fewer than n training rows some start at the same row. null: one per "
+        f"{ROWS_PER_PROTOTYPE} training rows, at most {RECIPE_PROTOTYPES}, when the network has principal dims, "
+        f"else 0", group=MODEL, ge=0)
     time_sampling: str = knob(
         "uniform", "training distribution of t: uniform, or logit_normal (t = sigmoid(N(0, 1)), more steps "
         "mid-path); validation always uses uniform t", group=MODEL, choices=TIME_SAMPLINGS)
@@ -91,9 +110,10 @@ class TrainSettings:
         None, f"training length in passes over the data when max_steps is 0 or null (early stopping may end sooner); "
         f"null: {DEFAULT_MAX_EPOCHS}", group=OPTIMISATION, ge=1)
     max_steps: int | None = knob(
-        None, f"optimizer steps of the run and the LR schedule's total, the same for every dataset size (a study's "
-        f"budget); 0: max_epochs epochs; null: max_epochs epochs when max_epochs is set, else {DEFAULT_MAX_STEPS:,}",
-        group=OPTIMISATION, ge=0)
+        None, f"optimizer steps of the run and the LR schedule's total, when set the same for every dataset size (a "
+        f"study's budget); 0: max_epochs epochs; null: max_epochs epochs when max_epochs is set, else "
+        f"{DEFAULT_MAX_STEPS:,} or {MAX_PASSES:,} passes over the training rows if that is fewer (a small set is "
+        f"memorised sooner)", group=OPTIMISATION, ge=0)
     eval_every_steps: int | None = knob(
         None, f"validate, keep the best and count patience every N optimizer steps (and after the last); 0: at the "
         f"end of every epoch; null: {EVALUATIONS_PER_RUN} evaluations in a run of max_steps, every epoch in a run of "
@@ -143,20 +163,46 @@ class TrainSettings:
         knob's description). Idempotent: the trainer and checkpoints only ever see resolved settings."""
         principal_dims = self.principal_dims
         if principal_dims is None:
-            principal_dims = min(RECIPE_PRINCIPAL_DIMS, self.dim) if self.normalization == "whiten" and \
-                self.linear_skip else 0
+            principal_dims = recipe_principal_dims(self.dim, self.train_rows) if self.normalization == "whiten" \
+                and self.linear_skip else 0
         prototypes = self.prototypes
         if prototypes is None:
-            prototypes = RECIPE_PROTOTYPES if principal_dims else 0
+            prototypes = recipe_prototypes(self.train_rows) if principal_dims else 0
         max_steps = self.max_steps
         if max_steps is None:
-            max_steps = 0 if self.max_epochs is not None else DEFAULT_MAX_STEPS
+            max_steps = 0 if self.max_epochs is not None else recipe_max_steps(self.train_rows, self.batch_size)
         eval_every_steps = self.eval_every_steps
         if eval_every_steps is None:
             eval_every_steps = max(1, max_steps // EVALUATIONS_PER_RUN) if max_steps else 0
         return replace(self, principal_dims=principal_dims, prototypes=prototypes, max_steps=max_steps,
                        max_epochs=DEFAULT_MAX_EPOCHS if self.max_epochs is None else self.max_epochs,
                        eval_every_steps=eval_every_steps)
+
+
+def recipe_max_steps(train_rows: int | None, batch_size: int) -> int:
+    """The optimizer steps an unset ``max_steps`` (with ``max_epochs`` unset too) stands for on ``train_rows``
+    training rows in batches of ``batch_size`` (None: not known, :data:`DEFAULT_MAX_STEPS`): at most
+    :data:`MAX_PASSES` passes over the rows, at most :data:`DEFAULT_MAX_STEPS`."""
+    if train_rows is None:
+        return DEFAULT_MAX_STEPS
+    return max(1, min(DEFAULT_MAX_STEPS, math.ceil(MAX_PASSES * train_rows / batch_size)))
+
+
+def recipe_principal_dims(dim: int, train_rows: int | None) -> int:
+    """The principal dims an unset ``principal_dims`` stands for (with whitening and the skip path) on data of
+    ``dim`` columns and ``train_rows`` training rows (None: not known, the recipe's full count): one per
+    :data:`ROWS_PER_PRINCIPAL_DIM` rows, at most :data:`RECIPE_PRINCIPAL_DIMS` and ``dim``, at least 1."""
+    if train_rows is None:
+        return min(RECIPE_PRINCIPAL_DIMS, dim)
+    return max(1, min(RECIPE_PRINCIPAL_DIMS, dim, train_rows // ROWS_PER_PRINCIPAL_DIM))
+
+
+def recipe_prototypes(train_rows: int | None) -> int:
+    """The prototypes an unset ``prototypes`` stands for on ``train_rows`` training rows (None: not known, the
+    recipe's full count): one per :data:`ROWS_PER_PROTOTYPE` rows, at most :data:`RECIPE_PROTOTYPES`."""
+    if train_rows is None:
+        return RECIPE_PROTOTYPES
+    return min(RECIPE_PROTOTYPES, train_rows // ROWS_PER_PROTOTYPE)
 
 
 def flow_params(flow: str, sigma: float, sigma_min: float) -> dict[str, float]:

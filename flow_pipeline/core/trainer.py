@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,6 +63,20 @@ def reads_values_every_step(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def with_train_rows(config, rows: int) -> TrainSettings:
+    """``config`` (:class:`TrainSettings`, or a validated config with ``to_core``) as core settings whose
+    ``train_rows`` is ``rows``, the training rows the run has, so unset knobs sized by them resolve from the data.
+    Raises ValueError when the config names another number of rows (it was resolved for other data)."""
+    if not isinstance(config, TrainSettings):
+        config = config.to_core(train_rows=rows)
+    if config.train_rows is None:
+        return replace(config, train_rows=rows)
+    if config.train_rows != rows:
+        raise ValueError(f"train_rows: the config was set up for {config.train_rows} training rows, the data has "
+                         f"{rows}")
+    return config
+
+
 def train(config: TrainSettings, data: TrainData, run_dir: str | Path, tracker: Tracker | None = None,
           dist: DistInfo | None = None) -> TrainResult:
     """Train one model; ``best.pt`` (and, while running, ``last.pt``) are written to ``run_dir``.
@@ -75,7 +90,7 @@ def train(config: TrainSettings, data: TrainData, run_dir: str | Path, tracker: 
     restored, so an interrupted run ends bit-identical to an uninterrupted one on the CPU.
     Raises :class:`TrainingDiverged` on a non-finite loss or gradient norm.
     """
-    config = (config if isinstance(config, TrainSettings) else config.to_core()).resolved()
+    config = with_train_rows(config, data.train.shape[0]).resolved()
     dist = dist or DistInfo()
     device = dist.device if dist.device is not None else resolve_device(config.device)
     run_dir = prepare_run_dir(Path(run_dir), dist)

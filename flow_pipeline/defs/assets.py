@@ -123,7 +123,8 @@ def _resolve_training(context: dg.AssetExecutionContext, config: TrainRunConfig,
         # again below, once the statistics say what it is.
         probe = config.to_train_config(partition, DIM_NOT_YET_KNOWN, device)
         try:
-            load_run_splits(layout.splits_dir, probe.dataset)  # a subset the splits lack: names the ones they have
+            # A subset the splits lack: names the ones they have.
+            train_rows = load_run_splits(layout.splits_dir, probe.dataset).splits.train.shape[0]
         except DataError as exc:
             raise tagged_failure(context, data_failure_kind(exc), f"partition {partition}: {exc}") from exc
         stats_path = layout.stats_path(probe.dataset, probe.normalization)
@@ -131,7 +132,7 @@ def _resolve_training(context: dg.AssetExecutionContext, config: TrainRunConfig,
             raise tagged_failure(context, MISSING_INPUT, f"normalization stats for dataset={probe.dataset!r}, "
                                  f"normalization={probe.normalization!r} not found at {stats_path}: materialize "
                                  f"normalization_stats (it writes one file per training subset the splits hold)")
-        train_config = config.to_train_config(partition, load_normalizer(stats_path).dim, device)
+        train_config = config.to_train_config(partition, load_normalizer(stats_path).dim, device, train_rows)
         if train_config.batch_size % config.gpus_per_run:
             raise ValueError(f"batch_size: {train_config.batch_size} is not a multiple of gpus_per_run="
                              f"{config.gpus_per_run} (every process takes an equal block of each batch)")

@@ -20,7 +20,7 @@ from flow_pipeline.core.knobs import knob, knobs_of
 from flow_pipeline.core.train_config import TrainSettings
 
 # Fields the partition and the data decide: not settable per run.
-FROM_PARTITION_AND_DATA = ("arch", "flow", "dim")
+FROM_PARTITION_AND_DATA = ("arch", "flow", "dim", "train_rows")
 RUN = "run"
 
 
@@ -45,14 +45,15 @@ class _RunOnlyConfig(dg.Config):
         """The run config's values that belong to ``TrainConfig``."""
         return self.model_dump(exclude={knob.name for knob in knobs_of(RunLevelSettings)})
 
-    def to_train_config(self, partition_key: str, dim: int, device: str) -> TrainConfig:
-        """The validated training config of ``partition_key``; ``device`` replaces ``auto``. Raises pydantic's
-        ValidationError (format it with :func:`~flow_pipeline.config.format_validation_error`) or ValueError for an
-        unknown partition."""
+    def to_train_config(self, partition_key: str, dim: int, device: str,
+                        train_rows: int | None = None) -> TrainConfig:
+        """The validated training config of ``partition_key`` on data of ``dim`` columns and ``train_rows`` training
+        rows (None: not known yet); ``device`` replaces ``auto``. Raises pydantic's ValidationError (format it with
+        :func:`~flow_pipeline.config.format_validation_error`) or ValueError for an unknown partition."""
         ablation = ablation_for(partition_key)
         values = self.training_values()
         values["device"] = device if values["device"] == "auto" else values["device"]
-        return TrainConfig(arch=ablation.arch, flow=ablation.flow, dim=dim, **values)
+        return TrainConfig(arch=ablation.arch, flow=ablation.flow, dim=dim, train_rows=train_rows, **values)
 
 
 TrainRunConfig = create_model(

@@ -118,10 +118,12 @@ def _mean(values) -> float | None:
 
 
 def _is_default(config: dict) -> bool:
-    """Whether the identity is the default training config (arch, flow and the data's dim aside)."""
-    defaults = identity_of(TrainConfig().to_core().to_dict())
-    return all(config.get(key) == value for key, value in defaults.items() if key not in ("arch", "flow", "dim",
-                                                                                            "device"))
+    """Whether the identity is the default training config on its data (arch, flow and the data's dim and training
+    rows aside; the unset knobs those size resolve as they did for the run)."""
+    data = {key: config[key] for key in ("dim", "train_rows") if config.get(key) is not None}
+    defaults = identity_of(TrainConfig(**data).to_core().to_dict())
+    return all(config.get(key) == value for key, value in defaults.items()
+               if key not in ("arch", "flow", "dim", "train_rows", "device"))
 
 
 def study_rows(evaluations: list[tuple[str, dict]]) -> list[dict]:

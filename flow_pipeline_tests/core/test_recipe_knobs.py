@@ -136,6 +136,35 @@ def test_trainer_and_evaluation_build_the_principal_subspace_model(tmp_path, one
     assert loaded.config.principal_dims == 6
 
 
+@pytest.mark.parametrize("rows", [95, 128])
+def test_the_trainer_sizes_the_unset_network_from_its_training_rows(tmp_path, one_torch_thread, rows):
+    """Unset principal dims and prototypes: one per 12 and one per 30 training rows the trainer has (the knobs'
+    descriptions), stored with the rows in the checkpoint; a config set up for other rows is refused before anything is written."""
+    from dataclasses import replace
+
+    from flow_pipeline.core.checkpoint import load_ema_model
+    from flow_pipeline.core.data.normalization import Normalizer
+    from flow_pipeline.core.trainer import train
+    from flow_pipeline.evaluation.evaluate import saved_train_config
+    from flow_pipeline_tests.core.mixture_data import mixture_train_data
+
+    data = mixture_train_data(rows, 32, 32, seed=3)
+    data = replace(data, normalizer=Normalizer.fit(data.train.numpy(), "whiten"))
+    config = TrainConfig(model_size="tiny", dim=32, batch_size=32, max_epochs=1, warmup_steps=1, device="cpu")
+    result = train(config, data, tmp_path / config.run_name)
+    loaded = load_ema_model(result.checkpoint_path, saved_train_config)
+    assert (loaded.config.train_rows, loaded.config.principal_dims, loaded.config.prototypes) == (
+        rows, rows // 12, rows // 30)
+    assert loaded.model.net.k == rows // 12
+    assert loaded.model.net.features.n == rows // 30
+    assert TrainConfig(**loaded.config.model_dump()).run_name == config.run_name  # the stored copy keeps its name
+    other = TrainConfig(**{**config.model_dump(), "train_rows": rows + 1})
+    with pytest.raises(ValueError, match=f"train_rows: the config was set up for {rows + 1} training rows, the "
+                                         f"data has {rows}"):
+        train(other, data, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_linear_skip_starts_at_the_variances_of_the_normalised_training_rows(tmp_path, one_torch_thread):
     """The skip path starts as the diagonal Gaussian fit of the normalised rows, so a direction with little variance
     (here: z-scoring floors a near-constant column's std) is not left at variance 1 for Adam to crawl from."""

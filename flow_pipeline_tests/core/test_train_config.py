@@ -70,11 +70,14 @@ def test_to_core_carries_every_value_and_the_run_name():
     core = config.to_core()
     assert isinstance(core, TrainSettings)
     unset = {name for name, value in config.model_dump().items() if value is None}
-    assert unset == {"principal_dims", "prototypes", "max_epochs", "max_steps", "eval_every_steps", "warmup_steps"}
+    assert unset == {"principal_dims", "prototypes", "max_epochs", "max_steps", "eval_every_steps", "warmup_steps",
+                     "train_rows"}
     assert {name: value for name, value in core.to_dict().items() if name not in unset} == {
         name: value for name, value in config.model_dump().items() if name not in unset}
     assert list(core.to_dict()) == list(config.model_dump())  # same order: checkpoints store the same dict
-    # Unset knobs as the run uses them (warmup_steps stays unset: the schedule decides it from the run's steps).
+    # Unset knobs as the run uses them (warmup_steps stays unset: the schedule decides it from the run's steps;
+    # train_rows until the data says it, and without it the recipe's full prototype count).
+    assert core.train_rows is None
     assert (core.principal_dims, core.prototypes, core.max_steps, core.eval_every_steps, core.max_epochs,
             core.warmup_steps) == (RECIPE_PRINCIPAL_DIMS, RECIPE_PROTOTYPES, DEFAULT_MAX_STEPS,
                                    DEFAULT_MAX_STEPS // EVALUATIONS_PER_RUN, DEFAULT_MAX_EPOCHS, None)
@@ -88,27 +91,36 @@ def test_to_core_carries_every_value_and_the_run_name():
 # --- config and data errors name the field -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_unset_knobs_resolve_from_the_knobs_that_are_set(seed):
     """Each unset knob stands for what its description says, written here from those descriptions."""
     rng = random.Random(seed)
     values = {"dim": rng.choice([8, 64, 300, 1024]), "normalization": rng.choice(["zscore", "whiten"]),
-              "linear_skip": rng.choice([True, False])}
+              "linear_skip": rng.choice([True, False]), "batch_size": rng.choice([64, 256, 1000])}
     for name, choices in (("max_steps", [None, 0, rng.randint(1, 5000)]), ("max_epochs", [None, rng.randint(1, 9)]),
                           ("prototypes", [None, 0, rng.randint(1, 99)])):
         values[name] = rng.choice(choices)
     network = values["normalization"] == "whiten" and values["linear_skip"]
     if not network and values["prototypes"]:
         values["prototypes"] = None
-    core = TrainConfig(**values).to_core()
-    expected_dims = min(RECIPE_PRINCIPAL_DIMS, values["dim"]) if network else 0
+    rows = rng.choice([None, rng.randint(1, 40), rng.randint(40, 20_000)])
+    core = TrainConfig(**values).to_core(train_rows=rows)
+    assert core.train_rows == rows
+    one_per_12_rows = min(RECIPE_PRINCIPAL_DIMS, values["dim"], *([] if rows is None else [max(1, rows // 12)]))
+    expected_dims = one_per_12_rows if network else 0
     assert core.principal_dims == expected_dims
+    one_per_30_rows = RECIPE_PROTOTYPES if rows is None else min(RECIPE_PROTOTYPES, rows // 30)
     assert core.prototypes == (values["prototypes"] if values["prototypes"] is not None
-                               else RECIPE_PROTOTYPES if expected_dims else 0)
+                               else one_per_30_rows if expected_dims else 0)
+    # Rows set in the config win over the ones passed in; the stored (resolved) copy keeps the run's name.
+    assert TrainConfig(**values, train_rows=7).to_core(train_rows=rows).train_rows == 7
+    assert TrainConfig(**core.to_dict()).run_name == TrainConfig(**values, train_rows=rows).run_name
     if values["max_steps"] is not None:
         assert core.max_steps == values["max_steps"]
     else:
-        assert core.max_steps == (0 if values["max_epochs"] is not None else DEFAULT_MAX_STEPS)
+        passes_1600 = DEFAULT_MAX_STEPS if rows is None else min(DEFAULT_MAX_STEPS,
+                                                                  -(-1600 * rows // values["batch_size"]))
+        assert core.max_steps == (0 if values["max_epochs"] is not None else passes_1600)
     assert core.max_epochs == (values["max_epochs"] or DEFAULT_MAX_EPOCHS)
     assert core.eval_every_steps == (max(1, core.max_steps // EVALUATIONS_PER_RUN) if core.max_steps else 0)
     assert core.resolved() == core  # resolving twice changes nothing
