@@ -84,7 +84,7 @@ def test_invalid_hyperparameters_fail_before_training(artifacts_root, tmp_path):
 def test_quickstart_config_trains_through_the_asset_and_principal_dims_is_checked_against_the_data(
         artifacts_root, tmp_path):
     """configs/quickstart.json (the defaults: the shipped recipe), cut to a few steps of a tiny model, trains through
-    the asset with the recipe's principal dims and prototypes; ``principal_dims`` is bounded by the data's
+    the asset with the recipe's principal dims and prototypes for its training rows; ``principal_dims`` is bounded by the data's
     dimension, which the asset learns only from the statistics."""
     quickstart = json.loads((Path(__file__).parents[1] / "configs" / "quickstart.json").read_text())
     train = {**quickstart["ops"]["trained_checkpoint"]["config"], "model_size": "tiny", "max_steps": 6,
@@ -98,7 +98,12 @@ def test_quickstart_config_trains_through_the_asset_and_principal_dims_is_checke
         meta = latest_metadata(instance, "trained_checkpoint", "mlp-icfm")
         config = meta["config"].value
         assert (config["normalization"], config["linear_skip"]) == ("whiten", True)
-        assert (config["principal_dims"], config["prototypes"]) == (RECIPE_PRINCIPAL_DIMS, RECIPE_PROTOTYPES)
+        # The recipe sized to the data's training rows (80% of TINY_DATASET's rows): a direction per 12, a prototype
+        # per 30 (the knobs' descriptions).
+        rows = round(TINY_DATASET["n_synthetic"] * (1 - TINY_DATASET["val_fraction"] - TINY_DATASET["test_fraction"]))
+        assert config["train_rows"] == rows
+        assert (config["principal_dims"], config["prototypes"]) == (min(RECIPE_PRINCIPAL_DIMS, rows // 12),
+                                                                    min(RECIPE_PROTOTYPES, rows // 30))
         assert meta["global_step"].value == 6
         too_many = dg.materialize([trained_checkpoint], instance=instance, resources=resources(),
                                   partition_key="mlp-icfm", run_config=run_config(train={**train, "principal_dims": 1025}),

@@ -3,6 +3,8 @@ launchpad / --config-json, validated by TrainConfig with the field named."""
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import pytest
 
@@ -12,7 +14,7 @@ from flow_pipeline.core.knobs import knobs_of
 from flow_pipeline.core.train_config import TrainSettings
 from flow_pipeline.defs.run_config import FROM_PARTITION_AND_DATA, RunLevelSettings, TrainRunConfig
 from flow_pipeline_tests.test_pipeline import materialize_data, resources
-from flow_pipeline_tests.helpers import TINY_TRAIN, run_config
+from flow_pipeline_tests.helpers import REPO_ROOT, TINY_TRAIN, run_config
 
 # The knobs a hand-kept copy of the run config once left out.
 ONCE_MISSING = {"sigma": 0.05, "sigma_min": 0.001, "noise_std": 0.2, "mixup_max": 0.3, "dropout_p": 0.2,
@@ -67,3 +69,14 @@ def test_a_once_missing_knob_set_through_dagster_reaches_the_checkpoint(artifact
         metadata = good.asset_materializations_for_node("trained_checkpoint")[0].metadata
         assert metadata["config"].value["sigma"] == 0.05
         assert metadata["config"].value["min_lr_ratio"] == 0.25
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.json")), ids=lambda path: path.name)
+def test_every_shipped_config_file_is_a_valid_run_config(path):
+    """Each file in configs/ is a `--config-json` for trained_checkpoint whose knobs exist and validate."""
+    ops = json.loads(path.read_text())["ops"]
+    assert set(ops) == {"trained_checkpoint"}, path.name
+    values = ops["trained_checkpoint"]["config"]
+    assert set(values) <= launchpad_fields(), path.name
+    config = TrainRunConfig(**values).to_train_config("mlp-icfm", dim=1024, device="cpu", train_rows=15_360)
+    assert {name: getattr(config, name) for name in values} == values
