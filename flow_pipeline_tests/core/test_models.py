@@ -180,9 +180,23 @@ def test_unknown_size_lists_valid_names() -> None:
         build_model("mlp", size="huge")
 
 
-def test_dit_dim_not_divisible_by_tokens_raises() -> None:
-    with pytest.raises(ValueError, match="divisible by num_tokens"):
-        build_model("dit", dim=1000, size="tiny")  # 1000 % 16 != 0
+@pytest.mark.parametrize("dim", [57, 1000])
+def test_dit_pads_a_dim_that_the_tokens_do_not_divide(dim: int) -> None:
+    """A DiT on ``dim`` coordinates (not a multiple of its 16 tokens) is the DiT of the next multiple of 16 on the
+    input with zeros appended, its extra outputs dropped: compared with that model, weights shared."""
+    torch.manual_seed(dim)
+    odd = build_model("dit", dim=dim, size="tiny")
+    whole = build_model("dit", dim=-(-dim // 16) * 16, size="tiny")
+    with torch.no_grad():
+        for parameter in odd.parameters():  # away from the zero start, so the output depends on the input
+            parameter.normal_(0, 0.1)
+    whole.load_state_dict(odd.state_dict())
+    x, t = torch.randn(5, dim), torch.rand(5)
+    padded = torch.cat([x, torch.zeros(5, whole.dim - dim)], dim=1)
+    out = odd(x, t)
+    assert out.shape == (5, dim)
+    torch.testing.assert_close(out, whole(padded, t)[:, :dim])
+    assert out.std() > 0
 
 
 def test_dit_needs_at_least_two_tokens() -> None:

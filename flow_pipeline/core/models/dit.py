@@ -1,7 +1,7 @@
 """DiT velocity field over a tokenised embedding vector.
 
 The (batch, dim) vector is cut into ``num_tokens`` contiguous chunks of size
-dim / num_tokens, each chunk is a token. Transformer blocks with adaLN-Zero
+ceil(dim / num_tokens) (the last zero-padded when needed), each chunk is a token. Transformer blocks with adaLN-Zero
 time conditioning (Peebles & Xie, 2023) process the tokens, and the output
 tokens are concatenated back into a (batch, dim) velocity.
 
@@ -22,7 +22,7 @@ from .embeddings import TimeEmbedding, broadcast_time
 
 @dataclass(frozen=True)
 class DiTConfig:
-    num_tokens: int  # dim is split into this many tokens (>= 2, must divide dim)
+    num_tokens: int  # dim is split into this many tokens (>= 2; the last is zero-padded when it does not divide dim)
     hidden_size: int  # transformer width
     depth: int  # number of transformer blocks
     num_heads: int  # attention heads (must divide hidden_size)
@@ -140,13 +140,12 @@ class DiT(nn.Module):
 
     def __init__(self, dim: int, config: DiTConfig) -> None:
         super().__init__()
-        if dim % config.num_tokens != 0:
-            raise ValueError(
-                f"dim ({dim}) must be divisible by num_tokens ({config.num_tokens}) to split it into tokens"
-            )
         self.dim = dim
         self.config = config
-        self.token_size = dim // config.num_tokens
+        # A dim that num_tokens does not divide (a principal subspace plus prototype features sized by the data)
+        # is zero-padded at the end to whole tokens; the padding's outputs are dropped.
+        self.token_size = -(-dim // config.num_tokens)
+        self.padding = self.token_size * config.num_tokens - dim
         hidden = config.hidden_size
 
         self.token_embedding = nn.Linear(self.token_size, hidden)
@@ -180,11 +179,13 @@ class DiT(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         batch = x_t.shape[0]
         t = broadcast_time(t, batch)
+        if self.padding:
+            x_t = F.pad(x_t, (0, self.padding))
         tokens = x_t.reshape(batch, self.config.num_tokens, self.token_size)
         h = self.token_embedding(tokens) + self.position_embedding  # (batch, tokens, hidden)
         conditioning = self.time_embedding(t)  # (batch, hidden)
         for block in self.blocks:
             h = block(h, conditioning)
         output_tokens = self.final_layer(h, conditioning)  # (batch, tokens, token_size)
-        return output_tokens.reshape(batch, self.dim)
+        return output_tokens.reshape(batch, -1)[:, : self.dim]
 
