@@ -60,6 +60,12 @@ def load_train_data(job: TrainJob) -> TrainData:
     )
 
 
+def config_with_rows(config: TrainConfig, rows: int) -> TrainConfig:
+    """``config`` with an unset ``train_rows`` set to ``rows`` (the job's training rows); a config that names other
+    rows is returned as it is, and the trainer refuses it."""
+    return config if config.train_rows is not None else config.model_copy(update={"train_rows": rows})
+
+
 def open_tracker(job: TrainJob, config: TrainConfig, dist: DistInfo):
     """(tracker, tracking metadata). Only rank 0 tracks; Wandb is imported only when tracking is on."""
     if not dist.is_main or job.tracking.get("mode", "disabled") == "disabled":
@@ -129,10 +135,14 @@ def run_job(job: TrainJob, pipes=None) -> TrainResult:
     config = TrainConfig(**job.config)
     dist = init_distributed(config.device)
     run_dir = Path(job.run_dir)
-    tracker, tracking_info = open_tracker(job, config, dist)
-    failed = True
+    tracker, failed = NullTracker(), True
     try:
-        result = train(config, load_train_data(job), run_dir, tracker, dist)
+        data = load_train_data(job)
+        # The rows are known before the tracker opens, so Wandb and the metadata log the sizes the run resolves
+        # from them (the checkpoint's config), also for a hand-written job.json without train_rows.
+        config = config_with_rows(config, data.train.shape[0])
+        tracker, tracking_info = open_tracker(job, config, dist)
+        result = train(config, data, run_dir, tracker, dist)
         tracker.summary(final_epoch=result.epochs_run, best_val_loss=result.best_loss,
                         checkpoint_path=str(result.checkpoint_path), stopped_early=result.stopped_early)
         failed = False

@@ -15,9 +15,10 @@ from scipy import stats
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core.study_stats import BETTER, NO_DIFFERENCE, NOT_TESTABLE, SIGN_NONFINITE, WORSE
 from flow_pipeline.core.trainer import train
-from flow_pipeline.core.run_identity import identity_key
+from flow_pipeline.core.run_identity import identity_key, identity_of
 from flow_pipeline.evaluation.study_report import (
     EVALUATION_ERROR,
+    _is_default,
     VAL_LOSS_RATIO,
     add_comparisons,
     evaluation_study_metadata,
@@ -303,3 +304,23 @@ def test_a_small_studys_report_ranks_by_held_out_likelihood_with_a_copying_repli
     statistics = markdown[markdown.index("### Replicates and comparison with the baseline (test_nll)"):]
     line = next(line for line in statistics.splitlines() if line.startswith(f"| `{copying['identity']}`"))
     assert "∞ (1 of 3 replicates infinite (+inf))" in line and line.endswith("| no detectable difference |")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_default_config_is_recognised_at_its_own_training_rows(seed):
+    """The defaults size principal_dims, prototypes and max_steps from the training rows: a run of the defaults on a
+    small set is the default config there, and the sizes of one set are not the default on another."""
+    rng = np.random.default_rng(seed)
+    small, large = int(rng.integers(200, 1_000)), int(rng.integers(20_000, 40_000))
+
+    def defaults_at(rows):
+        return identity_of(TrainConfig(train_rows=rows).to_core().to_dict())
+
+    at_small = defaults_at(small)
+    # the rule written out: a direction per 12 rows, a prototype per 30, at most 1,600 passes of batch 256
+    assert (at_small["principal_dims"], at_small["prototypes"], at_small["max_steps"]) == (
+        small // 12, small // 30, -(-1_600 * small // 256))
+    assert _is_default(at_small) and _is_default(defaults_at(large))
+    assert not _is_default({**at_small, "train_rows": large})  # small-data sizes on a large set
+    assert not _is_default({**defaults_at(large), "train_rows": small})
+    assert not _is_default({**at_small, "lr": at_small["lr"] * 2})

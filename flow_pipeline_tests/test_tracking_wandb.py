@@ -21,6 +21,8 @@ import wandb
 
 import flow_pipeline.tracking_wandb as tracking_wandb
 from flow_pipeline.config import TrainConfig
+from flow_pipeline.core.checkpoint import load_checkpoint
+from flow_pipeline.core.data.split_store import load_run_splits
 from flow_pipeline.core.data.normalization import Normalizer, save_normalizer
 from flow_pipeline.core.data.sonar_like import synthetic_sonar_like
 from flow_pipeline.core.data.split_set import save_splits
@@ -151,7 +153,13 @@ def test_offline_run_records_metrics_summary_and_identity(tmp_path, data_files):
         "mlp-icfm-full-none-zscore-tiny", "mlp-icfm-full-none-zscore-tiny", "architectures", "flow-matching-study", "train")
     assert run.tags == ["mlp", "icfm", "full", "none"]
     logged_config = {key: value for key, value in run.config.items() if key != "_wandb"}
-    assert logged_config == {**config.to_core().to_dict(), "partition": "mlp-icfm"}  # unset knobs as resolved
+    # The job names no train_rows: Wandb logs the sizes resolved from the run's rows, exactly as the checkpoint
+    # stores them, and the metadata's config is the same record.
+    assert config.train_rows is None
+    trained = load_checkpoint(result.checkpoint_path)["config"]
+    assert trained["train_rows"] == load_run_splits(data_files[0], "full").splits.train.shape[0]
+    assert logged_config == {**trained, "partition": "mlp-icfm"}
+    assert info["config"] == trained
 
     # history: train rows every LOG_EVERY steps, one validation row at the end of every epoch
     train_rows = [row for row in run.history if "train/loss" in row]
