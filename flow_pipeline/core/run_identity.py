@@ -29,10 +29,10 @@ IDENTITY_FIELDS = ("arch", "flow", "dataset", "aug", "model_size")
 
 # Config fields that must match for a resume to continue the same trajectory.
 RESUME_MUST_MATCH = ("arch", "flow", "model_size", "dim", "batch_size", "seed", "dataset", "aug", "normalization",
-                     "max_steps", "eval_every_steps", "rest_variance", "prototypes")
+                     "max_steps", "eval_every_steps", "rest_variance", "prototypes", "time_sampling")
 # What a knob was, in effect, for checkpoints written before it existed.
 BEFORE_THE_KNOB_EXISTED = {"normalization": "zscore", "max_steps": 0, "eval_every_steps": 0,
-                           "rest_variance": "learned", "prototypes": 0}
+                           "rest_variance": "learned", "prototypes": 0, "time_sampling": "uniform"}
 
 
 # The knobs a run name carries when they differ from their defaults, and how.
