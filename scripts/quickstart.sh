@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README command A: install, then train partition mlp-icfm on the built-in SONAR-like data (CPU, under 10 minutes)
 # with the defaults, which are the shipped recipe (whitened data, linear skip path, network on the top 256 principal
-# directions with 512 prototype features; see RESULTS.md).
+# directions with 512 prototype features, logit-normal training times; see RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -24,7 +24,7 @@ MODEL, DATA, OPTIMISATION, RUNTIME = "what is trained", "data", "optimisation", 
 
 # The recipe a run gets when it sets nothing (chosen on the built-in data's val likelihood; RESULTS.md): whitened
 # data, the linear skip path, the `small` network on the top 256 principal directions reading 512 prototype
-# features, 10,000 optimizer steps at LR 2e-3.
+# features, logit-normal training times, 10,000 optimizer steps at LR 2e-3.
 RECIPE_PRINCIPAL_DIMS = 256
 RECIPE_PROTOTYPES = 512
 # Unset principal dims: one per this many training rows, at most RECIPE_PRINCIPAL_DIMS (the built-in data's 15,360
