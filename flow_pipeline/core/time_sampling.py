@@ -21,8 +21,9 @@ def sample_times(n: int, how: str, generator: torch.Generator | None, device: to
     if how == "logit_normal":
         if not logit_std > 0:
             raise ValueError(f"logit_std must be > 0, got {logit_std}")
-        # The normal by the inverse CDF of a uniform draw, not randn: a run resumed from a checkpoint then draws
-        # exactly the times of the uninterrupted run (tested by the SIGKILL resume test, which randn failed).
+        # The normal by the inverse CDF of a uniform draw: with randn here the SIGKILL resume test
+        # (test_recovery.py) found a resumed run no longer bit-identical to an uninterrupted one (the cause inside
+        # randn was not found); with the uniform draw it is.
         normal = torch.special.ndtri(torch.rand(n, generator=generator, device=device))
         return torch.sigmoid(logit_mean + logit_std * normal)
     raise ValueError(f"unknown time sampling {how!r}; valid: {', '.join(TIME_SAMPLINGS)}")

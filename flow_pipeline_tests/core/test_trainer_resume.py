@@ -4,12 +4,14 @@ reads the newer checkpoint and refuses another config."""
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from flow_pipeline.config import TrainConfig
 from flow_pipeline.core import checkpoint as ckpt
+from flow_pipeline.core.run_identity import RESUME_MUST_MATCH, resume_mismatches
 from flow_pipeline.core.tracking import RecordingTracker
 from flow_pipeline.core.trainer import TrainResult, train
 from flow_pipeline_tests.core.trainer_helpers import (STEPS_PER_EPOCH, Interrupted, InterruptingTracker, data,
@@ -169,6 +171,18 @@ def test_resume_with_a_different_config_names_the_field(data, tmp_path):
     assert str(tmp_path) in str(info.value)
     with pytest.raises(ValueError, match="arch"):
         train(tiny_config(max_epochs=2, arch="dit", resume=True), data, tmp_path)
+    started = tiny_config(max_epochs=1).time_sampling
+    other = "uniform" if started != "uniform" else "logit_normal"
+    with pytest.raises(ValueError, match=f"time_sampling: checkpoint {started!r} vs run {other!r}"):
+        train(tiny_config(max_epochs=2, time_sampling=other, resume=True), data, tmp_path)
+
+
+def test_a_checkpoint_from_before_the_time_sampling_knob_resumes_only_with_uniform_times():
+    uniform, logit_normal = (SimpleNamespace(**{**dict.fromkeys(RESUME_MUST_MATCH), "time_sampling": how})
+                             for how in ("uniform", "logit_normal"))
+    saved = {key: None for key in RESUME_MUST_MATCH if key != "time_sampling"}  # no time_sampling stored
+    assert resume_mismatches(saved, uniform) == []
+    assert resume_mismatches(saved, logit_normal) == ["time_sampling: checkpoint 'uniform' vs run 'logit_normal'"]
 
 
 def test_resume_without_checkpoint_starts_from_scratch(data, tmp_path, tmp_path_factory):
